@@ -1,0 +1,200 @@
+"""The `tiltlm` command line (typer + rich).
+
+Every user-fixable problem is a TiltlmError, printed as one line `error: <problem>; <fix>` with
+exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tiltlm.errors import TiltlmError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune language models toward a target distribution p*(x) ∝ pi0(x)·exp(r(x)/beta) and measure the result.",
+)
+console = Console()
+
+
+def _quiet_transformers() -> None:
+    """Progress bars and advisory warnings from transformers would drown the CLI's own output."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+@app.command()
+def run(
+    out: Path = typer.Option(Path("runs/run"), help="Results directory (written atomically)."),
+    prior: str = typer.Option("default", help="Prior LM: 'default' (embedded) or a save_pretrained directory."),
+    reward: str = typer.Option("sentiment", help="Reward spec, e.g. sentiment, contains:dog, mymod:f."),
+    beta: float = typer.Option(0.2, help="Temperature of the tilt: p* ∝ pi0·exp(r/beta)."),
+    budget: int = typer.Option(256, help="Samples drawn from the prior."),
+    max_new_tokens: int = typer.Option(48, help="Length limit of a sample."),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="Replace an existing results directory."),
+) -> None:
+    """The main job: the posterior of the embedded default LM tilted by a reward, and exact ground truth on a testbed."""
+    from tiltlm.experiments.posterior import run_posterior_experiment
+
+    _quiet_transformers()
+    with console.status("sampling the prior, weighting by the reward, enumerating the testbed…"):
+        results = run_posterior_experiment(
+            out, prior=prior, reward=reward, beta=beta, n=budget, max_new_tokens=max_new_tokens, seed=seed, overwrite=overwrite
+        )
+    lm, tb = results["lm"], results["testbed"]
+    console.print(f"[bold]p*(x) ∝ pi0(x)·exp(r(x)/{beta:g})[/bold] with r = {reward}, prior = {prior}, {lm['n_samples']} samples")
+    table = Table("quantity", "estimate", "95% interval")
+    for key in ("log_z", "kl_target_prior"):
+        e = lm[key]
+        table.add_row(key, _fmt(e["value"]), f"[{e['low']:.4f}, {e['high']:.4f}]  ESS {e['ess']:.1f}")
+    table.add_row("reward under pi0", _fmt(lm["reward_prior"]), "")
+    table.add_row("reward under p* (SNIS)", _fmt(lm["reward_target_snis"]), "")
+    console.print(table)
+    console.print("[bold]prior samples[/bold]")
+    for t in lm["prior_texts"][:3]:
+        console.print(f"  · {t.strip()[:160]}")
+    console.print("[bold]posterior samples (importance resampling)[/bold]")
+    for t in lm["posterior_texts"][:3]:
+        console.print(f"  · {t.strip()[:160]}")
+    exact = tb["exact"]
+    t2 = Table("testbed (exact vs IS)", "exact", *[f"IS n={r['n']}" for r in tb["estimates"]])
+    for key in ("log_z", "kl_target_prior"):
+        t2.add_row(key, _fmt(exact[key]), *[f"{r[key]['value']:.4f} ± {1.96 * r[key]['stderr']:.4f}" for r in tb["estimates"]])
+    console.print(t2)
+    console.print(f"results: {out}/results.json  ({results['seconds']:.1f}s)")
+
+
+@app.command()
+def sample(
+    model: str = typer.Option("default", help="'default' or a save_pretrained directory."),
+    context: str = typer.Option("", help="Context to continue ('' = just BOS)."),
+    n: int = typer.Option(8, "-n", help="Number of samples."),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(1.0),
+    top_p: float = typer.Option(1.0),
+    reward: Optional[str] = typer.Option(None, help="Also score each sample with this reward spec."),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, help="Write samples as JSONL here."),
+) -> None:
+    """Sample from a model and print each text with its log-prob (and reward)."""
+    from tiltlm.policies import HFPolicy
+    from tiltlm.rewards import get_reward
+
+    _quiet_transformers()
+    scorer = get_reward(reward) if reward else None
+    policy = HFPolicy.from_pretrained(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    s = policy.sample([context], n, seed=seed)
+    rewards = scorer(s.texts, [context] * n).tolist() if scorer else [None] * n
+    rows = [{"text": t, "logp": lp, "tokens": int(k), "eos": bool(e), "reward": r}
+            for t, lp, k, e, r in zip(s.texts, s.logp.tolist(), s.lengths.tolist(), s.eos.tolist(), rewards)]
+    if out is not None:
+        _write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+    table = Table("logp", "tokens", *(["reward"] if scorer else []), "text", show_lines=True)
+    for r in rows:
+        table.add_row(f"{r['logp']:.2f}", f"{r['tokens']}{'' if r['eos'] else '+'}", *([f"{r['reward']:.3f}"] if scorer else []), r["text"])
+    console.print(table)
+
+
+@app.command()
+def exact(
+    prior: str = typer.Option(..., help="Prior: a small-vocabulary save_pretrained directory."),
+    reward: str = typer.Option(..., help="Reward spec."),
+    beta: float = typer.Option(..., help="Tilt temperature (> 0)."),
+    max_new_tokens: int = typer.Option(..., help="Length limit L of the sample space."),
+    policy: Optional[str] = typer.Option(None, help="A policy directory to compare with p*."),
+    context: str = typer.Option("", help="Context ('' = just BOS)."),
+    max_sequences: int = typer.Option(2_000_000, help="Refuse spaces larger than this."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Enumerate the whole sample space and compute log Z, KLs, TV, entropies and rewards exactly."""
+    from tiltlm.exact import enumerate_space, exact_report
+    from tiltlm.policies import HFPolicy
+    from tiltlm.targets import Prior, Tilt
+
+    _quiet_transformers()
+    start = time.perf_counter()
+    tilt = Tilt(reward, beta)
+    pi0 = HFPolicy.from_pretrained(prior, max_new_tokens=max_new_tokens)
+    pi = HFPolicy.from_pretrained(policy, max_new_tokens=max_new_tokens) if policy else None
+    space = enumerate_space(pi0, context=context, max_sequences=max_sequences)
+    report = exact_report(space, Prior(pi0) * tilt, pi)
+    report["seconds"] = time.perf_counter() - start
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table("quantity", "value")
+    for k, v in report.items():
+        table.add_row(k, _fmt(v))
+    console.print(table)
+
+
+@app.command()
+def testbed(
+    out: Path = typer.Argument(..., help="Directory to write the model into."),
+    vocab_size: int = typer.Option(8, help="Tokens including EOS (letters a, b, … plus <eos>)."),
+    layers: int = typer.Option(2),
+    embd: int = typer.Option(32),
+    heads: int = typer.Option(2),
+    seed: int = typer.Option(0),
+    train_steps: int = typer.Option(0, help="Fit to a seeded random Markov chain for this many steps (0 = random init)."),
+) -> None:
+    """Create a small-vocabulary GPT-2 whose sample space `tiltlm exact` can enumerate."""
+    from tiltlm.testbed import make_testbed
+
+    _quiet_transformers()
+    path = make_testbed(out, vocab_size=vocab_size, n_layer=layers, n_embd=embd, n_head=heads, seed=seed, train_steps=train_steps)
+    console.print(f"testbed model written to {path}")
+
+
+@app.command()
+def pretrain(
+    out: Path = typer.Option(Path("pretrained"), help="Where to save the model and tokenizer."),
+    steps: int = typer.Option(3000, help="Optimiser steps."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Re-train the embedded default LM from tiltlm's story grammar (about 12 minutes on 2 CPU cores)."""
+    from tiltlm.pretrain import pretrain as run_pretrain
+
+    _quiet_transformers()
+    info = run_pretrain(out, steps=steps, seed=seed)
+    console.print(json.dumps(info, indent=2))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main() -> None:
+    """Entry point: user errors become one line and exit code 2."""
+    try:
+        app()
+    except TiltlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

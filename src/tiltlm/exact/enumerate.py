@@ -1,0 +1,131 @@
+"""Enumerate the whole sample space of a small-vocabulary policy, batched by depth.
+
+The space after one context: every prefix of non-EOS tokens of depth d < L followed by EOS, plus
+every prefix of depth L (ended by the length limit). With n = V - 1 non-EOS tokens that is
+sum_{d=0}^{L} n^d sequences. One batched ``next_token_logprobs`` call per depth scores all prefixes
+of that depth (n^d rows), so the cost is dominated by the n^(L-1) prefixes of the last level, and
+the n^L sequences of the final level need no forward pass at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tiltlm.errors import TiltlmError
+from tiltlm.policies.base import Policy, Samples
+
+DEFAULT_MAX_SEQUENCES = 2_000_000
+
+
+def count_sequences(vocab_size: int, max_new_tokens: int) -> int:
+    """sum_{d=0}^{L} (V-1)^d: the size of the sample space."""
+    n = vocab_size - 1
+    return sum(n**d for d in range(max_new_tokens + 1))
+
+
+@dataclass
+class SequenceSpace:
+    """Every sequence after ``context``, in a fixed order, with its log-prob under the enumerating policy."""
+
+    context: str
+    max_new_tokens: int
+    samples: Samples  # all N sequences; samples.token_logp is under the enumerating policy
+    vocab_size: int
+    eos_id: int
+
+    @property
+    def logp(self) -> torch.Tensor:
+        """(N,) float64 log pi(x) of the enumerating policy."""
+        return self.samples.token_logp.double().sum(-1)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def log_prob(self, policy: Policy) -> torch.Tensor:
+        """(N,) float64 log-probs of every sequence of this space under another policy (same vocabulary)."""
+        if policy.vocab_size != self.vocab_size or policy.eos_id != self.eos_id:
+            raise TiltlmError(
+                f"policy vocabulary ({policy.vocab_size} tokens, EOS {policy.eos_id}) differs from the enumerated space's "
+                f"({self.vocab_size}, EOS {self.eos_id}); compare policies that share a tokenizer"
+            )
+        token_logp, _ = _walk(policy, self.context, self.max_new_tokens, need_ids=False)
+        return token_logp.double().sum(-1)
+
+
+def enumerate_space(
+    policy: Policy,
+    *,
+    context: str = "",
+    max_new_tokens: int | None = None,
+    max_sequences: int = DEFAULT_MAX_SEQUENCES,
+) -> SequenceSpace:
+    """All sequences of ``policy`` after ``context`` with exact log-probs; sum_x pi(x) = 1."""
+    length = int(max_new_tokens if max_new_tokens is not None else policy.max_new_tokens)
+    if length < 1:
+        raise TiltlmError(f"max_new_tokens must be >= 1 to enumerate (got {length})")
+    total = count_sequences(policy.vocab_size, length)
+    if total > max_sequences:
+        raise TiltlmError(
+            f"a vocabulary of {policy.vocab_size} tokens over {length} new tokens has {total:.3g} sequences, over the limit of "
+            f"{max_sequences:.3g}; lower --max-new-tokens or use a small-vocabulary model (`tiltlm testbed`)"
+        )
+    token_logp, ids = _walk(policy, context, length, need_ids=True)
+    pad = getattr(policy, "pad_id", policy.eos_id)
+    mask = ids >= 0
+    ids = torch.where(mask, ids, torch.full_like(ids, pad))
+    rows = [[t for t, keep in zip(r, m) if keep and t != policy.eos_id] for r, m in zip(ids.tolist(), mask.tolist())]
+    b = ids.shape[0]
+    samples = Samples(
+        contexts=[context], group=torch.zeros(b, dtype=torch.long),
+        context_ids=torch.zeros((b, 0), dtype=torch.long), context_attn=torch.zeros((b, 0), dtype=torch.bool),
+        ids=ids, attn=mask.clone(), mask=mask, token_logp=token_logp,
+        texts=policy.decode(rows), eos=((ids == policy.eos_id) & mask).any(-1),
+    )
+    _attach_context(samples, policy, context)
+    return SequenceSpace(context=context, max_new_tokens=length, samples=samples, vocab_size=policy.vocab_size, eos_id=policy.eos_id)
+
+
+def _attach_context(samples: Samples, policy: Policy, context: str) -> None:
+    """Give the enumerated samples the policy's context tokens, so ``policy.log_prob`` can re-score them."""
+    encode = getattr(policy, "encode_context", None)
+    if encode is None:
+        return
+    ctx = torch.tensor(encode(context), dtype=torch.long)
+    samples.context_ids = ctx.expand(len(samples), -1)
+    samples.context_attn = torch.ones(samples.context_ids.shape, dtype=torch.bool)
+
+
+def _walk(policy: Policy, context: str, length: int, *, need_ids: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token log-probs (N, L) of every sequence in the canonical order, and their ids (-1 = padding).
+
+    Order: for d = 0..L-1 the n^d sequences prefix_d + EOS (prefixes in lexicographic order of the
+    non-EOS token ids), then the n^L sequences of length L.
+    """
+    eos = policy.eos_id
+    free = torch.tensor([i for i in range(policy.vocab_size) if i != eos], dtype=torch.long)  # (n,)
+    n = free.shape[0]
+    prefixes = torch.zeros((1, 0), dtype=torch.long)  # (M, d)
+    prefix_tok_lp = torch.zeros((1, 0))  # (M, d)
+    out_lp, out_ids = [], []
+
+    def emit(tok_lp: torch.Tensor, ids: torch.Tensor | None) -> None:
+        m, d = tok_lp.shape
+        padded = torch.zeros((m, length))
+        padded[:, :d] = tok_lp
+        out_lp.append(padded)
+        if need_ids:
+            padded_ids = torch.full((m, length), -1, dtype=torch.long)
+            padded_ids[:, :d] = ids
+            out_ids.append(padded_ids)
+
+    for d in range(length):
+        lp = policy.next_token_logprobs(context, prefixes).float()  # (M, V)
+        m = prefixes.shape[0]
+        ended_ids = torch.cat([prefixes, torch.full((m, 1), eos, dtype=torch.long)], dim=1) if need_ids else None
+        emit(torch.cat([prefix_tok_lp, lp[:, eos : eos + 1]], dim=1), ended_ids)
+        prefixes = torch.cat([prefixes.repeat_interleave(n, 0), free.repeat(m)[:, None]], dim=1)
+        prefix_tok_lp = torch.cat([prefix_tok_lp.repeat_interleave(n, 0), lp[:, free].reshape(-1, 1)], dim=1)
+    emit(prefix_tok_lp, prefixes)
+    return torch.cat(out_lp), (torch.cat(out_ids) if need_ids else None)

@@ -1,0 +1,117 @@
+"""The Policy protocol and the one batch record every part of tiltlm reads.
+
+The sample space (used everywhere: sampling, scoring, exact enumeration):
+a sequence x is the list of tokens generated after a context, ended either by EOS — the EOS token
+is part of x and its probability is a factor of pi(x) — or by reaching ``max_new_tokens``, in which
+case there is no EOS factor. With this definition sum_x pi(x | context) = 1 exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from tiltlm.errors import TiltlmError
+
+
+@dataclass
+class Samples:
+    """A batch of B sequences, each generated after one of the batch's contexts.
+
+    The generated part is right-padded; environment tokens (interactive case) live in ``ids`` with
+    ``attn`` True and ``mask`` False, so they condition the policy but are never scored or trained.
+    """
+
+    contexts: list[str]  # the distinct contexts of the batch
+    group: torch.Tensor  # (B,) long, index into ``contexts``
+    context_ids: torch.Tensor  # (B, C) long, left-padded context tokens (C may be 0 for tabular)
+    context_attn: torch.Tensor  # (B, C) bool, False on left padding
+    ids: torch.Tensor  # (B, T) long, generated tokens, right-padded
+    attn: torch.Tensor  # (B, T) bool, True on real (policy or environment) tokens
+    mask: torch.Tensor  # (B, T) bool, True on policy tokens (EOS included): what log pi sums over
+    token_logp: torch.Tensor  # (B, T) log-prob of each token under the sampling policy, 0 off ``mask``
+    texts: list[str]  # (B,) decoded generated text, EOS and padding removed
+    eos: torch.Tensor = field(default=None)  # (B,) bool, True where the sequence ended with EOS
+
+    @property
+    def logp(self) -> torch.Tensor:
+        """log pi(x | context) under the sampling policy, (B,)."""
+        return self.token_logp.sum(-1)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Number of policy tokens per sequence (EOS counted), (B,)."""
+        return self.mask.sum(-1)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def context_of(self, i: int) -> str:
+        return self.contexts[int(self.group[i])]
+
+    def select(self, index: torch.Tensor | list[int]) -> "Samples":
+        """The rows ``index`` (e.g. an importance resample), same contexts."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Samples(
+            contexts=self.contexts,
+            group=self.group[index],
+            context_ids=self.context_ids[index],
+            context_attn=self.context_attn[index],
+            ids=self.ids[index],
+            attn=self.attn[index],
+            mask=self.mask[index],
+            token_logp=self.token_logp[index],
+            texts=[self.texts[i] for i in index.tolist()],
+            eos=None if self.eos is None else self.eos[index],
+        )
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What tiltlm needs of a language model (HF or tabular).
+
+    ``sample`` draws n sequences per context; ``log_prob`` scores given sequences under this policy
+    (same temperature/top-p transform as sampling, so importance ratios are exact);
+    ``next_token_logprobs`` is the one-step distribution the exact enumerator walks.
+    """
+
+    vocab_size: int
+    eos_id: int
+    max_new_tokens: int
+
+    def sample(self, contexts: list[str], n: int, *, seed: int | None = None) -> Samples: ...
+
+    def log_prob(self, samples: Samples, *, grad: bool = False, per_token: bool = False) -> torch.Tensor: ...
+
+    def next_token_logprobs(self, context: str, prefixes: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, ids: list[list[int]]) -> list[str]: ...
+
+
+def transform_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs of the sampling distribution: softmax(logits / temperature) restricted to the nucleus.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches ``top_p`` (the most
+    likely token is always kept); tokens outside get log-prob -inf and the rest are renormalised.
+    Sampling and scoring both call this, so log pi is the log-prob of what was actually sampled.
+    logits: (..., V) -> (..., V)
+    """
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return logp
+    sorted_logp, order = logp.sort(dim=-1, descending=True)
+    mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()  # mass of strictly more likely tokens
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+
+
+def check_sampling_options(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    if not (temperature > 0 and temperature == temperature):
+        raise TiltlmError(f"temperature must be > 0 (got {temperature}); use 1.0 to sample from the model as trained")
+    if not (0 < top_p <= 1):
+        raise TiltlmError(f"top_p must be in (0, 1] (got {top_p}); use 1.0 to disable nucleus sampling")
+    if int(max_new_tokens) < 1:
+        raise TiltlmError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")

@@ -1,0 +1,233 @@
+"""Any Hugging Face causal LM as a tiltlm Policy (KV-cache sampling, exact log-probs).
+
+Sampling is our own KV-cache loop rather than ``model.generate`` so that the log-prob recorded for
+each sampled token is the log-prob of the distribution it was drawn from (temperature and top-p
+included) — the same quantity ``log_prob`` recomputes — which importance ratios need exactly.
+The model runs in eval mode (dropout off) so that log pi is a deterministic function of theta.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+from tiltlm.errors import TiltlmError
+from tiltlm.policies.base import Samples, check_sampling_options, transform_logits
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """``"default"`` is the embedded prior; anything else must be a local save_pretrained directory."""
+    if str(name_or_path) == "default":
+        path = DEFAULT_MODEL_DIR
+        if not (path / "config.json").is_file():
+            raise TiltlmError(f"the embedded default model is missing from {path}; reinstall tiltlm or run `tiltlm pretrain`")
+        return path
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise TiltlmError(f"model directory '{path}' not found; pass a directory written by save_pretrained, or 'default'")
+    if not (path / "config.json").is_file():
+        raise TiltlmError(f"'{path}' has no config.json; pass a directory written by save_pretrained (e.g. by `tiltlm testbed`)")
+    return path
+
+
+def load_model_and_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False):
+    """Load a local causal LM and its tokenizer (safetensors only, no hub access)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad directory for the user
+        raise TiltlmError(f"cannot load a tokenizer from '{path}' ({type(e).__name__}); save one there with tokenizer.save_pretrained") from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TiltlmError(f"cannot load a causal LM from '{path}' ({first}); it needs config.json and model.safetensors") from e
+    return model, tokenizer
+
+
+def _cache_of(out):
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
+
+
+class HFPolicy:
+    """A causal LM with explicit sampling options; implements the Policy protocol.
+
+    Contexts are tokenised with the tokenizer's special tokens, and the BOS token is prepended when
+    the tokenizer has one and did not add it (``prepend_bos``): the context of an unconditional
+    sample is then just BOS.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        prepend_bos: bool = True,
+        chunk_size: int = 2048,
+    ):
+        check_sampling_options(temperature, top_p, max_new_tokens)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.prepend_bos = prepend_bos
+        self.chunk_size = chunk_size
+        self.model.eval()
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        if len(tokenizer) > self.vocab_size:
+            raise TiltlmError(
+                f"tokenizer has {len(tokenizer)} tokens but the model only {self.vocab_size}; use the tokenizer saved with this model"
+            )
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+        if isinstance(eos, list):
+            eos = eos[0]
+        if eos is None:
+            raise TiltlmError("the tokenizer has no EOS token; set tokenizer.eos_token so sequences can end")
+        self.eos_id = int(eos)
+        self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
+        self._context_cache: dict[str, list[int]] = {}
+        # transformers renamed `past_key_values` to `cache` during 5.x; accept both
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "default", *, trust_remote_code: bool = False, **options) -> "HFPolicy":
+        model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, **options)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- contexts -------------------------------------------------------------------------
+    def encode_context(self, context: str) -> list[int]:
+        if context not in self._context_cache:
+            ids = list(self.tokenizer(context, add_special_tokens=True)["input_ids"]) if context else []
+            bos = self.tokenizer.bos_token_id
+            if self.prepend_bos and bos is not None and (not ids or ids[0] != bos):
+                ids = [int(bos)] + ids
+            if not ids:
+                raise TiltlmError("empty context and the tokenizer has no BOS token; give a non-empty context")
+            window = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+            if window is not None and len(ids) + self.max_new_tokens > window:
+                raise TiltlmError(
+                    f"context of {len(ids)} tokens + max_new_tokens {self.max_new_tokens} exceeds the model's window of {window}; shorten the context or lower max_new_tokens"
+                )
+            self._context_cache[context] = ids
+        return self._context_cache[context]
+
+    def _contexts_tensor(self, contexts: list[str], group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded context ids and attention for each row, (B, C)."""
+        encoded = [self.encode_context(c) for c in contexts]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(contexts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(contexts), width), dtype=torch.bool)
+        for k, e in enumerate(encoded):
+            ids[k, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+            attn[k, width - len(e) :] = True
+        return ids[group], attn[group]
+
+    # ---- the protocol ---------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, contexts: list[str], n: int, *, seed: int | None = None) -> Samples:
+        """n sequences per context, batched, with KV cache; rows are grouped context by context."""
+        if not contexts:
+            raise TiltlmError("no contexts to sample from; pass at least one context ('' means just BOS)")
+        device = self.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+        group = torch.arange(len(contexts)).repeat_interleave(n)
+        context_ids, context_attn = self._contexts_tensor(contexts, group)
+        b = group.shape[0]
+
+        attn = context_attn.to(device).long()  # (B, C + t)
+        position = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True)
+        past, logits = _cache_of(out), out.logits[:, -1]  # (B, V)
+        next_position = position[:, -1] + 1  # (B,)
+
+        ids = torch.full((b, self.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        token_logp = torch.zeros((b, self.max_new_tokens), device=device)
+        mask = torch.zeros((b, self.max_new_tokens), dtype=torch.bool, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        for t in range(self.max_new_tokens):
+            logp = transform_logits(logits, self.temperature, self.top_p)  # (B, V)
+            token = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)  # (B,)
+            alive = ~done
+            ids[:, t] = torch.where(alive, token, self.pad_id)
+            token_logp[:, t] = torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
+            mask[:, t] = alive
+            done = done | (token == self.eos_id)
+            if bool(done.all()) or t == self.max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=device)], dim=-1)
+            out = self.model(
+                input_ids=ids[:, t : t + 1], attention_mask=attn, position_ids=next_position[:, None],
+                use_cache=True, **{self._cache_kwarg: past},
+            )
+            past, logits = _cache_of(out), out.logits[:, -1]
+            next_position = next_position + 1
+
+        width = int(mask.sum(-1).max())
+        ids, token_logp, mask = ids[:, :width].cpu(), token_logp[:, :width].cpu(), mask[:, :width].cpu()
+        eos = (ids == self.eos_id) & mask
+        return Samples(
+            contexts=list(contexts), group=group, context_ids=context_ids, context_attn=context_attn,
+            ids=ids, attn=mask.clone(), mask=mask, token_logp=token_logp,
+            texts=self._texts(ids, mask), eos=eos.any(-1),
+        )
+
+    def log_prob(self, samples: Samples, *, grad: bool = False, per_token: bool = False) -> torch.Tensor:
+        """log pi(x | context): (B,), or (B, T) per token with zeros off the policy mask."""
+        device = self.device
+        with torch.set_grad_enabled(grad):
+            rows = []
+            for start in range(0, len(samples), self.chunk_size):
+                sl = slice(start, start + self.chunk_size)
+                c = samples.context_ids.shape[1]
+                ids = torch.cat([samples.context_ids[sl], samples.ids[sl]], dim=1).to(device)  # (b, C+T)
+                attn = torch.cat([samples.context_attn[sl], samples.attn[sl]], dim=1).to(device).long()
+                position = (attn.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(input_ids=ids, attention_mask=attn, position_ids=position).logits
+                logits = logits[:, c - 1 : -1]  # (b, T, V): position C-1+t predicts generated token t
+                logp = transform_logits(logits, self.temperature, self.top_p)
+                tok = logp.gather(-1, samples.ids[sl].to(device)[..., None]).squeeze(-1)  # (b, T)
+                rows.append(torch.where(samples.mask[sl].to(device), tok, torch.zeros((), device=device)))
+            token_logp = torch.cat(rows) if rows else torch.zeros(0, samples.ids.shape[1], device=device)
+        return token_logp if per_token else token_logp.sum(-1)
+
+    @torch.no_grad()
+    def next_token_logprobs(self, context: str, prefixes: torch.Tensor) -> torch.Tensor:
+        """(N, d) generated prefixes -> (N, V) log-probs of the next token (sampling transform applied)."""
+        ctx = torch.tensor(self.encode_context(context), dtype=torch.long)
+        out = []
+        for start in range(0, prefixes.shape[0], self.chunk_size):
+            chunk = prefixes[start : start + self.chunk_size]
+            ids = torch.cat([ctx.expand(chunk.shape[0], -1), chunk], dim=1).to(self.device)
+            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+            out.append(transform_logits(logits, self.temperature, self.top_p).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.vocab_size)
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _texts(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        rows = []
+        for row, m in zip(ids.tolist(), mask.tolist()):
+            row = [t for t, keep in zip(row, m) if keep]
+            if row and row[-1] == self.eos_id:
+                row = row[:-1]
+            rows.append(row)
+        return self.decode(rows)

@@ -1,0 +1,148 @@
+"""Targets: an unnormalised log P(x) = log pi0(x) + log phi(x) that composes with ``*``.
+
+    target = Prior(pi0) * Tilt("sentiment", beta=0.1) * Constraint("contains:dog")
+    target.log_score(samples)   # (B,) float64 unnormalised log P(x)
+
+A *factor* is the log-potential log phi(x) beside the prior; factors multiply (their log-potentials
+add). Everything is in log space so small beta, large rewards and hard constraints (log 0 = -inf)
+never overflow.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from tiltlm.errors import TiltlmError
+from tiltlm.policies.base import Policy, Samples
+
+
+def _as_reward(spec):
+    from tiltlm.rewards import get_reward
+
+    return get_reward(spec)
+
+
+def _rewards_of(reward, samples: Samples) -> torch.Tensor:
+    contexts = [samples.contexts[g] for g in samples.group.tolist()]
+    return reward(samples.texts, contexts)
+
+
+class Factor:
+    """A log-potential log phi(x) >= -inf; ``a * b`` is the product of potentials."""
+
+    def log_potential(self, samples: Samples) -> torch.Tensor:  # (B,) float64
+        raise NotImplementedError
+
+    def __mul__(self, other: "Factor") -> "Factor":
+        if isinstance(other, Target):
+            return other * self
+        if not isinstance(other, Factor):
+            return NotImplemented
+        return Product((*_factors(self), *_factors(other)))
+
+
+def _factors(f: Factor) -> tuple[Factor, ...]:
+    return f.factors if isinstance(f, Product) else (f,)
+
+
+class Product(Factor):
+    """phi(x) = prod_i phi_i(x): the sum of log-potentials."""
+
+    def __init__(self, factors: tuple[Factor, ...] = ()):
+        self.factors = tuple(factors)
+
+    def log_potential(self, samples: Samples) -> torch.Tensor:
+        total = torch.zeros(len(samples), dtype=torch.float64)
+        for f in self.factors:
+            total = total + f.log_potential(samples)
+        return total
+
+    def __repr__(self) -> str:
+        return " * ".join(map(repr, self.factors)) or "1"
+
+
+class Tilt(Factor):
+    """phi(x) = exp(r(x)/beta): the Bayesian posterior p(x | y=1) with p(y=1|x) ∝ exp(r(x)/beta).
+
+    beta -> 0 is the hardmax (all mass on argmax r); beta -> inf gives back the prior.
+    """
+
+    def __init__(self, reward, beta: float):
+        beta = float(beta)
+        if not beta > 0:  # also rejects NaN
+            raise TiltlmError(
+                f"beta must be > 0 (got {beta}); beta -> 0 is pure reward maximisation (use the reinforce algorithm), large beta stays near the prior"
+            )
+        self.reward = _as_reward(reward)
+        self.beta = beta
+
+    def log_potential(self, samples: Samples) -> torch.Tensor:
+        if math.isinf(self.beta):
+            return torch.zeros(len(samples), dtype=torch.float64)
+        return _rewards_of(self.reward, samples) / self.beta
+
+    def __repr__(self) -> str:
+        return f"Tilt({self.reward.name!r}, beta={self.beta:g})"
+
+
+class Constraint(Factor):
+    """phi(x) = b(x) in {0, 1}: keep only the sequences that satisfy the predicate.
+
+    ``predicate`` is a reward spec / callable whose value > 0 means satisfied (e.g. ``"contains:dog"``).
+    log phi is 0 or -inf, never NaN.
+    """
+
+    def __init__(self, predicate: str | Callable):
+        self.predicate = _as_reward(predicate)
+
+    def log_potential(self, samples: Samples) -> torch.Tensor:
+        ok = _rewards_of(self.predicate, samples) > 0
+        return torch.where(ok, 0.0, float("-inf")).double()
+
+    def __repr__(self) -> str:
+        return f"Constraint({self.predicate.name!r})"
+
+
+class Target:
+    """P(x) = pi0(x) · phi(x), with pi0 a Policy (the frozen prior) and phi a product of factors."""
+
+    def __init__(self, prior: Policy, factor: Factor | None = None):
+        self.prior = prior
+        self.factor = factor if factor is not None else Product(())
+
+    def log_score(self, samples: Samples, prior_logp: torch.Tensor | None = None) -> torch.Tensor:
+        """Unnormalised log P(x), (B,) float64. Pass ``prior_logp`` when log pi0 is already known."""
+        if prior_logp is None:
+            prior_logp = self.prior.log_prob(samples)
+        return prior_logp.double().cpu() + self.log_potential(samples)
+
+    def log_potential(self, samples: Samples) -> torch.Tensor:
+        """log phi(x) = log P(x) - log pi0(x), (B,) float64."""
+        return self.factor.log_potential(samples)
+
+    @property
+    def factors(self) -> tuple[Factor, ...]:
+        return _factors(self.factor)
+
+    @property
+    def tilt(self) -> Tilt | None:
+        """The first Tilt factor (its reward is the one reports show), or None."""
+        return next((f for f in self.factors if isinstance(f, Tilt)), None)
+
+    def __mul__(self, other: Factor) -> "Target":
+        if not isinstance(other, Factor):
+            return NotImplemented
+        return Target(self.prior, Product((*self.factors, *_factors(other))))
+
+    __rmul__ = __mul__
+
+    def __repr__(self) -> str:
+        return f"Prior * {self.factor!r}" if self.factors else "Prior"
+
+
+def Prior(policy: Policy) -> Target:  # noqa: N802 - reads as a constructor in target algebra
+    """The prior alone as a target (phi = 1); multiply factors onto it."""
+    return Target(policy)

@@ -1,0 +1,140 @@
+"""Policies against the sample-space definition: probabilities sum to 1, sampling matches scoring."""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from tiltlm.errors import TiltlmError
+from tiltlm.exact import count_sequences, enumerate_space
+from tiltlm.policies import HFPolicy, TabularPolicy, transform_logits
+
+
+def empirical_tv(texts, space) -> float:
+    """TV between the empirical distribution of sampled texts and the exact one (texts are unique in these spaces)."""
+    counts = Counter(texts)
+    exact = dict(zip(space.samples.texts, space.logp.exp().tolist()))
+    assert len(exact) == len(space), "texts must identify sequences for this check"
+    n = len(texts)
+    return 0.5 * sum(abs(counts.get(t, 0) / n - p) for t, p in exact.items())
+
+
+def test_tabular_probabilities_sum_to_one():
+    policy = TabularPolicy.random(list("abc") + ["<eos>"], max_new_tokens=4, seed=3, scale=2.0)
+    space = enumerate_space(policy)
+    assert len(space) == count_sequences(4, 4) == 1 + 3 + 9 + 27 + 81
+    assert space.logp.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_tabular_hand_computed_sequence_probabilities():
+    # root: P(a)=0.6, P(eos)=0.4; after 'a': P(a)=0.3, P(eos)=0.7; L=2 so 'aa' ends with no EOS factor
+    logits = torch.log(torch.tensor([[[0.6, 0.4], [0.3, 0.7]]]))
+    policy = TabularPolicy(["a", "<eos>"], max_new_tokens=2, logits=logits)
+    space = enumerate_space(policy)
+    probs = dict(zip(space.samples.texts, space.logp.exp().tolist()))
+    assert probs == pytest.approx({"": 0.4, "a": 0.6 * 0.7, "aa": 0.6 * 0.3})
+    assert space.samples.eos.tolist() == [True, True, False]
+
+
+def test_tabular_sampling_matches_exact_and_log_prob():
+    policy = TabularPolicy.random(list("ab") + ["<eos>"], max_new_tokens=3, seed=0, scale=1.5)
+    s = policy.sample([""], 20000, seed=1)
+    torch.testing.assert_close(s.logp, policy.log_prob(s))
+    assert empirical_tv(s.texts, enumerate_space(policy)) < 0.02
+
+
+def test_tabular_contexts_have_their_own_tables():
+    policy = TabularPolicy.random(["x", "<eos>"], max_new_tokens=2, contexts=("c1", "c2"), seed=0, scale=3.0)
+    s = policy.sample(["c1", "c2"], 4, seed=0)
+    assert s.group.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    space1 = enumerate_space(policy, context="c1")
+    space2 = enumerate_space(policy, context="c2")
+    assert not torch.allclose(space1.logp, space2.logp)
+    with pytest.raises(TiltlmError, match="not one of"):
+        policy.sample(["c3"], 1)
+
+
+def test_tabular_log_prob_has_gradient():
+    policy = TabularPolicy(list("ab") + ["<eos>"], max_new_tokens=2)
+    s = policy.sample([""], 8, seed=0)
+    policy.log_prob(s, grad=True).sum().backward()
+    assert policy.logits.grad is not None and policy.logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
+def test_hf_probabilities_sum_to_one(testbed_dir, temperature, top_p):
+    policy = HFPolicy.from_pretrained(testbed_dir, max_new_tokens=4, temperature=temperature, top_p=top_p)
+    space = enumerate_space(policy)
+    assert len(space) == count_sequences(5, 4)
+    assert space.logp.exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+    # enumeration (one forward per depth) and scoring (one forward per sequence) agree
+    torch.testing.assert_close(policy.log_prob(space.samples).double(), space.logp, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (1.3, 0.8)])
+def test_hf_sampling_matches_exact_distribution(testbed_dir, temperature, top_p):
+    policy = HFPolicy.from_pretrained(testbed_dir, max_new_tokens=3, temperature=temperature, top_p=top_p)
+    s = policy.sample([""], 20000, seed=0)
+    assert empirical_tv(s.texts, enumerate_space(policy)) < 0.03
+    torch.testing.assert_close(s.logp, policy.log_prob(s), atol=1e-4, rtol=0)
+
+
+def test_hf_batched_contexts_of_different_lengths(testbed_policy):
+    """Left-padded contexts: each row's log-prob equals scoring that context alone."""
+    p = testbed_policy
+    s = p.sample(["", "abcd", "b"], 6, seed=0)
+    assert s.group.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    torch.testing.assert_close(s.logp, p.log_prob(s), atol=1e-4, rtol=0)
+    for k, ctx in enumerate(["", "abcd", "b"]):
+        alone = p.sample([ctx], 1, seed=0)
+        rows = s.select([i for i in range(len(s)) if s.group[i] == k])
+        rows.context_ids, rows.context_attn = alone.context_ids.expand(len(rows), -1), alone.context_attn.expand(len(rows), -1)
+        torch.testing.assert_close(p.log_prob(rows), s.logp[s.group == k], atol=1e-4, rtol=0)
+
+
+def test_hf_eos_and_padding(testbed_policy):
+    s = testbed_policy.sample([""], 200, seed=0)
+    eos = testbed_policy.eos_id
+    for row, m, ended, text in zip(s.ids.tolist(), s.mask.tolist(), s.eos.tolist(), s.texts):
+        k = sum(m)
+        assert all(m[:k]) and not any(m[k:])
+        assert (row[k - 1] == eos) == ended
+        assert ended or k == testbed_policy.max_new_tokens
+        assert eos not in row[: k - 1]
+        assert "<eos>" not in text and len(text) == k - int(ended)
+    assert s.eos.any() and (~s.eos).any()
+
+
+def test_hf_log_prob_gradient(testbed_dir):
+    policy = HFPolicy.from_pretrained(testbed_dir, max_new_tokens=3)
+    s = policy.sample([""], 4, seed=0)
+    policy.log_prob(s, grad=True).sum().backward()
+    grads = [p.grad for p in policy.model.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+    assert not policy.log_prob(s).requires_grad
+
+
+def test_transform_logits_top_p_by_hand():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    lp = transform_logits(logits, top_p=0.8)  # nucleus {0.5, 0.3}: 0.5 < 0.8 so the 0.3 token is needed
+    assert lp.exp().tolist() == pytest.approx([0.625, 0.375, 0.0, 0.0])
+    lp = transform_logits(logits, top_p=0.81)
+    assert lp.exp().tolist() == pytest.approx([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0])
+    assert transform_logits(logits, temperature=0.5).exp().tolist() == pytest.approx(
+        [v**2 / sum(u**2 for u in [0.5, 0.3, 0.15, 0.05]) for v in [0.5, 0.3, 0.15, 0.05]]
+    )
+
+
+def test_bad_options_and_dirs(tmp_path, testbed_dir):
+    with pytest.raises(TiltlmError, match="temperature must be > 0"):
+        HFPolicy.from_pretrained(testbed_dir, temperature=0.0)
+    with pytest.raises(TiltlmError, match="top_p"):
+        HFPolicy.from_pretrained(testbed_dir, top_p=1.5)
+    with pytest.raises(TiltlmError, match="not found"):
+        HFPolicy.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TiltlmError, match="no config.json"):
+        HFPolicy.from_pretrained(tmp_path / "empty")
+    with pytest.raises(TiltlmError, match="window"):
+        HFPolicy.from_pretrained(testbed_dir, max_new_tokens=60).sample(["abcdabcd"], 1)
