@@ -76,7 +76,7 @@ def run_posterior_experiment(
     out: str | Path,
     *,
     prior: str = "default",
-    reward: str = "sentiment",
+    reward="sentiment",  # a spec string or any callable f(texts, **kwargs) -> list[float]
     beta: float = 0.2,
     context: str = "",
     n: int = 256,
@@ -91,11 +91,12 @@ def run_posterior_experiment(
         raise TiltlmError(f"output directory '{out}' is not empty; pass --overwrite or choose another --out")
     if n < 2:
         raise TiltlmError(f"need at least 2 samples (got {n}); raise --budget")
-    config = {"prior": prior, "reward": reward, "beta": beta, "context": context, "n": n,
-              "max_new_tokens": max_new_tokens, "seed": seed, "testbed_reward": testbed_reward}
     start = time.time()
+    tilt = Tilt(reward, beta)
     policy = HFPolicy.from_pretrained(prior, max_new_tokens=max_new_tokens)
-    target = Prior(policy) * Tilt(reward, beta)
+    target = Prior(policy) * tilt
+    config = {"prior": prior, "reward": tilt.reward.name, "beta": beta, "context": context, "n": n,
+              "max_new_tokens": max_new_tokens, "seed": seed, "testbed_reward": testbed_reward}
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
