@@ -8,6 +8,7 @@ The model runs in eval mode (dropout off) so that log pi is a deterministic func
 
 from __future__ import annotations
 
+import copy
 import inspect
 from pathlib import Path
 
@@ -106,6 +107,21 @@ class HFPolicy:
     def from_pretrained(cls, name_or_path: str | Path = "default", *, trust_remote_code: bool = False, **options) -> "HFPolicy":
         model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, **options)
+
+    def copy(self) -> "HFPolicy":
+        """An independent copy (deep-copied weights, same tokenizer and sampling options)."""
+        return HFPolicy(copy.deepcopy(self.model), self.tokenizer, max_new_tokens=self.max_new_tokens,
+                        temperature=self.temperature, top_p=self.top_p, prepend_bos=self.prepend_bos, chunk_size=self.chunk_size)
+
+    def save(self, directory: str | Path) -> Path:
+        """A save_pretrained directory plain transformers can load (LoRA adapters merged into a copy)."""
+        directory = Path(directory)
+        model = self.model
+        if hasattr(model, "merge_and_unload"):  # a peft model: save merged weights
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        return directory
 
     @property
     def device(self) -> torch.device:

@@ -12,8 +12,11 @@ tokens, is node ``offset[d] + sum_k j_k n^(d-k)``.
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tiltlm.errors import TiltlmError
@@ -75,6 +78,24 @@ class TabularPolicy(nn.Module):
 
     def copy(self) -> "TabularPolicy":
         return copy.deepcopy(self)
+
+    def save(self, directory: str | Path) -> Path:
+        """tabular.safetensors (the logit table) + tabular.json (vocabulary, EOS, length, contexts)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"logits": self.logits.detach().contiguous()}, str(directory / "tabular.safetensors"))
+        meta = {"vocab": self.vocab, "eos": self.vocab[self.eos_id], "max_new_tokens": self.max_new_tokens, "contexts": list(self.contexts)}
+        (directory / "tabular.json").write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "TabularPolicy":
+        directory = Path(directory)
+        if not (directory / "tabular.json").is_file():
+            raise TiltlmError(f"'{directory}' holds no tabular policy (tabular.json); pass a directory written by TabularPolicy.save")
+        meta = json.loads((directory / "tabular.json").read_text())
+        logits = load_file(str(directory / "tabular.safetensors"))["logits"]
+        return cls(meta["vocab"], eos=meta["eos"], max_new_tokens=meta["max_new_tokens"], contexts=tuple(meta["contexts"]), logits=logits)
 
     def _context_index(self, context: str) -> int:
         try:

@@ -1,0 +1,95 @@
+"""The metrics of one training step, from its batch, and exact metrics on enumerable spaces.
+
+Key names (namespaced):
+  reward/mean, reward/std                 r(x) under the samples of pi (SNIS-weighted when off-policy)
+  kl/prior_seq (+ _stderr, _low, _high)   KL(pi || pi0) per sequence, estimator in kl/prior_estimator
+  kl/target_is (+ _stderr)                KL(p* || pi), self-normalised IS          (forward, "to the target")
+  kl/policy_target_is                     KL(pi || p*) = E_pi[log pi - log P] + log Z_hat  (reverse)
+  tv/target_is                            TV(pi, p*)
+  log_z/is (+ _stderr), is/ess            log Z estimate from this batch and the ESS of its weights
+  entropy/seq (+ _stderr)                 -E_pi[log pi(x)], the sequence entropy
+  diversity/distinct_1, distinct_2, self_bleu
+and every N steps on enumerable spaces the exact values: kl/target_exact, kl/policy_target_exact,
+tv/target_exact, kl/prior_exact, entropy/exact, reward/exact, log_z/exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tiltlm.algorithms.base import Batch
+from tiltlm.exact import SequenceSpace, entropy, expectation, kl, normalise, tv
+from tiltlm.metrics.divergences import (
+    effective_sample_size,
+    kl_policy_prior,
+    kl_policy_target,
+    kl_target_policy,
+    log_z,
+    tv_target_policy,
+)
+
+
+def _estimate(out: dict, key: str, est, *, interval: bool = False) -> None:
+    out[key] = est.value
+    out[f"{key}_stderr"] = est.stderr
+    if interval:
+        out[f"{key}_low"], out[f"{key}_high"] = est.low, est.high
+
+
+def batch_metrics(batch: Batch, logp: torch.Tensor, *, kl_estimator: str = "k1", diversity: bool = True) -> dict[str, float]:
+    """Per-step metrics; ``logp`` is log pi_theta(x) of the batch's samples before the step (detached)."""
+    logp = logp.detach().double().cpu()
+    logq, lt, lp0, r = batch.logq.cpu(), batch.log_target.cpu(), batch.logp_prior.cpu(), batch.reward.cpu()
+    on_policy = bool(torch.allclose(logp, logq, atol=1e-4))
+    out: dict[str, float] = {}
+    if on_policy:
+        out["reward/mean"], out["reward/std"] = float(r.mean()), float(r.std()) if len(r) > 1 else 0.0
+        _estimate(out, "kl/prior_seq", kl_policy_prior(logp, lp0, kl_estimator), interval=True)
+        _estimate(out, "entropy/seq", kl_policy_prior(logp, torch.zeros_like(logp), "k1"))
+    else:  # samples of a proposal q: weight by pi/q
+        w = torch.softmax(logp - logq, 0)
+        out["reward/mean"] = float((w * r).sum())
+        out["reward/std"] = float(((w * (r - out["reward/mean"]) ** 2).sum()).sqrt())
+        out["kl/prior_seq"] = float((w * (logp - lp0)).sum())
+        out["entropy/seq"] = float(-(w * logp).sum())
+        out["is/ess_policy"] = effective_sample_size(logp - logq)
+    out["kl/prior_estimator"] = kl_estimator
+    lz = log_z(lt, logq)
+    _estimate(out, "log_z/is", lz)
+    out["is/ess"] = lz.ess
+    _estimate(out, "kl/target_is", kl_target_policy(lt, logq, logp))
+    _estimate(out, "tv/target_is", tv_target_policy(lt, logq, logp))
+    if on_policy and math.isfinite(lz.value):
+        _estimate(out, "kl/policy_target_is", kl_policy_target(lt, logp, lz.value))
+    if diversity:
+        from tiltlm.metrics.diversity import distinct_n, self_bleu
+
+        texts = batch.samples.texts
+        out["diversity/distinct_1"] = distinct_n(texts, 1)
+        out["diversity/distinct_2"] = distinct_n(texts, 2)
+        out["diversity/self_bleu"] = self_bleu(texts)
+    return out
+
+
+class ExactMetrics:
+    """Exact metrics of a policy against p* over an enumerated space (enumerated once, with the prior)."""
+
+    def __init__(self, space: SequenceSpace, log_potential: torch.Tensor, rewards: torch.Tensor):
+        self.space = space
+        self.log_prior = space.logp
+        self.log_target, self.log_z = normalise(self.log_prior + log_potential)
+        self.rewards = rewards
+
+    def __call__(self, policy) -> dict[str, float]:
+        log_pi = self.space.log_prob(policy)
+        return {
+            "kl/target_exact": kl(self.log_target, log_pi),
+            "kl/policy_target_exact": kl(log_pi, self.log_target),
+            "tv/target_exact": tv(log_pi, self.log_target),
+            "kl/prior_exact": kl(log_pi, self.log_prior),
+            "entropy/exact": entropy(log_pi),
+            "reward/exact": expectation(log_pi, self.rewards),
+            "log_z/exact": self.log_z,
+        }

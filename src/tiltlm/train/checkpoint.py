@@ -1,0 +1,96 @@
+"""Checkpoints: safetensors for every tensor (weights, optimiser moments, RNG), JSON for the rest.
+
+A checkpoint is a directory written beside its final place and renamed into it, so a crash never
+leaves a half-written checkpoint that loads: either the old one or the new one is there.
+No pickle is read back (tensors come only from safetensors files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tiltlm.errors import TiltlmError
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for idx, slots in state["state"].items():
+        meta["state"][str(idx)] = {}
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
+                meta["state"][str(idx)][name] = "tensor"
+            else:
+                meta["state"][str(idx)][name] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state = {}
+    for idx, slots in meta["state"].items():
+        state[int(idx)] = {name: (tensors[f"{idx}.{name}"] if v == "tensor" else v) for name, v in slots.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items() if k in names}
+
+
+def save_checkpoint(
+    directory: Path, *, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any], proposal: torch.nn.Module | None = None,
+) -> None:
+    """Write ``directory`` atomically: weights, optimiser, RNG state and JSON state for ``step``."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(module), str(tmp / "policy.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file({"torch": torch.random.get_rng_state()}, str(tmp / "rng.safetensors"))
+    if proposal is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in proposal.state_dict().items()}, str(tmp / "proposal.safetensors"))
+    state = {"step": step, "optimizer": opt_meta, **extra, "has_proposal": proposal is not None}
+    (tmp / "state.json").write_text(json.dumps(state))
+    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(directory: Path) -> dict[str, Any]:
+    """Read a checkpoint written by save_checkpoint (falls back to ``.old`` if a crash hit the swap)."""
+    directory = Path(directory)
+    if not (directory / "state.json").is_file():
+        old = directory.with_name(directory.name + ".old")
+        if (old / "state.json").is_file():
+            directory = old
+        else:
+            raise TiltlmError(f"no checkpoint in '{directory}'; train without --resume or point at a run directory")
+    try:
+        state = json.loads((directory / "state.json").read_text())
+        out = {
+            "state": state,
+            "policy": load_file(str(directory / "policy.safetensors")),
+            "optimizer": _unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")), state["optimizer"]),
+            "rng": load_file(str(directory / "rng.safetensors"))["torch"],
+        }
+        if state.get("has_proposal"):
+            out["proposal"] = load_file(str(directory / "proposal.safetensors"))
+        return out
+    except (OSError, ValueError, KeyError) as e:
+        raise TiltlmError(f"checkpoint '{directory}' is unreadable ({type(e).__name__}); delete it to restart the run") from None

@@ -1,0 +1,160 @@
+"""The training config: typed, frozen, one docstring per field, loaded from YAML or built in Python.
+
+    prior: default                 # 'default' (embedded LM) or a save_pretrained directory
+    target: {reward: sentiment, beta: 0.1, constraints: ["contains:dog"]}
+    algorithm: {name: kl-pg, estimator: k1}     # beta defaults to target.beta
+    sampling: {contexts: [""], n_per_context: 8, max_new_tokens: 32}
+    optim: {lr: 1e-4, steps: 100}
+
+Every problem (bad YAML, unknown keys, wrong types, unknown names) becomes one TiltlmError line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from tiltlm.algorithms.base import AlgorithmConfig, algorithm_class, make_config
+from tiltlm.errors import TiltlmError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TargetConfig(_Strict):
+    reward: str = Field("sentiment", description="reward spec: sentiment, contains:dog, mymod:f, …")
+    beta: float = Field(0.1, gt=0, allow_inf_nan=False, description="tilt temperature: p* ∝ pi0·exp(r/beta)")
+    constraints: tuple[str, ...] = Field((), description="pointwise constraints b(x) (reward specs; > 0 means satisfied)")
+
+
+class SamplingConfig(_Strict):
+    contexts: tuple[str, ...] = Field(("",), min_length=1, description="contexts to sample after ('' = just BOS)")
+    n_per_context: int = Field(8, ge=2, description="samples per context per step (>= 2 for leave-one-out baselines)")
+    max_new_tokens: int = Field(32, ge=1, description="length limit of a sequence")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs account for it")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass; log-probs account for it")
+
+
+class OptimConfig(_Strict):
+    steps: int = Field(100, ge=1, description="optimiser steps (batches)")
+    lr: float = Field(1e-4, gt=0, allow_inf_nan=False, description="learning rate")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="torch.optim.Adam or plain SGD")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="learning-rate decay to 0 over the run")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the schedule")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step ``step`` (0-based): a pure function of the step, so resuming needs no scheduler state."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        if self.schedule == "linear":
+            return self.lr * (1 - progress)
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA scaling alpha")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] | None = Field(None, description="module names to adapt; null = peft's default for the architecture")
+
+
+class MetricsConfig(_Strict):
+    exact_every: int = Field(0, ge=0, description="exact metrics every N steps when the space is enumerable (0 = never)")
+    exact_max_sequences: int = Field(200_000, ge=1, description="largest space enumerated for exact metrics")
+    diversity: bool = Field(True, description="distinct-n and self-BLEU of each batch")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="estimator reported as kl/prior_seq")
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
+
+
+class TrainConfig(_Strict):
+    prior: str = Field("default", description="the frozen prior pi0: 'default' or a save_pretrained directory")
+    policy: str | None = Field(None, description="initial policy directory; null = a copy of the prior")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of all weights (prior shares the base)")
+    target: TargetConfig = TargetConfig()
+    algorithm: SerializeAsAny[AlgorithmConfig] = Field(..., description="{name: <algorithm>, …its options}")
+    sampling: SamplingConfig = SamplingConfig()
+    optim: OptimConfig = OptimConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    seed: int = Field(0, description="every random draw derives from this seed and the step number")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_defaults(cls, data: Any) -> Any:
+        """Fill the algorithm's beta from the target's when the algorithm has one and it is omitted."""
+        if isinstance(data, dict) and isinstance(data.get("algorithm"), dict):
+            algo = dict(data["algorithm"])
+            name = algo.get("name")
+            if name is None:
+                raise ValueError("algorithm needs a name")
+            fields = algorithm_class(name).Config.model_fields
+            if "beta" in fields and "beta" not in algo:
+                target = data.get("target") or {}
+                algo["beta"] = target.get("beta", TargetConfig().beta) if isinstance(target, dict) else target.beta
+            data = {**data, "algorithm": algo}
+        return data
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _algorithm(cls, value: Any) -> AlgorithmConfig:
+        if isinstance(value, AlgorithmConfig):
+            return value
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict) or "name" not in value:
+            raise ValueError("algorithm must be a mapping with a name")
+        value = dict(value)
+        return make_config(value.pop("name"), **value)
+
+
+def _explain(e: ValidationError, model: type[BaseModel]) -> str:
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    where = ".".join(loc) or "config"
+    if err["type"] == "extra_forbidden":
+        owner: Any = model
+        for part in loc[:-1]:
+            field = owner.model_fields.get(part) if hasattr(owner, "model_fields") else None
+            owner = getattr(field, "annotation", None) if field else None
+        known = list(getattr(owner, "model_fields", {}) or [])
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"unknown config key '{where}'; {hint}known keys here: {', '.join(known)}"
+    return f"config '{where}': {err['msg']}; fix that value"
+
+
+def parse_config(data: dict) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise TiltlmError(_explain(e, TrainConfig)) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML file into a validated TrainConfig (one-line errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TiltlmError(f"config file '{path}' not found; pass the path of a YAML training config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise TiltlmError(f"config '{path}' is not valid YAML{where}; fix its syntax") from None
+    if not isinstance(data, dict):
+        raise TiltlmError(f"config '{path}' must be a YAML mapping (key: value), not {type(data).__name__}")
+    return parse_config({**data, **(overrides or {})})

@@ -1,0 +1,270 @@
+"""The one training loop: sample -> score with the target -> loss -> optimiser step -> metrics -> log -> checkpoint.
+
+Every algorithm runs through ``Trainer.step``; nothing here knows which one it is running beyond
+``algorithm.on_policy`` (whom to sample from) and ``algorithm.epochs`` (passes over a batch).
+Randomness: step t samples with seed ``seed * 1_000_003 + t``, so a resumed run draws exactly what
+the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from tiltlm.algorithms.base import Algorithm, Batch, get_algorithm
+from tiltlm.errors import TiltlmError
+from tiltlm.exact import count_sequences, enumerate_space
+from tiltlm.metrics.batch import ExactMetrics, batch_metrics
+from tiltlm.targets.base import Target, Tilt
+from tiltlm.train.checkpoint import load_checkpoint, save_checkpoint
+from tiltlm.train.config import TrainConfig
+
+
+def trainable_module(policy) -> torch.nn.Module:
+    """The nn.Module holding a policy's trainable weights (the tabular policy itself, or the HF model)."""
+    return policy if isinstance(policy, torch.nn.Module) else policy.model
+
+
+def score_batch(target: Target, samples, logq: torch.Tensor, *, sampler_is_prior: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log pi0, log P, reward) for samples; the tilt's reward is computed once and reused for log P."""
+    logp_prior = logq if sampler_is_prior else target.prior.log_prob(samples).double().cpu()
+    contexts = [samples.contexts[g] for g in samples.group.tolist()]
+    tilt = target.tilt
+    reward = tilt.reward(samples.texts, contexts) if tilt is not None else torch.zeros(len(samples), dtype=torch.float64)
+    log_potential = torch.zeros(len(samples), dtype=torch.float64)
+    for factor in target.factors:
+        if factor is tilt:
+            log_potential = log_potential + (reward / tilt.beta if math.isfinite(tilt.beta) else 0.0)
+        else:
+            log_potential = log_potential + factor.log_potential(samples)
+    return logp_prior, logp_prior + log_potential, reward
+
+
+class Trainer:
+    """Runs ``config.optim.steps`` steps of ``config.algorithm`` on ``policy`` toward ``target``.
+
+    With ``out_dir`` it writes config.yaml, metrics.jsonl, checkpoint/ and finally policy/.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        policy,
+        target: Target,
+        out_dir: str | Path | None = None,
+        resume: bool = False,
+        algorithm: Algorithm | None = None,
+        on_metrics: Callable[[dict], None] | None = None,
+    ):
+        self.config = config
+        self.policy = policy
+        self.target = target
+        self.algorithm = algorithm or get_algorithm(config.algorithm)
+        if not self.algorithm.on_policy:
+            self.algorithm.proposal = target.prior
+        self.module = trainable_module(policy)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if not params:
+            raise TiltlmError("the policy has no trainable parameters; check that its weights require grad")
+        o = config.optim
+        self.optimizer = (
+            torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+            if o.optimizer == "adam"
+            else torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
+        )
+        self.step = 0
+        self.on_metrics = on_metrics
+        self.exact = self._build_exact()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self.out_dir is not None:
+            self._prepare_out_dir(resume)
+
+    # ---- set-up ------------------------------------------------------------------------
+    def _build_exact(self) -> list[ExactMetrics] | None:
+        m = self.config.metrics
+        prior = self.target.prior
+        if not m.exact_every:
+            return None
+        if count_sequences(prior.vocab_size, self.config.sampling.max_new_tokens) > m.exact_max_sequences:
+            return None  # not enumerable: estimates only
+        out = []
+        for context in self.config.sampling.contexts:
+            space = enumerate_space(prior, context=context, max_new_tokens=self.config.sampling.max_new_tokens,
+                                    max_sequences=m.exact_max_sequences)
+            logq = space.logp
+            _, log_target, reward = score_batch(self.target, space.samples, logq, sampler_is_prior=True)
+            out.append(ExactMetrics(space, log_target - logq, reward))
+        return out
+
+    def _prepare_out_dir(self, resume: bool) -> None:
+        out = self.out_dir
+        ckpt = out / "checkpoint"
+        if resume:
+            if not (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
+                raise TiltlmError(f"no checkpoint in '{out}' to resume; run without --resume")
+            self._load(ckpt)
+            return
+        if out.exists() and any(out.iterdir()):
+            raise TiltlmError(f"output directory '{out}' is not empty; pass --resume to continue that run or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(json.loads(self.config.model_dump_json()), sort_keys=False))
+
+    def _load(self, ckpt: Path) -> None:
+        data = load_checkpoint(ckpt)
+        state = data["state"]
+        missing = set(data["policy"]) ^ {n for n, p in self.module.named_parameters() if p.requires_grad}
+        if missing:
+            raise TiltlmError(f"checkpoint '{ckpt}' does not match this policy ({len(missing)} tensors differ); resume with the same config")
+        self.module.load_state_dict(data["policy"], strict=False)
+        self.optimizer.load_state_dict(data["optimizer"])
+        torch.random.set_rng_state(data["rng"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        if "proposal" in data:
+            proposal = self.policy.copy()
+            trainable_module(proposal).load_state_dict(data["proposal"])
+            self.algorithm.proposal = proposal
+        self.step = int(state["step"])
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Keep only complete lines of steps <= the checkpoint's (a crash may have left more, or half a line)."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
+
+    # ---- the loop ----------------------------------------------------------------------
+    def seed_for(self, step: int) -> int:
+        return self.config.seed * 1_000_003 + step
+
+    def make_batch(self, step: int) -> Batch:
+        s = self.config.sampling
+        sampler = self.policy if self.algorithm.on_policy else self.algorithm.proposal
+        samples = sampler.sample(list(s.contexts), s.n_per_context, seed=self.seed_for(step))
+        logq = samples.logp.double()
+        logp_prior, log_target, reward = score_batch(self.target, samples, logq, sampler_is_prior=sampler is self.target.prior)
+        return Batch(samples=samples, logq=logq, token_logq=samples.token_logp, logp_prior=logp_prior,
+                     log_target=log_target, reward=reward)
+
+    def train_step(self) -> dict:
+        """One step; returns its metrics row (also logged)."""
+        step = self.step
+        batch = self.make_batch(step)
+        self.algorithm.observe(batch)
+        stats: dict = {}
+        logp_before = None
+        self.module.train(False)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.optim.lr_at(step)
+        for _ in range(self.algorithm.epochs):
+            token_logp = self.policy.log_prob(batch.samples, grad=True, per_token=True)
+            logp = token_logp.sum(-1)
+            if logp_before is None:
+                logp_before = logp.detach()
+            loss, stats = self.algorithm.loss(batch, logp, token_logp)
+            if not torch.isfinite(loss):
+                raise TiltlmError(
+                    f"the loss became {float(loss)} at step {step + 1}; lower the learning rate or check the reward's scale (beta {getattr(self.config.algorithm, 'beta', '-')})"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.config.optim.grad_clip is not None:
+                stats["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.config.optim.grad_clip))
+            self.optimizer.step()
+        stats.update(self.algorithm.after_step(batch, self.policy, logp_before))
+        self.step = step + 1
+        row = {"step": self.step, "loss": float(loss.detach()), **stats,
+               **batch_metrics(batch, logp_before, kl_estimator=self.config.metrics.kl_estimator, diversity=self.config.metrics.diversity)}
+        if self.exact and (self.step % self.config.metrics.exact_every == 0 or self.step == self.config.optim.steps):
+            row.update(self.exact_metrics())
+        row["samples/seen"] = self.step * len(batch)
+        self._log(row)
+        every = self.config.checkpoint.every
+        if self.out_dir is not None and ((every and self.step % every == 0) or self.step == self.config.optim.steps):
+            self.save_checkpoint()
+        return row
+
+    def exact_metrics(self) -> dict[str, float]:
+        """Exact metrics of the current policy, averaged over contexts."""
+        rows = [e(self.policy) for e in self.exact]
+        return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+    def run(self, progress: bool = False) -> list[dict]:
+        rows = []
+        total = self.config.optim.steps
+        if progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       TextColumn("reward {task.fields[reward]:.3f}  KL(pi||pi0) {task.fields[kl]:.3f}")]
+            with Progress(*columns) as bar:
+                task = bar.add_task(self.config.algorithm.name, total=total, completed=self.step, reward=float("nan"), kl=float("nan"))
+                while self.step < total:
+                    row = self.train_step()
+                    rows.append(row)
+                    bar.update(task, completed=self.step, reward=row["reward/mean"], kl=row["kl/prior_seq"])
+        else:
+            while self.step < total:
+                rows.append(self.train_step())
+        if self.out_dir is not None:
+            self.save_policy()
+        return rows
+
+    # ---- outputs -----------------------------------------------------------------------
+    def _log(self, row: dict) -> None:
+        if self.out_dir is not None:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.on_metrics is not None:
+            self.on_metrics(row)
+
+    def save_checkpoint(self) -> None:
+        proposal = self.algorithm.proposal
+        keep_proposal = proposal is not None and proposal is not self.target.prior
+        save_checkpoint(
+            self.out_dir / "checkpoint", step=self.step, module=self.module, optimizer=self.optimizer,
+            extra={"algorithm": self.algorithm.state_dict()},
+            proposal=trainable_module(proposal) if keep_proposal else None,
+        )
+
+    def save_policy(self) -> Path:
+        """Write policy/ atomically: a save_pretrained directory (HF) or the tabular table."""
+        final = self.out_dir / "policy"
+        tmp = self.out_dir / "policy.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.policy.save(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
+
+
+def train(config: TrainConfig, *, policy, target: Target, out_dir=None, resume: bool = False, progress: bool = False) -> list[dict]:
+    """Train ``policy`` toward ``target`` with ``config``; returns the metrics rows."""
+    return Trainer(config, policy=policy, target=target, out_dir=out_dir, resume=resume).run(progress=progress)
+
+
+def target_from_config(config: TrainConfig, prior) -> Target:
+    """Prior(pi0) * Tilt(reward, beta) * Constraint(c) for each constraint of the config."""
+    from tiltlm.targets import Constraint, Prior
+
+    target = Prior(prior) * Tilt(config.target.reward, config.target.beta)
+    for c in config.target.constraints:
+        target = target * Constraint(c)
+    return target

@@ -1,0 +1,184 @@
+"""Every algorithm against theory on an exact (tabular, well-specified) testbed.
+
+The space: tokens {a, b, <eos>}, at most 3 new tokens (15 sequences); target p* ∝ pi0·exp(count_a/beta).
+Divergences are computed by exact enumeration, never estimated.
+"""
+
+import math
+
+import pytest
+import torch
+
+from tiltlm.algorithms import available_algorithms, get_algorithm
+from tiltlm.algorithms.base import Batch, leave_one_out
+from tiltlm.algorithms.f_dpg import F_PRIME, f_dpg_loss
+from tiltlm.algorithms.kl_pg import kl_pg_loss
+from tiltlm.errors import TiltlmError
+from tiltlm.policies import TabularPolicy
+from tiltlm.targets import Prior, Tilt
+from tiltlm.train.config import parse_config
+from tiltlm.train.loop import Trainer, score_batch
+
+BETA = 1.0
+
+
+def setup(seed: int = 0):
+    prior = TabularPolicy.random(list("ab") + ["<eos>"], max_new_tokens=3, seed=seed, scale=1.0)
+    prior.logits.requires_grad_(False)
+    policy = prior.copy()
+    policy.logits.requires_grad_(True)
+    return prior, policy, Prior(prior) * Tilt("count:a", BETA)
+
+
+def run(algorithm: dict, steps: int, *, lr: float = 0.05, schedule: str = "constant", n: int = 64, seed: int = 0):
+    prior, policy, target = setup()
+    config = parse_config({
+        "algorithm": algorithm, "target": {"reward": "count:a", "beta": BETA},
+        "sampling": {"n_per_context": n, "max_new_tokens": 3}, "seed": seed,
+        "optim": {"steps": steps, "lr": lr, "schedule": schedule},
+        "metrics": {"exact_every": steps, "diversity": False},
+    })
+    rows = Trainer(config, policy=policy, target=target).run()
+    return rows[-1], policy, prior
+
+
+@pytest.mark.parametrize("algorithm,steps,schedule", [
+    ({"name": "kl-pg"}, 200, "constant"),
+    ({"name": "kl-pg", "kl_in": "loss", "estimator": "k2"}, 250, "linear"),
+    ({"name": "ppo-kl", "epochs": 4}, 200, "linear"),
+])
+def test_reverse_kl_methods_reach_p_star(algorithm, steps, schedule):
+    last, _, _ = run(algorithm, steps, schedule=schedule)
+    assert last["kl/policy_target_exact"] < 0.01, last
+
+
+@pytest.mark.parametrize("algorithm,steps", [
+    ({"name": "dpg"}, 300),
+    ({"name": "dpg", "off_policy": True}, 300),
+    ({"name": "gdc++"}, 200),
+    ({"name": "f-dpg", "divergence": "rkl"}, 250),
+    ({"name": "f-dpg", "divergence": "fkl"}, 300),
+    ({"name": "f-dpg", "divergence": "js"}, 300),
+    ({"name": "f-dpg", "divergence": "tv"}, 300),
+])
+def test_distribution_matching_methods_reach_p_star(algorithm, steps):
+    last, _, _ = run(algorithm, steps, schedule="linear")
+    assert last["kl/target_exact"] < 0.01, last  # KL(p*||pi): DPG's objective
+    assert last["tv/target_exact"] < 0.05, last
+    if algorithm.get("divergence") == "tv":
+        assert last["tv/target_exact"] < 0.01, last
+
+
+def test_reinforce_collapses_onto_argmax():
+    last, policy, _ = run({"name": "reinforce"}, 300)
+    from tiltlm.exact import enumerate_space
+
+    space = enumerate_space(policy)
+    p_best = float(space.logp.exp()[space.samples.texts.index("aaa")])
+    assert p_best >= 0.99, last
+    assert last["entropy/exact"] < 0.1  # p* has entropy ~2.2 nats here: collapse
+
+
+def test_kl_k1_in_the_loss_ignores_the_kl():
+    """k1 in the loss has zero expected gradient: the result behaves like pure reward maximisation."""
+    last, _, _ = run({"name": "kl-pg", "kl_in": "loss", "estimator": "k1"}, 200)
+    assert last["reward/exact"] > 2.5 and last["kl/policy_target_exact"] > 0.5
+
+
+def _batch(policy, target, n=32, seed=0):
+    s = policy.sample([""], n, seed=seed)
+    logq = s.logp.double()
+    lp0, lt, r = score_batch(target, s, logq, sampler_is_prior=False)
+    return Batch(samples=s, logq=logq, token_logq=s.token_logp, logp_prior=lp0, log_target=lt, reward=r)
+
+
+def _grad(policy, loss_fn):
+    policy.logits.grad = None
+    token_logp = policy.log_prob(loss_fn.samples, grad=True, per_token=True)
+    loss, _ = loss_fn(token_logp.sum(-1), token_logp)
+    loss.backward()
+    return policy.logits.grad.clone()
+
+
+@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+def test_ppo_one_epoch_unclipped_equals_kl_pg(kl_in):
+    prior, policy, target = setup()
+    with torch.no_grad():
+        policy.logits.add_(torch.randn(policy.logits.shape, generator=torch.Generator().manual_seed(1)))
+    batch = _batch(policy, target)
+    grads = []
+    for algo in (get_algorithm("kl-pg", beta=BETA, kl_in=kl_in, estimator="k2"),
+                 get_algorithm("ppo-kl", beta=BETA, kl_in=kl_in, estimator="k2", epochs=1, clip=None)):
+        fn = lambda lp, tlp, a=algo: a.loss(batch, lp, tlp)  # noqa: E731
+        fn.samples = batch.samples
+        grads.append(_grad(policy, fn))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    assert grads[0].abs().sum() > 0
+
+
+def test_f_dpg_reverse_kl_is_the_kl_rl_pseudo_reward():
+    """-f'(pi/p) for reverse KL = (r - beta log(pi/pi0))/beta - log Z - 1: KL-RL's reward up to constants."""
+    _, policy, target = setup()
+    batch = _batch(policy, target)
+    logp = policy.log_prob(batch.samples).double()
+    log_z = 0.37
+    _, pseudo = f_dpg_loss(logp, batch.logq, batch.log_target, log_z, divergence="rkl")
+    kl_rl = (batch.reward - BETA * (logp - batch.logp_prior)) / BETA
+    torch.testing.assert_close(pseudo, kl_rl - log_z - 1, atol=1e-9, rtol=0)
+    # and the two gradients agree up to the 1/beta scale (both on-policy, leave-one-out vs mean baseline aside)
+    f_loss, _ = f_dpg_loss(policy.log_prob(batch.samples, grad=True), batch.logq, batch.log_target, log_z, divergence="rkl", baseline=True)
+    assert torch.isfinite(f_loss)
+
+
+def test_f_prime_by_hand():
+    t = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    lt = t.log()
+    torch.testing.assert_close(F_PRIME["rkl"](lt), t.log() + 1)
+    torch.testing.assert_close(F_PRIME["fkl"](lt), -1 / t)
+    torch.testing.assert_close(F_PRIME["js"](lt), math.log(2) - torch.log(1 + 1 / t))
+    torch.testing.assert_close(F_PRIME["tv"](lt), torch.tensor([-0.5, 0.0, 0.5], dtype=torch.float64))
+
+
+def test_leave_one_out_by_hand():
+    values = torch.tensor([1.0, 2.0, 6.0, 10.0, 0.0])
+    group = torch.tensor([0, 0, 0, 1, 2])
+    # group 0: (2+6)/2, (1+6)/2, (1+2)/2; group 1 and 2 alone: mean of the rest of the batch
+    expected = torch.tensor([4.0, 3.5, 1.5, 9 / 4, 19 / 4], dtype=torch.float64)
+    torch.testing.assert_close(leave_one_out(values, group), expected)
+
+
+def test_kl_pg_k1_reward_gradient_is_exact_in_expectation():
+    """The exact gradient of J = E[r] - beta KL(pi||pi0), by enumeration, vs the mean of many kl-pg estimates."""
+    from tiltlm.exact import enumerate_space
+
+    prior, policy, target = setup()
+    with torch.no_grad():
+        policy.logits.add_(0.5 * torch.randn(policy.logits.shape, generator=torch.Generator().manual_seed(2)))
+    space = enumerate_space(prior)
+    r = target.tilt.reward(space.samples.texts)
+    policy.logits.grad = None
+    logp = policy.log_prob(space.samples, grad=True).double()
+    lp0 = space.logp
+    j = (logp.exp() * (r - BETA * (logp - lp0))).sum()
+    (-j).backward()
+    exact = policy.logits.grad.clone()
+    est = torch.zeros_like(exact)
+    for seed in range(40):
+        s = policy.sample([""], 256, seed=seed)
+        logq = s.logp.double()
+        lp0_s, _, r_s = score_batch(target, s, logq, sampler_is_prior=False)
+        policy.logits.grad = None
+        loss, _ = kl_pg_loss(policy.log_prob(s, grad=True), logq, lp0_s, r_s, s.group, beta=BETA)
+        loss.backward()
+        est += policy.logits.grad / 40
+    assert torch.nn.functional.cosine_similarity(est.flatten(), exact.flatten(), dim=0) > 0.97
+
+
+def test_registry_errors():
+    assert {"reinforce", "kl-pg", "ppo-kl", "dpg", "gdc++", "f-dpg"} <= set(available_algorithms())
+    with pytest.raises(TiltlmError, match=r"unknown algorithm 'dpgg' \(did you mean 'dpg'\?\); available: dpg, f-dpg"):
+        get_algorithm("dpgg")
+    with pytest.raises(TiltlmError, match="did you mean 'estimator'"):
+        get_algorithm("kl-pg", beta=1.0, estimater="k3")
+    with pytest.raises(TiltlmError, match="beta"):
+        get_algorithm("kl-pg", beta=0.0)
