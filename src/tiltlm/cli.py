@@ -85,6 +85,38 @@ def run(
 
 
 @app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML training config (see docs/config.md)."),
+    out: Path = typer.Option(..., help="Run directory: config.yaml, metrics.jsonl, checkpoint/, policy/."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    steps: Optional[int] = typer.Option(None, help="Override optim.steps."),
+    seed: Optional[int] = typer.Option(None, help="Override seed."),
+) -> None:
+    """Train a policy toward the config's target with the config's algorithm."""
+    from tiltlm.train.build import build
+    from tiltlm.train.config import load_config, parse_config
+    from tiltlm.train.loop import Trainer
+
+    _quiet_transformers()
+    cfg = load_config(config)
+    if resume and (out / "config.yaml").is_file():  # the run's own resolved config wins
+        cfg = load_config(out / "config.yaml")
+    if steps is not None or seed is not None:
+        data = cfg.model_dump()
+        if steps is not None:
+            data["optim"]["steps"] = steps
+        if seed is not None:
+            data["seed"] = seed
+        cfg = parse_config(data)
+    policy, target = build(cfg)
+    trainer = Trainer(cfg, policy=policy, target=target, out_dir=out, resume=resume)
+    rows = trainer.run(progress=sys.stderr.isatty())
+    last = rows[-1] if rows else {}
+    console.print(f"done: {trainer.step} steps; reward {last.get('reward/mean', float('nan')):.4f}, "
+                  f"KL(pi||pi0) {last.get('kl/prior_seq', float('nan')):.4f}; policy saved to {out / 'policy'}")
+
+
+@app.command()
 def sample(
     model: str = typer.Option("default", help="'default' or a save_pretrained directory."),
     context: str = typer.Option("", help="Context to continue ('' = just BOS)."),

@@ -77,6 +77,7 @@ class HFPolicy:
         top_p: float = 1.0,
         prepend_bos: bool = True,
         chunk_size: int = 2048,
+        disable_adapters: bool = False,
     ):
         check_sampling_options(temperature, top_p, max_new_tokens)
         self.model = model
@@ -86,6 +87,9 @@ class HFPolicy:
         self.top_p = float(top_p)
         self.prepend_bos = prepend_bos
         self.chunk_size = chunk_size
+        # a LoRA prior: the same peft model with its adapters switched off for every forward pass,
+        # so pi0 costs no second copy of the weights
+        self.disable_adapters = disable_adapters
         self.model.eval()
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         if len(tokenizer) > self.vocab_size:
@@ -101,17 +105,25 @@ class HFPolicy:
         self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
         self._context_cache: dict[str, list[int]] = {}
         # transformers renamed `past_key_values` to `cache` during 5.x; accept both
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", *, trust_remote_code: bool = False, **options) -> "HFPolicy":
         model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, **options)
 
+    def _forward(self, **inputs):
+        if self.disable_adapters:
+            with self.model.disable_adapter():
+                return self.model(**inputs)
+        return self.model(**inputs)
+
     def copy(self) -> "HFPolicy":
         """An independent copy (deep-copied weights, same tokenizer and sampling options)."""
         return HFPolicy(copy.deepcopy(self.model), self.tokenizer, max_new_tokens=self.max_new_tokens,
-                        temperature=self.temperature, top_p=self.top_p, prepend_bos=self.prepend_bos, chunk_size=self.chunk_size)
+                        temperature=self.temperature, top_p=self.top_p, prepend_bos=self.prepend_bos, chunk_size=self.chunk_size,
+                        disable_adapters=self.disable_adapters)
 
     def save(self, directory: str | Path) -> Path:
         """A save_pretrained directory plain transformers can load (LoRA adapters merged into a copy)."""
@@ -170,7 +182,7 @@ class HFPolicy:
 
         attn = context_attn.to(device).long()  # (B, C + t)
         position = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True)
+        out = self._forward(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True)
         past, logits = _cache_of(out), out.logits[:, -1]  # (B, V)
         next_position = position[:, -1] + 1  # (B,)
 
@@ -189,7 +201,7 @@ class HFPolicy:
             if bool(done.all()) or t == self.max_new_tokens - 1:
                 break
             attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=device)], dim=-1)
-            out = self.model(
+            out = self._forward(
                 input_ids=ids[:, t : t + 1], attention_mask=attn, position_ids=next_position[:, None],
                 use_cache=True, **{self._cache_kwarg: past},
             )
@@ -216,7 +228,7 @@ class HFPolicy:
                 ids = torch.cat([samples.context_ids[sl], samples.ids[sl]], dim=1).to(device)  # (b, C+T)
                 attn = torch.cat([samples.context_attn[sl], samples.attn[sl]], dim=1).to(device).long()
                 position = (attn.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(input_ids=ids, attention_mask=attn, position_ids=position).logits
+                logits = self._forward(input_ids=ids, attention_mask=attn, position_ids=position).logits
                 logits = logits[:, c - 1 : -1]  # (b, T, V): position C-1+t predicts generated token t
                 logp = transform_logits(logits, self.temperature, self.top_p)
                 tok = logp.gather(-1, samples.ids[sl].to(device)[..., None]).squeeze(-1)  # (b, T)
@@ -232,7 +244,7 @@ class HFPolicy:
         for start in range(0, prefixes.shape[0], self.chunk_size):
             chunk = prefixes[start : start + self.chunk_size]
             ids = torch.cat([ctx.expand(chunk.shape[0], -1), chunk], dim=1).to(self.device)
-            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+            logits = self._forward(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
             out.append(transform_logits(logits, self.temperature, self.top_p).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.vocab_size)
 

@@ -96,6 +96,8 @@ class TrainConfig(_Strict):
     @classmethod
     def _algorithm_defaults(cls, data: Any) -> Any:
         """Fill the algorithm's beta from the target's when the algorithm has one and it is omitted."""
+        if isinstance(data, dict) and isinstance(data.get("algorithm"), str):
+            data = {**data, "algorithm": {"name": data["algorithm"]}}
         if isinstance(data, dict) and isinstance(data.get("algorithm"), dict):
             algo = dict(data["algorithm"])
             name = algo.get("name")
