@@ -145,3 +145,27 @@ def test_best_of_n_samples_match_exact(setup):
         exact = best_of_n_exact_distribution(log_pi0, rewards, n)
         assert tv(_empirical(res.samples.texts, space.samples.texts), exact) < 0.03
     assert torch.allclose(best_of_n_exact_distribution(log_pi0, rewards, 1), log_pi0 - torch.logsumexp(log_pi0, 0), atol=1e-12)
+
+
+def test_inference_baselines_are_measured_like_policies():
+    """Exact best-of-n and QRS distributions go through the same ExactMetrics keys as a trained policy."""
+    import math
+
+    from tiltlm.algorithms.inference import best_of_n_exact_distribution, qrs_exact_distribution
+    from tiltlm.exact import enumerate_space
+    from tiltlm.metrics.batch import ExactMetrics
+    from tiltlm.policies import TabularPolicy
+    from tiltlm.targets import Prior, Tilt
+
+    prior = TabularPolicy.random(list("ab") + ["<eos>"], max_new_tokens=3, seed=0, scale=1.0)
+    target = Prior(prior) * Tilt("count:a", 1.0)
+    space = enumerate_space(prior)
+    rewards = target.tilt.reward(space.samples.texts)
+    exact = ExactMetrics(space, target.log_potential(space.samples), rewards)
+    as_prior = exact.of(space.logp)
+    assert exact(prior) == as_prior
+    bon = exact.of(best_of_n_exact_distribution(space.logp, rewards, 8))
+    assert bon["reward/exact"] > as_prior["reward/exact"] and bon["entropy/exact"] < as_prior["entropy/exact"]
+    log_target = space.logp + target.log_potential(space.samples)
+    qrs = exact.of(qrs_exact_distribution(log_target, space.logp, float((log_target - space.logp).max()) + math.log(2)))
+    assert qrs["kl/target_exact"] < 1e-9  # beta >= max P/q: QRS is exact rejection sampling

@@ -25,8 +25,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tiltlm.algorithms.base import Algorithm, AlgorithmConfig, Batch, register_algorithm
-from tiltlm.algorithms.reinforce import entropy_pseudo_reward, policy_gradient_loss
+from tiltlm.algorithms.base import Algorithm, AlgorithmConfig, Batch, leave_one_out, register_algorithm
+from tiltlm.algorithms.reinforce import SetReward, policy_gradient_loss, shaped_reward
 
 
 def kl_estimate(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -40,7 +40,7 @@ def kl_estimate(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
 
 def kl_pg_loss(
     logp: torch.Tensor, logq: torch.Tensor, logp_prior: torch.Tensor, reward: torch.Tensor, group: torch.Tensor,
-    *, beta: float, kl_in: str = "reward", estimator: str = "k1",
+    *, beta: float, kl_in: str = "reward", estimator: str = "k1", baseline: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss whose gradient is the chosen estimate (see module docstring); returns (loss, advantages).
 
@@ -48,9 +48,11 @@ def kl_pg_loss(
     """
     if kl_in == "reward":
         log_ratio = logp_prior.double() - logq.double()
-        pseudo = reward.double() - beta * kl_estimate(log_ratio, estimator)
-        return policy_gradient_loss(logp, pseudo, group)
-    pg, adv = policy_gradient_loss(logp, reward, group)
+        kl = beta * kl_estimate(log_ratio, estimator)
+        if not baseline:  # set-level credits carry their own baseline; the KL part keeps the leave-one-out one
+            kl = kl - leave_one_out(kl, group)
+        return policy_gradient_loss(logp, reward.double() - kl, group, baseline=baseline)
+    pg, adv = policy_gradient_loss(logp, reward, group, baseline=baseline)
     log_ratio = logp_prior.to(logp.dtype) - logp  # grad flows through log pi
     return pg + beta * kl_estimate(log_ratio, estimator).mean(), adv
 
@@ -60,6 +62,8 @@ class KlPgConfig(AlgorithmConfig):
     kl_in: Literal["reward", "loss"] = Field("reward", description="put the KL in the reward or in the loss")
     estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-sample KL estimator (module docstring)")
     entropy_coef: float = Field(0.0, ge=0, description="extra entropy bonus alpha·H(pi) beside the KL")
+    set_reward: SetReward = Field("none", description="score each context's samples as a set (see reinforce)")
+    correct_threshold: float = Field(0.5, description="a sample is correct when r(x) >= this (set rewards)")
 
 
 @register_algorithm
@@ -69,7 +73,7 @@ class KlPg(Algorithm):
 
     def loss(self, batch: Batch, logp: torch.Tensor, token_logp: torch.Tensor):
         c = self.config
-        reward = batch.reward + entropy_pseudo_reward(batch.logq, c.entropy_coef)
+        reward, baseline = shaped_reward(batch, c.entropy_coef, c.set_reward, c.correct_threshold)
         loss, adv = kl_pg_loss(logp, batch.logq, batch.logp_prior, reward, batch.group,
-                               beta=c.beta, kl_in=c.kl_in, estimator=c.estimator)
+                               beta=c.beta, kl_in=c.kl_in, estimator=c.estimator, baseline=baseline)
         return loss, {"loss/advantage_abs": float(adv.abs().mean())}

@@ -83,7 +83,12 @@ class ExactMetrics:
         self.rewards = rewards
 
     def __call__(self, policy) -> dict[str, float]:
-        log_pi = self.space.log_prob(policy)
+        return self.of(self.space.log_prob(policy))
+
+    def of(self, log_pi: torch.Tensor) -> dict[str, float]:
+        """The same metrics for any distribution over the space given as log-probs (N,), e.g. the exact
+        distribution of best-of-n or QRS (tiltlm.algorithms.inference), so baselines are measured like policies."""
+        log_pi = log_pi.double()
         return {
             "kl/target_exact": kl(self.log_target, log_pi),
             "kl/policy_target_exact": kl(log_pi, self.log_target),
