@@ -148,3 +148,13 @@ def test_lora_shares_the_prior_weights(tmp_path, testbed_dir):
 
     merged = HFPolicy.from_pretrained(tmp_path / "run" / "policy", max_new_tokens=4)
     torch.testing.assert_close(merged.log_prob(s), policy.log_prob(s), atol=1e-4, rtol=0)
+
+
+def test_shipped_example_configs_parse():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    paths = sorted((root / "configs").glob("*.yaml"))
+    assert len(paths) >= 2
+    for path in paths:
+        load_config(path)
