@@ -38,11 +38,13 @@ def _estimate(out: dict, key: str, est, *, interval: bool = False) -> None:
         out[f"{key}_low"], out[f"{key}_high"] = est.low, est.high
 
 
-def batch_metrics(batch: Batch, logp: torch.Tensor, *, kl_estimator: str = "k1", diversity: bool = True) -> dict[str, float]:
-    """Per-step metrics; ``logp`` is log pi_theta(x) of the batch's samples before the step (detached)."""
+def batch_metrics(
+    batch: Batch, logp: torch.Tensor, *, on_policy: bool = True, kl_estimator: str = "k1", diversity: bool = True
+) -> dict[str, float]:
+    """Per-step metrics; ``logp`` is log pi_theta(x) of the batch's samples before the step (detached);
+    ``on_policy`` says the samples were drawn from that policy (else from a proposal q: weighted by pi/q)."""
     logp = logp.detach().double().cpu()
     logq, lt, lp0, r = batch.logq.cpu(), batch.log_target.cpu(), batch.logp_prior.cpu(), batch.reward.cpu()
-    on_policy = bool(torch.allclose(logp, logq, atol=1e-4))
     out: dict[str, float] = {}
     if on_policy:
         out["reward/mean"], out["reward/std"] = float(r.mean()), float(r.std()) if len(r) > 1 else 0.0

@@ -191,7 +191,8 @@ class Trainer:
         stats.update(self.algorithm.after_step(batch, self.policy, logp_before))
         self.step = step + 1
         row = {"step": self.step, "loss": float(loss.detach()), **stats,
-               **batch_metrics(batch, logp_before, kl_estimator=self.config.metrics.kl_estimator, diversity=self.config.metrics.diversity)}
+               **batch_metrics(batch, logp_before, on_policy=self.algorithm.on_policy,
+                               kl_estimator=self.config.metrics.kl_estimator, diversity=self.config.metrics.diversity)}
         if self.exact and (self.step % self.config.metrics.exact_every == 0 or self.step == self.config.optim.steps):
             row.update(self.exact_metrics())
         row["samples/seen"] = self.step * len(batch)
