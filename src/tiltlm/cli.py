@@ -117,6 +117,19 @@ def train(
 
 
 @app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="YAML sweep config: base (a training config) + grid {algorithms, betas, seeds}."),
+    out: Path = typer.Option(..., help="Sweep directory; re-running it skips finished cells and resumes started ones."),
+) -> None:
+    """Matched-compute grid of algorithms × beta × seeds; results.jsonl and summary.csv (mean, std over seeds)."""
+    from tiltlm.experiments.sweep import run_sweep
+
+    _quiet_transformers()
+    run_sweep(config, out, progress=sys.stderr.isatty(), on_cell=lambda name: console.print(f"finished {name}"))
+    console.print(f"results: {out / 'results.jsonl'}, summary: {out / 'summary.csv'}")
+
+
+@app.command()
 def sample(
     model: str = typer.Option("default", help="'default' or a save_pretrained directory."),
     context: str = typer.Option("", help="Context to continue ('' = just BOS)."),

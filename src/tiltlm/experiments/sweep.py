@@ -1,0 +1,139 @@
+"""The matched-compute harness: a grid of algorithms × beta × seeds on one prior and reward.
+
+    base:   {prior: default, target: {reward: sentiment}, sampling: {...}, optim: {...}, metrics: {...}}
+    grid:   {algorithms: [reinforce, kl-pg, {name: dpg, off_policy: true}], betas: [0.1, 1.0], seeds: [0, 1]}
+
+Every cell trains with the same sampling budget (steps × contexts × n_per_context samples), so the
+reward–KL frontier compares methods at matched compute. ``reinforce`` ignores beta in its loss; its
+cells differ only in which p* they are measured against. The run is resumable: a cell with
+``done.json`` is never re-run, a cell with a checkpoint continues from it, and ``results.jsonl`` /
+``summary.csv`` are rebuilt from the cells at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tiltlm.errors import TiltlmError
+from tiltlm.train.config import parse_config
+
+
+class Grid(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    algorithms: tuple[Any, ...] = Field(..., min_length=1, description="algorithm names or {name: …, options} mappings")
+    betas: tuple[float, ...] = Field(..., min_length=1, description="target temperatures (also the KL coefficient of kl-pg / ppo-kl)")
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base: dict = Field(default_factory=dict, description="a training config without `algorithm` (see docs/config.md)")
+    grid: Grid
+
+
+def load_sweep(path: Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise TiltlmError(f"sweep config '{path}' not found; pass the path of a YAML sweep config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return SweepConfig.model_validate(data)
+    except yaml.YAMLError:
+        raise TiltlmError(f"sweep config '{path}' is not valid YAML; fix its syntax") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise TiltlmError(f"sweep config '{'.'.join(map(str, err['loc']))}': {err['msg']}; the keys are base and grid {{algorithms, betas, seeds}}") from None
+
+
+def cells(sweep: SweepConfig) -> list[tuple[str, dict]]:
+    """(cell name, training config dict) for every grid point, validated up front."""
+    out = []
+    for algorithm in sweep.grid.algorithms:
+        algo = {"name": algorithm} if isinstance(algorithm, str) else dict(algorithm)
+        label = algo.get("label") or algo["name"] + "".join(f"-{k}={v}" for k, v in sorted(algo.items()) if k not in ("name", "label"))
+        algo.pop("label", None)
+        for beta in sweep.grid.betas:
+            for seed in sweep.grid.seeds:
+                data = json.loads(json.dumps(sweep.base))
+                if "algorithm" in data:
+                    raise TiltlmError("sweep base must not set `algorithm`; list algorithms under grid.algorithms")
+                data.setdefault("target", {})["beta"] = beta
+                data["algorithm"] = dict(algo)
+                data["seed"] = seed
+                parse_config(data)  # fail before anything runs
+                out.append((f"{label}_beta{beta:g}_seed{seed}", {"label": label, "beta": beta, "seed": seed, "config": data}))
+    names = [c for c, _ in out]
+    if len(set(names)) != len(names):
+        raise TiltlmError("two grid algorithms get the same cell name; give them distinct `label`s")
+    return out
+
+
+def run_sweep(config_path: Path, out: Path, *, progress: bool = False, on_cell=None) -> Path:
+    """Run every unfinished cell, then rebuild results.jsonl and summary.csv. Returns ``out``."""
+    from tiltlm.train.build import build
+    from tiltlm.train.loop import Trainer
+
+    sweep = load_sweep(config_path)
+    grid = cells(sweep)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(yaml.safe_dump(json.loads(sweep.model_dump_json()), sort_keys=False))
+    for name, cell in grid:
+        cell_dir = out / "cells" / name
+        if (cell_dir / "done.json").is_file():
+            continue
+        config = parse_config(cell["config"])
+        resume = (cell_dir / "checkpoint").exists() or (cell_dir / "checkpoint.old").exists()
+        if cell_dir.exists() and not resume:
+            shutil.rmtree(cell_dir)  # started but never checkpointed: nothing to keep
+        policy, target = build(config)
+        rows = Trainer(config, policy=policy, target=target, out_dir=cell_dir, resume=resume).run(progress=progress)
+        final = rows[-1] if rows else _last_row(cell_dir)
+        record = {"cell": name, "algorithm": cell["label"], "beta": cell["beta"], "seed": cell["seed"], "final": final}
+        tmp = cell_dir / "done.json.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(cell_dir / "done.json")
+        if on_cell is not None:
+            on_cell(name)
+    collect(out, [name for name, _ in grid])
+    return out
+
+
+def _last_row(cell_dir: Path) -> dict:
+    lines = (cell_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
+def collect(out: Path, names: list[str]) -> None:
+    """results.jsonl (one row per finished cell) and summary.csv (mean and std over seeds)."""
+    records = [json.loads((out / "cells" / n / "done.json").read_text()) for n in names if (out / "cells" / n / "done.json").is_file()]
+    tmp = out / "results.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(out / "results.jsonl")
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["algorithm"], r["beta"]), []).append(r["final"])
+    keys = sorted({k for r in records for k, v in r["final"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    tmp = out / "summary.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["algorithm", "beta", "seeds"] + [f"{k} {s}" for k in keys for s in ("mean", "std")])
+        for (algorithm, beta), finals in sorted(groups.items()):
+            row: list = [algorithm, beta, len(finals)]
+            for k in keys:
+                values = [x[k] for x in finals if k in x and isinstance(x[k], (int, float))]
+                mean = sum(values) / len(values) if values else math.nan
+                std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+                row += [mean, std]
+            writer.writerow(row)
+    tmp.replace(out / "summary.csv")
