@@ -158,3 +158,24 @@ def test_shipped_example_configs_parse():
     assert len(paths) >= 2
     for path in paths:
         load_config(path)
+
+
+def test_tensorboard_logger_and_unknown_logger(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tiltlm.train.loggers import LoggerGroup, make_loggers
+
+    policy, target = tabular()
+    cfg = config({"name": "kl-pg"}, steps=3)
+    trainer = Trainer(cfg, policy=policy, target=target, out_dir=tmp_path / "run")
+    trackers = LoggerGroup(make_loggers("tensorboard", tmp_path / "run", {"seed": 0}))
+    trainer.on_metrics = trackers
+    rows = trainer.run()
+    trackers.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("reward/mean")]
+    assert logged == pytest.approx([r["reward/mean"] for r in rows])
+    with pytest.raises(TiltlmError, match="unknown logger 'tensorbord'; available: jsonl, tensorboard, wandb, mlflow"):
+        make_loggers("tensorbord", tmp_path, {})

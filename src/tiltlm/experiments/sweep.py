@@ -29,7 +29,7 @@ from tiltlm.train.config import parse_config
 class Grid(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    algorithms: tuple[Any, ...] = Field(..., min_length=1, description="algorithm names or {name: …, options} mappings")
+    algorithms: tuple[Any, ...] = Field(..., min_length=1, description="algorithm names or {name, label?, betas?, …options} mappings")
     betas: tuple[float, ...] = Field(..., min_length=1, description="target temperatures (also the KL coefficient of kl-pg / ppo-kl)")
     seeds: tuple[int, ...] = Field((0,), min_length=1)
 
@@ -60,9 +60,9 @@ def cells(sweep: SweepConfig) -> list[tuple[str, dict]]:
     out = []
     for algorithm in sweep.grid.algorithms:
         algo = {"name": algorithm} if isinstance(algorithm, str) else dict(algorithm)
-        label = algo.get("label") or algo["name"] + "".join(f"-{k}={v}" for k, v in sorted(algo.items()) if k not in ("name", "label"))
-        algo.pop("label", None)
-        for beta in sweep.grid.betas:
+        betas = tuple(algo.pop("betas", sweep.grid.betas))  # an algorithm may run at its own betas
+        label = algo.pop("label", None) or algo["name"] + "".join(f"-{k}={v}" for k, v in sorted(algo.items()) if k != "name")
+        for beta in betas:
             for seed in sweep.grid.seeds:
                 data = json.loads(json.dumps(sweep.base))
                 if "algorithm" in data:
@@ -78,9 +78,13 @@ def cells(sweep: SweepConfig) -> list[tuple[str, dict]]:
     return out
 
 
-def run_sweep(config_path: Path, out: Path, *, progress: bool = False, on_cell=None) -> Path:
-    """Run every unfinished cell, then rebuild results.jsonl and summary.csv. Returns ``out``."""
+def run_sweep(config_path: Path, out: Path, *, progress: bool = False, on_cell=None, log: str | None = None) -> Path:
+    """Run every unfinished cell, then rebuild results.jsonl and summary.csv. Returns ``out``.
+
+    ``log``: extra trackers per cell ("tensorboard,wandb,mlflow"; metrics.jsonl is always written).
+    """
     from tiltlm.train.build import build
+    from tiltlm.train.loggers import LoggerGroup, make_loggers
     from tiltlm.train.loop import Trainer
 
     sweep = load_sweep(config_path)
@@ -97,7 +101,13 @@ def run_sweep(config_path: Path, out: Path, *, progress: bool = False, on_cell=N
         if cell_dir.exists() and not resume:
             shutil.rmtree(cell_dir)  # started but never checkpointed: nothing to keep
         policy, target = build(config)
-        rows = Trainer(config, policy=policy, target=target, out_dir=cell_dir, resume=resume).run(progress=progress)
+        trainer = Trainer(config, policy=policy, target=target, out_dir=cell_dir, resume=resume)
+        trackers = LoggerGroup(make_loggers(log, cell_dir, cell["config"]))
+        trainer.on_metrics = trackers
+        try:
+            rows = trainer.run(progress=progress)
+        finally:
+            trackers.close()
         final = rows[-1] if rows else _last_row(cell_dir)
         record = {"cell": name, "algorithm": cell["label"], "beta": cell["beta"], "seed": cell["seed"], "final": final}
         tmp = cell_dir / "done.json.tmp"
