@@ -1,44 +1,76 @@
-"""`tiltlm run` (the README's main job) end to end with a tiny budget on the embedded default prior."""
+"""`tiltlm run` (the README's main job) end to end with a tiny budget.
+
+The LM part runs on a small testbed prior here (the embedded default is exercised by the README
+quick start and by `test_run_cli_default_prior_smoke`), so the test stays fast.
+"""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from tiltlm.errors import TiltlmError
-from tiltlm.experiments.posterior import run_posterior_experiment
+from tiltlm.experiments.run import run_main
 
 
-def test_run_writes_results_from_the_run(tmp_path):
-    out = tmp_path / "run"
-    results = run_posterior_experiment(out, n=16, max_new_tokens=12, seed=0)
-    on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["lm"]["log_z"] == results["lm"]["log_z"]
-    assert json.loads((out / "config.json").read_text())["n"] == 16
-    assert len((out / "samples.jsonl").read_text().splitlines()) == 16
-    exact = on_disk["testbed"]["exact"]
-    assert exact["prior_mass"] == pytest.approx(1.0, abs=1e-5)
-    # the largest IS estimate of log Z on the testbed agrees with the exact value within its interval (+ slack)
-    big = on_disk["testbed"]["estimates"][-1]["log_z"]
-    assert big["low"] - 0.05 < exact["log_z"] < big["high"] + 0.05
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary directory left behind"
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, testbed_dir):
+    out = tmp_path_factory.mktemp("run") / "out"
+    run_main(out, prior=str(testbed_dir), reward="count:a", betas=(0.5, 1.0), main_beta=1.0, budget=0.5, seed=0, log=lambda m: None)
+    return out
 
 
-def test_run_refuses_a_non_empty_output_dir(tmp_path):
+def _cells(part_dir):
+    return [json.loads(line) for line in (part_dir / "results.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_both_parts_and_reports(run_dir):
+    assert (run_dir / "report.html").is_file() and (run_dir / "run.json").is_file()
+    for part in ("lm", "testbed"):
+        assert (run_dir / part / "report" / "report.html").is_file()
+        assert {"frontier.png", "divergence.png", "diversity.png"} <= {p.name for p in (run_dir / part / "report").glob("*.png")}
+    algorithms = {r["algorithm"] for r in _cells(run_dir / "lm")}
+    assert {"reinforce", "kl-pg", "dpg", "gdc++", "best-of-4", "importance-sampling"} <= algorithms
+    assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")], "no temporary directory left behind"
+
+
+def test_reported_numbers_come_from_the_metrics(run_dir):
+    """results.jsonl's final row of each trained cell is the last line of that cell's metrics.jsonl."""
+    for part in ("lm", "testbed"):
+        for record in _cells(run_dir / part):
+            metrics = run_dir / part / "cells" / record["cell"] / "metrics.jsonl"
+            if metrics.exists():
+                assert record["final"] == json.loads(metrics.read_text().splitlines()[-1])
+
+
+def test_exact_part_shows_collapse_and_posterior(run_dir):
+    """Pure RL's exact entropy ends far below p*'s; kl-pg and dpg end closer to p* than reinforce (exact KL)."""
+    exact = json.loads((run_dir / "testbed" / "exact.json").read_text())["1"]
+    final = {r["algorithm"]: r["final"] for r in _cells(run_dir / "testbed") if r["beta"] == 1.0}
+    assert final["reinforce"]["entropy/exact"] < 0.5 * exact["entropy_target"]
+    assert final["kl-pg"]["kl/policy_target_exact"] < final["reinforce"]["kl/policy_target_exact"]
+    assert final["dpg"]["kl/target_exact"] < final["reinforce"]["kl/target_exact"]
+
+
+def test_run_refuses_a_non_empty_output_dir_and_bad_options(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(TiltlmError, match="not empty"):
-        run_posterior_experiment(tmp_path, n=4, max_new_tokens=4)
+        run_main(tmp_path)
     assert (tmp_path / "keep.txt").read_text() == "mine"
+    with pytest.raises(TiltlmError, match="budget"):
+        run_main(tmp_path / "new", budget=0)
 
 
-def test_run_failure_leaves_nothing_half_written(tmp_path):
-    out = tmp_path / "run"
+def test_failure_mid_run_leaves_nothing_half_written(tmp_path, testbed_dir):
     with pytest.raises(TiltlmError, match="unknown reward"):
-        run_posterior_experiment(out, reward="nosuchreward", n=4, max_new_tokens=4)
-    assert not out.exists() and not list(tmp_path.iterdir())
-
-
-def test_reward_failing_mid_run_leaves_nothing_half_written(tmp_path):
-    out = tmp_path / "run"
-    with pytest.raises(TiltlmError, match="nan"):
-        run_posterior_experiment(out, reward=lambda texts: [float("nan")] * len(texts), n=4, max_new_tokens=4)
+        run_main(tmp_path / "out", prior=str(testbed_dir), reward="nosuchreward", budget=0.1, log=lambda m: None)
     assert not list(tmp_path.iterdir())
+
+
+def test_run_cli_default_prior_smoke(tmp_path):
+    """The CLI on the embedded default prior with the smallest budget."""
+    r = subprocess.run([sys.executable, "-m", "tiltlm.cli", "run", "--out", str(tmp_path / "run"), "--budget", "0.08"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "lm" / "report" / "report.html").is_file()

@@ -47,41 +47,33 @@ def run(
     out: Path = typer.Option(Path("runs/run"), help="Results directory (written atomically)."),
     prior: str = typer.Option("default", help="Prior LM: 'default' (embedded) or a save_pretrained directory."),
     reward: str = typer.Option("sentiment", help="Reward spec, e.g. sentiment, contains:dog, mymod:f."),
-    beta: float = typer.Option(0.2, help="Temperature of the tilt: p* ∝ pi0·exp(r/beta)."),
-    budget: int = typer.Option(256, help="Samples drawn from the prior."),
-    max_new_tokens: int = typer.Option(48, help="Length limit of a sample."),
+    betas: str = typer.Option("0.05,0.2,1.0", help="Comma-separated betas for kl-pg (the frontier)."),
+    beta: float = typer.Option(0.2, help="Main beta: the p* that reinforce, dpg, gdc++ and the baselines are measured against."),
+    budget: float = typer.Option(1.0, help="Scales the number of steps (1.0 ≈ 5–10 minutes on 2 CPU cores)."),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="Replace an existing results directory."),
 ) -> None:
-    """The main job: the posterior of the embedded default LM tilted by a reward, and exact ground truth on a testbed."""
-    from tiltlm.experiments.posterior import run_posterior_experiment
+    """The main job: collapse vs posterior on the default LM and on an exact testbed, with a report."""
+    from tiltlm.experiments.run import run_main
 
     _quiet_transformers()
-    with console.status("sampling the prior, weighting by the reward, enumerating the testbed…"):
-        results = run_posterior_experiment(
-            out, prior=prior, reward=reward, beta=beta, n=budget, max_new_tokens=max_new_tokens, seed=seed, overwrite=overwrite
-        )
-    lm, tb = results["lm"], results["testbed"]
-    console.print(f"[bold]p*(x) ∝ pi0(x)·exp(r(x)/{beta:g})[/bold] with r = {reward}, prior = {prior}, {lm['n_samples']} samples")
-    table = Table("quantity", "estimate", "95% interval")
-    for key in ("log_z", "kl_target_prior"):
-        e = lm[key]
-        table.add_row(key, _fmt(e["value"]), f"[{e['low']:.4f}, {e['high']:.4f}]  ESS {e['ess']:.1f}")
-    table.add_row("reward under pi0", _fmt(lm["reward_prior"]), "")
-    table.add_row("reward under p* (SNIS)", _fmt(lm["reward_target_snis"]), "")
-    console.print(table)
-    console.print("[bold]prior samples[/bold]")
-    for t in lm["prior_texts"][:3]:
-        console.print(f"  · {t.strip()[:160]}")
-    console.print("[bold]posterior samples (importance resampling)[/bold]")
-    for t in lm["posterior_texts"][:3]:
-        console.print(f"  · {t.strip()[:160]}")
-    exact = tb["exact"]
-    t2 = Table("testbed (exact vs IS)", "exact", *[f"IS n={r['n']}" for r in tb["estimates"]])
-    for key in ("log_z", "kl_target_prior"):
-        t2.add_row(key, _fmt(exact[key]), *[f"{r[key]['value']:.4f} ± {1.96 * r[key]['stderr']:.4f}" for r in tb["estimates"]])
-    console.print(t2)
-    console.print(f"results: {out}/results.json  ({results['seconds']:.1f}s)")
+    try:
+        beta_list = tuple(float(b) for b in betas.split(","))
+    except ValueError:
+        raise TiltlmError(f"--betas must be comma-separated numbers (got {betas!r})") from None
+    path = run_main(out, prior=prior, reward=reward, betas=beta_list, main_beta=beta, budget=budget, seed=seed,
+                    overwrite=overwrite, log=console.print)
+    summary = json.loads((path / "run.json").read_text())
+    for part, title in (("lm", f"{prior} prior, r = {reward}"), ("testbed", "exact testbed, r = count:a")):
+        table = Table("algorithm", "beta", "reward", "KL(pi||pi0)", "KL(p*||pi)", "entropy", "distinct-2", title=title)
+        for line in (path / part / "results.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            f = r["final"]
+            pick = lambda *keys: next((_fmt(f[k]) for k in keys if k in f), "–")  # noqa: E731
+            table.add_row(r["algorithm"], f"{r['beta']:g}", pick("reward/exact", "reward/mean"), pick("kl/prior_exact", "kl/prior_seq"),
+                          pick("kl/target_exact", "kl/target_is"), pick("entropy/exact", "entropy/seq"), pick("diversity/distinct_2"))
+        console.print(table)
+    console.print(f"report: {path / 'report.html'}  ({summary['seconds']:.0f} s)")
 
 
 @app.command()
@@ -91,6 +83,7 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     steps: Optional[int] = typer.Option(None, help="Override optim.steps."),
     seed: Optional[int] = typer.Option(None, help="Override seed."),
+    log: Optional[str] = typer.Option(None, help="Extra trackers beside metrics.jsonl: tensorboard,wandb,mlflow."),
 ) -> None:
     """Train a policy toward the config's target with the config's algorithm."""
     from tiltlm.train.build import build
@@ -108,9 +101,16 @@ def train(
         if seed is not None:
             data["seed"] = seed
         cfg = parse_config(data)
+    from tiltlm.train.loggers import LoggerGroup, make_loggers
+
     policy, target = build(cfg)
     trainer = Trainer(cfg, policy=policy, target=target, out_dir=out, resume=resume)
-    rows = trainer.run(progress=sys.stderr.isatty())
+    trackers = LoggerGroup(make_loggers(log, out, json.loads(cfg.model_dump_json())))
+    trainer.on_metrics = trackers
+    try:
+        rows = trainer.run(progress=sys.stderr.isatty())
+    finally:
+        trackers.close()
     last = rows[-1] if rows else {}
     console.print(f"done: {trainer.step} steps; reward {last.get('reward/mean', float('nan')):.4f}, "
                   f"KL(pi||pi0) {last.get('kl/prior_seq', float('nan')):.4f}; policy saved to {out / 'policy'}")
@@ -120,13 +120,24 @@ def train(
 def sweep(
     config: Path = typer.Argument(..., help="YAML sweep config: base (a training config) + grid {algorithms, betas, seeds}."),
     out: Path = typer.Option(..., help="Sweep directory; re-running it skips finished cells and resumes started ones."),
+    log: Optional[str] = typer.Option(None, help="Extra trackers per cell: tensorboard,wandb,mlflow."),
 ) -> None:
     """Matched-compute grid of algorithms × beta × seeds; results.jsonl and summary.csv (mean, std over seeds)."""
+    from tiltlm.experiments.report import write_report
     from tiltlm.experiments.sweep import run_sweep
 
     _quiet_transformers()
-    run_sweep(config, out, progress=sys.stderr.isatty(), on_cell=lambda name: console.print(f"finished {name}"))
+    run_sweep(config, out, progress=sys.stderr.isatty(), on_cell=lambda name: console.print(f"finished {name}"), log=log)
+    console.print(f"report: {write_report(out)}")
     console.print(f"results: {out / 'results.jsonl'}, summary: {out / 'summary.csv'}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A sweep directory (or lm/ or testbed/ of a run).")) -> None:
+    """Write DIR/report/report.html with the frontier, divergence and diversity figures and the final table."""
+    from tiltlm.experiments.report import write_report
+
+    console.print(f"report: {write_report(run_dir)}")
 
 
 @app.command()
