@@ -23,7 +23,7 @@ def main() -> None:
     """Parse the few knobs, pin the thread count (a script may; the library does not) and train."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
-    parser.add_argument("--steps", type=int, default=1200, help="optimiser steps")
+    parser.add_argument("--steps", type=int, default=1000, help="optimiser steps")
     parser.add_argument("--n-stories", type=int, default=60_000, help="training stories")
     parser.add_argument("--seed", type=int, default=0, help="seed of corpus, init and batches")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")

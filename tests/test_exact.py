@@ -8,7 +8,7 @@ import torch
 
 from tiltlm.errors import TiltlmError
 from tiltlm.exact import enumerate_space, exact_report, kl
-from tiltlm.policies import HFPolicy, TabularPolicy
+from tiltlm.policies import TabularPolicy
 from tiltlm.targets import Constraint, Prior, Tilt
 
 

@@ -1,6 +1,5 @@
 """Policies against the sample-space definition: probabilities sum to 1, sampling matches scoring."""
 
-import math
 from collections import Counter
 
 import pytest

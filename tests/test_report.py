@@ -15,6 +15,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from browser import needs_chromium, render_in_chromium
 
 from tiltlm.errors import TiltlmError
 from tiltlm.experiments import report as report_module
@@ -293,45 +294,9 @@ def test_report_on_real_tabular_runs(real_sweep):
 
 
 # ---- a real browser ----------------------------------------------------------------------------
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-
-@pytest.mark.skipif(not CHROMIUM.exists() or not CHROMEDRIVER.exists(),
-                    reason="needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install -y chromium chromium-driver)")
+@needs_chromium
 def test_page_renders_in_headless_chromium(real_sweep, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
-    import base64
-
-    from selenium.webdriver.chrome.service import Service
-
     run, _ = real_sweep
-    page = write_report(run)
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})  # console + network events
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
-        driver.get(page.as_uri())
-        driver.execute_script("return document.fonts.ready")
-        assert driver.title.startswith("tiltlm report")
-        images = driver.execute_script("return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.alt])")
-        assert [i[0] for i in images] == FIGURES
-        assert all(complete and width > 0 and alt for _, complete, width, alt in images), images
-        events = [json.loads(e["message"])["message"] for e in driver.get_log("performance")]
-        requested = [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
-        assert {Path(u).name for u in requested} >= {"report.html", *FIGURES}
-        assert not [u for u in requested if u.split(":")[0] in ("http", "https", "ws", "wss")], requested  # nothing from the network
-        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
-        assert not errors, errors
-        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
-    finally:
-        driver.quit()
-    path = tmp_path / "screenshot.png"
-    path.write_bytes(base64.b64decode(shot["data"]))
-    assert path.stat().st_size > 10_000
-    assert_valid_png(path)
+    path = render_in_chromium(write_report(run), tmp_path, FIGURES)
     if os.environ.get("TILTLM_REPORT_SCREENSHOT"):  # keep it to look at: TILTLM_REPORT_SCREENSHOT=shot.png pytest ...
         shutil.copy(path, os.environ["TILTLM_REPORT_SCREENSHOT"])

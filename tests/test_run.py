@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from browser import needs_chromium, render_in_chromium
 
 from tiltlm.errors import TiltlmError
 from tiltlm.experiments.run import run_main
@@ -33,6 +34,13 @@ def test_run_writes_both_parts_and_reports(run_dir):
     algorithms = {r["algorithm"] for r in _cells(run_dir / "lm")}
     assert {"reinforce", "kl-pg", "dpg", "gdc++", "best-of-4", "importance-sampling"} <= algorithms
     assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")], "no temporary directory left behind"
+
+
+@needs_chromium
+def test_run_reports_open_in_chromium_with_every_figure(run_dir, tmp_path):
+    for part in ("lm", "testbed"):
+        shot = render_in_chromium(run_dir / part / "report" / "report.html", tmp_path / part, ["frontier.png", "divergence.png", "diversity.png"])
+        assert shot.stat().st_size > 50_000  # a full page with three figures, not a blank one
 
 
 def test_reported_numbers_come_from_the_metrics(run_dir):

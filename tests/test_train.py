@@ -40,7 +40,7 @@ ALGORITHMS = [
 def test_resume_continues_the_same_run(tmp_path, algorithm):
     cfg = config(algorithm)
     policy, target = tabular()
-    full = Trainer(cfg, policy=policy, target=target, out_dir=tmp_path / "full").run()
+    Trainer(cfg, policy=policy, target=target, out_dir=tmp_path / "full").run()
 
     policy2, target2 = tabular()
     interrupted = Trainer(cfg, policy=policy2, target=target2, out_dir=tmp_path / "cut")

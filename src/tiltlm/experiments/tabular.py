@@ -66,7 +66,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"| distribution | E[r] | entropy (nats) | KL(pi‖p*) | KL(p*‖pi) | KL(pi‖pi0) |\n|---|---|---|---|---|---|")
+    print("| distribution | E[r] | entropy (nats) | KL(pi‖p*) | KL(p*‖pi) | KL(pi‖pi0) |\n|---|---|---|---|---|---|")
     for label, r in rows.items():
         print(f"| {label} | {r['reward']:.3f} | {r['entropy']:.3f} | {r['kl_policy_target']:.4f} | {r['kl_target_policy']:.4f} | {r['kl_policy_prior']:.3f} |")
 
