@@ -82,3 +82,21 @@ def test_run_cli_default_prior_smoke(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "run" / "lm" / "report" / "report.html").is_file()
+
+
+def test_report_table_matches_metrics_jsonl(run_dir):
+    """Every number of the testbed report's table is the last metrics.jsonl row of the cell it names (one seed)."""
+    from test_report import parse
+
+    doc = parse(run_dir / "testbed" / "report" / "report.html")
+    body = [cells for cls, cells in doc.rows if cls is None and any("data-key" in attrs for attrs, _ in cells)]
+    checked = 0
+    for cells in body:
+        name, beta = cells[0][1], float(cells[1][1])
+        cell = run_dir / "testbed" / "cells" / f"{name}_beta{beta:g}_seed0" / "metrics.jsonl"
+        last = json.loads(cell.read_text().splitlines()[-1])
+        for attrs, text in cells[3:]:
+            if attrs.get("data-key") in last:
+                assert float(attrs["data-mean"]) == pytest.approx(last[attrs["data-key"]], rel=1e-12, abs=1e-15)
+                checked += 1
+    assert len(body) == 5 and checked >= 20  # reinforce, dpg, gdc++, kl-pg at two betas

@@ -179,3 +179,18 @@ def test_tensorboard_logger_and_unknown_logger(tmp_path):
     assert logged == pytest.approx([r["reward/mean"] for r in rows])
     with pytest.raises(TiltlmError, match="unknown logger 'tensorbord'; available: jsonl, tensorboard, wandb, mlflow"):
         make_loggers("tensorbord", tmp_path, {})
+
+
+def test_step_metrics_entropy_and_kl_by_hand():
+    """entropy/seq = -mean log pi and kl/prior_seq (k1) = mean(log pi - log pi0) on the step's own batch."""
+    policy, target = tabular()
+    with torch.no_grad():
+        policy.logits.add_(torch.randn(policy.logits.shape, generator=torch.Generator().manual_seed(3)))
+    trainer = Trainer(config({"name": "kl-pg"}, steps=1), policy=policy, target=target)
+    batch = trainer.make_batch(0)
+    from tiltlm.metrics.batch import batch_metrics
+
+    m = batch_metrics(batch, batch.logq)
+    assert m["entropy/seq"] == pytest.approx(float(-batch.logq.mean()))
+    assert m["kl/prior_seq"] == pytest.approx(float((batch.logq - batch.logp_prior).mean()))
+    assert m["entropy/seq"] > 0

@@ -71,7 +71,8 @@ def run(
             f = r["final"]
             pick = lambda *keys: next((_fmt(f[k]) for k in keys if k in f), "–")  # noqa: E731
             table.add_row(r["algorithm"], f"{r['beta']:g}", pick("reward/exact", "reward/mean"), pick("kl/prior_exact", "kl/prior_seq"),
-                          pick("kl/target_exact", "kl/target_is"), pick("entropy/exact", "entropy/seq"), pick("diversity/distinct_2"))
+                          pick("kl/target_exact", "kl/target_is"), pick("entropy/exact", "entropy/seq"),
+                          pick("diversity/distinct_2" if part == "lm" else "diversity/distinct_2_tokens"))
         console.print(table)
     console.print(f"report: {path / 'report.html'}  ({summary['seconds']:.0f} s)")
 

@@ -155,7 +155,7 @@ def run_main(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        lm_steps, tb_steps = max(2, round(25 * budget)), max(2, round(60 * budget))
+        lm_steps, tb_steps = max(2, round(60 * budget)), max(2, round(100 * budget))
         lm_cfg = lm_sweep(prior, reward, list(betas), main_beta, lm_steps, seed)
         (work / "lm").mkdir()
         (work / "lm" / "sweep_config.yaml").write_text(yaml.safe_dump(lm_cfg))

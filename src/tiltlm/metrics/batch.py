@@ -8,7 +8,8 @@ Key names (namespaced):
   tv/target_is                            TV(pi, p*)
   log_z/is (+ _stderr), is/ess            log Z estimate from this batch and the ESS of its weights
   entropy/seq (+ _stderr)                 -E_pi[log pi(x)], the sequence entropy
-  diversity/distinct_1, distinct_2, self_bleu
+  diversity/distinct_1, distinct_2        word n-grams;  diversity/distinct_{1,2}_tokens: token n-grams
+  diversity/self_bleu
 and every N steps on enumerable spaces the exact values: kl/target_exact, kl/policy_target_exact,
 tv/target_exact, kl/prior_exact, entropy/exact, reward/exact, log_z/exact.
 """
@@ -21,6 +22,7 @@ import torch
 
 from tiltlm.algorithms.base import Batch
 from tiltlm.exact import SequenceSpace, entropy, expectation, kl, normalise, tv
+from tiltlm.metrics.diversity import distinct_n, distinct_n_tokens, self_bleu, sequence_entropy
 from tiltlm.metrics.divergences import (
     effective_sample_size,
     kl_policy_prior,
@@ -49,7 +51,7 @@ def batch_metrics(
     if on_policy:
         out["reward/mean"], out["reward/std"] = float(r.mean()), float(r.std()) if len(r) > 1 else 0.0
         _estimate(out, "kl/prior_seq", kl_policy_prior(logp, lp0, kl_estimator), interval=True)
-        _estimate(out, "entropy/seq", kl_policy_prior(logp, torch.zeros_like(logp), "k1"))
+        _estimate(out, "entropy/seq", sequence_entropy(logp))
     else:  # samples of a proposal q: weight by pi/q
         w = torch.softmax(logp - logq, 0)
         out["reward/mean"] = float((w * r).sum())
@@ -66,11 +68,11 @@ def batch_metrics(
     if on_policy and math.isfinite(lz.value):
         _estimate(out, "kl/policy_target_is", kl_policy_target(lt, logp, lz.value))
     if diversity:
-        from tiltlm.metrics.diversity import distinct_n, self_bleu
-
         texts = batch.samples.texts
-        out["diversity/distinct_1"] = distinct_n(texts, 1)
+        out["diversity/distinct_1"] = distinct_n(texts, 1)  # word n-grams
         out["diversity/distinct_2"] = distinct_n(texts, 2)
+        out["diversity/distinct_1_tokens"] = distinct_n_tokens(batch.samples, 1)  # token n-grams (any vocabulary)
+        out["diversity/distinct_2_tokens"] = distinct_n_tokens(batch.samples, 2)
         out["diversity/self_bleu"] = self_bleu(texts)
     return out
 
