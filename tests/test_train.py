@@ -194,3 +194,25 @@ def test_step_metrics_entropy_and_kl_by_hand():
     assert m["entropy/seq"] == pytest.approx(float(-batch.logq.mean()))
     assert m["kl/prior_seq"] == pytest.approx(float((batch.logq - batch.logp_prior).mean()))
     assert m["entropy/seq"] > 0
+
+
+@pytest.mark.parametrize("name,module", [("wandb", "wandb"), ("mlflow", "mlflow")])
+def test_wandb_offline_and_mlflow_file_store(tmp_path, monkeypatch, name, module):
+    pytest.importorskip(module, reason=f"the {name} extra is not installed")
+    from tiltlm.train.loggers import LoggerGroup, make_loggers
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    policy, target = tabular()
+    trainer = Trainer(config({"name": "kl-pg"}, steps=2), policy=policy, target=target, out_dir=tmp_path / "run")
+    trackers = LoggerGroup(make_loggers(name, tmp_path / "run", {"seed": 0, "optim": {"lr": 0.05}}))
+    trainer.on_metrics = trackers
+    trainer.run()
+    trackers.close()
+    if name == "wandb":
+        assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")), "wandb wrote no offline run"
+    else:
+        metric = list((tmp_path / "run" / "mlruns").glob("*/*/metrics/reward.mean")) or list((tmp_path / "run" / "mlruns").rglob("reward.mean"))
+        assert metric, "mlflow logged no reward.mean"
+        assert len(metric[0].read_text().splitlines()) == 2

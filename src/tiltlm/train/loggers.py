@@ -68,6 +68,8 @@ class MlflowLogger:
 
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # a file store needs no server or database; MLflow >= 3 asks for this explicit opt-in to use one
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((Path(out_dir).resolve() / "mlruns").as_uri())
         self.run = mlflow.start_run()
         mlflow.log_params({k: str(v)[:250] for k, v in _flatten(config).items()})
