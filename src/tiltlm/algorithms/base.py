@@ -72,7 +72,6 @@ class Algorithm:
     name: ClassVar[str]
     Config: ClassVar[type[AlgorithmConfig]]
     on_policy: bool = True  # False: samples come from ``self.proposal`` (off-policy DPG)
-    trains: bool = True
 
     def __init__(self, config: AlgorithmConfig):
         self.config = config
