@@ -6,8 +6,10 @@ exit code 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -104,14 +106,15 @@ def train(
         cfg = parse_config(data)
     from tiltlm.train.loggers import LoggerGroup, make_loggers
 
-    policy, target = build(cfg)
-    trainer = Trainer(cfg, policy=policy, target=target, out_dir=out, resume=resume)
-    trackers = LoggerGroup(make_loggers(log, out, json.loads(cfg.model_dump_json())))
-    trainer.on_metrics = trackers
-    try:
-        rows = trainer.run(progress=sys.stderr.isatty())
-    finally:
-        trackers.close()
+    with _no_half_written_run(out, fresh=not resume and not (out.is_dir() and any(out.iterdir()))):
+        policy, target = build(cfg)
+        trainer = Trainer(cfg, policy=policy, target=target, out_dir=out, resume=resume)
+        trackers = LoggerGroup(make_loggers(log, out, json.loads(cfg.model_dump_json())))
+        trainer.on_metrics = trackers
+        try:
+            rows = trainer.run(progress=sys.stderr.isatty())
+        finally:
+            trackers.close()
     last = rows[-1] if rows else {}
     console.print(f"done: {trainer.step} steps; reward {last.get('reward/mean', float('nan')):.4f}, "
                   f"KL(pi||pi0) {last.get('kl/prior_seq', float('nan')):.4f}; policy saved to {out / 'policy'}")
@@ -236,6 +239,63 @@ def pretrain(
     _quiet_transformers()
     info = run_pretrain(out, n_stories=n_stories, steps=steps, seed=seed, log=console.print)
     console.print(f"wrote {out}: {info['parameters']:,} parameters, held-out loss {info['heldout_loss']:.4f}")
+
+
+@app.command()
+def chat(
+    model: str = typer.Option("default", help="The policy: 'default' (embedded) or a save_pretrained directory."),
+    out: Path = typer.Option(Path("chats.jsonl"), help="Recorded games, one JSON line appended per game (DialogueEnv(human_answers=...) reads it)."),
+    secret: Optional[str] = typer.Option(None, help="The secret animal (default: you are asked for it, the model never sees it)."),
+    episodes: int = typer.Option(1, min=1, help="Games to play."),
+    max_turns: int = typer.Option(4, min=1, help="Model utterances per game."),
+    max_action_tokens: int = typer.Option(16, min=1, help="Tokens per model utterance."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed (default: from the clock)."),
+) -> None:
+    """Play the dialogue game (twenty questions) against the model: you keep an animal secret and answer its questions."""
+    from tiltlm.envs.dialogue import THINGS, append_jsonl, canonical_thing, play_chat, timestamp
+    from tiltlm.envs.rollout import episode_seed
+    from tiltlm.policies import HFPolicy
+
+    def pick(name: str) -> str | None:
+        thing = canonical_thing(name)
+        return thing if thing in THINGS else None
+
+    if secret is not None and pick(secret) is None:
+        raise TiltlmError(f"--secret '{secret}' is not an animal the game knows; choose from: {', '.join(THINGS)}")
+    _quiet_transformers()
+    policy = HFPolicy.from_pretrained(model, max_new_tokens=max_action_tokens)
+    seed = int(time.time()) % 2**31 if seed is None else seed
+    for game in range(episodes):
+        thing = pick(secret) if secret is not None else None
+        while thing is None:
+            typed = typer.prompt(f"Think of an animal ({', '.join(THINGS)}) and type it; the model does not see it")
+            thing = pick(typed)
+            if thing is None:
+                typer.echo(f"'{typed}' is not one of the animals listed; try again")
+        record = play_chat(policy, secret=thing, ask=lambda text: typer.prompt(text, default="", show_default=False),
+                           tell=typer.echo, max_turns=max_turns, seed=episode_seed(seed, game), max_action_tokens=max_action_tokens)
+        record["success"] = typer.confirm("Did the model guess your animal?", default=record.pop("guessed"))
+        rating = None
+        while rating not in (1, 2, 3, 4, 5):
+            rating = typer.prompt("Rate the conversation from 1 (bad) to 5 (good)", type=int)
+        record["rating"] = rating
+        record.update(model=model, seed=episode_seed(seed, game), timestamp=timestamp())
+        append_jsonl(out, record)
+        typer.echo(f"game {game + 1} of {episodes} appended to {out}")
+
+
+@contextlib.contextmanager
+def _no_half_written_run(out: Path, *, fresh: bool):
+    """A new run that fails (TiltlmError) before its first checkpoint leaves --out as it found it."""
+    existed = out.exists()
+    try:
+        yield
+    except TiltlmError:
+        if fresh and out.is_dir() and not any((out / name).exists() for name in ("checkpoint", "checkpoint.old")):
+            shutil.rmtree(out, ignore_errors=True)
+            if existed:
+                out.mkdir()
+        raise
 
 
 def _write_atomic(path: Path, text: str) -> None:

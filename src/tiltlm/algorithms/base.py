@@ -32,6 +32,7 @@ class Batch:
     logp_prior: torch.Tensor  # (B,) float64, log pi0(x)
     log_target: torch.Tensor  # (B,) float64, unnormalised log P(x)
     reward: torch.Tensor  # (B,) float64, r(x) of the target's tilt (0 without one)
+    token_logp_prior: torch.Tensor | None = None  # (B, T) log pi0 per token; environment rollouts (per-turn KL)
 
     @property
     def group(self) -> torch.Tensor:
@@ -118,8 +119,8 @@ def available_algorithms() -> list[str]:
 
 
 def algorithm_class(name: str) -> type[Algorithm]:
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+    if not isinstance(name, str) or name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1) if isinstance(name, str) else []
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise TiltlmError(f"unknown algorithm '{name}'{hint}; available: {', '.join(available_algorithms())}")
     return _REGISTRY[name]

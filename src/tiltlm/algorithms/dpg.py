@@ -28,8 +28,13 @@ from tiltlm.metrics.divergences import kl_target_policy
 def dpg_loss(
     logp: torch.Tensor, logq: torch.Tensor, log_target: torch.Tensor, log_z: float, *, baseline: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-mean(A log pi), A = P/(Zq) [- pi/q for GDC++]; returns (loss, A). All inputs (B,)."""
-    weight = safe_exp(log_target.double() - log_z - logq.double())  # P / (Z q)
+    """-mean(A log pi), A = P/(Zq) [- pi/q for GDC++]; returns (loss, A). All inputs (B,).
+
+    log Z = -inf means P(x) = 0 on every sample so far (a constraint nothing has met yet): P/(Zq) is
+    then 0/0, and the weight is 0 (no sample carries information about p), not NaN.
+    """
+    log_w = log_target.double() - logq.double()
+    weight = torch.zeros_like(log_w) if log_z == -math.inf else safe_exp(log_w - log_z)  # P / (Z q)
     if baseline:
         weight = weight - safe_exp(logp.detach().double() - logq.double())  # - pi / q
     return -(weight.to(logp.dtype) * logp).mean(), weight

@@ -40,7 +40,8 @@ def f_dpg_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """mean((pi/q)(f'(pi/p) - b) log pi); returns (loss, pseudo-rewards -f'). All (B,)."""
     logp_d = logp.detach().double()
-    log_t = (logp_d - (log_target.double() - log_z)).clamp(-50.0, 50.0)  # log pi/p
+    log_p = torch.full_like(logp_d, -math.inf) if log_z == -math.inf else log_target.double() - log_z  # log Z = -inf: P = 0 so far
+    log_t = (logp_d - log_p).clamp(-50.0, 50.0)  # log pi/p
     fp = F_PRIME[divergence](log_t)
     ratio = safe_exp(logp_d - logq.double())  # pi / q (1 on-policy)
     if baseline:

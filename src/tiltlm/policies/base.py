@@ -34,6 +34,16 @@ class Samples:
     token_logp: torch.Tensor  # (B, T) log-prob of each token under the sampling policy, 0 off ``mask``
     texts: list[str]  # (B,) decoded generated text, EOS and padding removed
     eos: torch.Tensor = field(default=None)  # (B,) bool, True where the sequence ended with EOS
+    # the interactive case (tiltlm.envs): the turn of each token (-1 on padding) and each episode's record
+    turn: torch.Tensor | None = None  # (B, T) long
+    trajectories: list | None = None  # (B,) tiltlm.envs.Trajectory
+
+    @property
+    def env_return(self) -> torch.Tensor:
+        """R(tau) = the sum of the environment's rewards of each trajectory, (B,) float64."""
+        if self.trajectories is None:
+            raise TiltlmError("reward 'env' reads environment returns, but these samples are not environment rollouts; add an env: section")
+        return torch.tensor([t.total_reward for t in self.trajectories], dtype=torch.float64)
 
     @property
     def logp(self) -> torch.Tensor:
@@ -65,6 +75,8 @@ class Samples:
             token_logp=self.token_logp[index],
             texts=[self.texts[i] for i in index.tolist()],
             eos=None if self.eos is None else self.eos[index],
+            turn=None if self.turn is None else self.turn[index],
+            trajectories=None if self.trajectories is None else [self.trajectories[i] for i in index.tolist()],
         )
 
 

@@ -142,7 +142,11 @@ class HFPolicy:
     # ---- contexts -------------------------------------------------------------------------
     def encode_context(self, context: str) -> list[int]:
         if context not in self._context_cache:
-            ids = list(self.tokenizer(context, add_special_tokens=True)["input_ids"]) if context else []
+            try:
+                ids = list(self.tokenizer(context, add_special_tokens=True)["input_ids"]) if context else []
+            except Exception as e:  # noqa: BLE001 - e.g. a WordLevel tokenizer without [UNK] meets an unknown character
+                why = " ".join(str(e).split())[:200] or type(e).__name__
+                raise TiltlmError(f"the tokenizer cannot encode the context {context[:40]!r} ({why}); use only text in the model's vocabulary") from None
             bos = self.tokenizer.bos_token_id
             if self.prepend_bos and bos is not None and (not ids or ids[0] != bos):
                 ids = [int(bos)] + ids
@@ -173,32 +177,65 @@ class HFPolicy:
         """n sequences per context, batched, with KV cache; rows are grouped context by context."""
         if not contexts:
             raise TiltlmError("no contexts to sample from; pass at least one context ('' means just BOS)")
-        device = self.device
-        gen = torch.Generator(device=device)
+        gen = torch.Generator(device=self.device)
         gen.manual_seed(seed if seed is not None else torch.seed())
         group = torch.arange(len(contexts)).repeat_interleave(n)
         context_ids, context_attn = self._contexts_tensor(contexts, group)
-        b = group.shape[0]
+        draw = lambda logp: torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)  # noqa: E731
+        ids, token_logp, mask = self._decode(context_ids, context_attn, self.max_new_tokens, draw)
+        eos = (ids == self.eos_id) & mask
+        return Samples(
+            contexts=list(contexts), group=group, context_ids=context_ids, context_attn=context_attn,
+            ids=ids, attn=mask.clone(), mask=mask, token_logp=token_logp,
+            texts=self._texts(ids, mask), eos=eos.any(-1),
+        )
 
+    @torch.no_grad()
+    def generate(self, prefixes: list[list[int]], *, max_new_tokens: int, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Continue each token prefix (prompt + history) by up to ``max_new_tokens`` tokens, until EOS.
+
+        Row k draws from its own generator seeded ``seeds[k]`` (inverse CDF), so a row's sample does
+        not depend on which other rows share the batch. Returns (ids, token_logp, mask), each (b, w).
+        """
+        width = max(len(p) for p in prefixes)
+        ids = torch.full((len(prefixes), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prefixes), width), dtype=torch.bool)
+        for k, p in enumerate(prefixes):
+            ids[k, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            attn[k, width - len(p):] = True
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+        def draw(logp: torch.Tensor) -> torch.Tensor:
+            u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(logp.device)  # (b,)
+            cdf = logp.double().exp().cumsum(-1)  # (b, V)
+            v = (u.double() * cdf[:, -1]).clamp(min=1e-300)[:, None]
+            return torch.searchsorted(cdf, v).squeeze(-1).clamp(max=logp.shape[-1] - 1)
+
+        return self._decode(ids, attn, int(max_new_tokens), draw)
+
+    def _decode(self, context_ids: torch.Tensor, context_attn: torch.Tensor, max_new_tokens: int, draw):
+        """The KV-cache sampling loop shared by ``sample`` and ``generate``: (ids, token_logp, mask) on CPU."""
+        device = self.device
+        b = context_ids.shape[0]
         attn = context_attn.to(device).long()  # (B, C + t)
         position = (attn.cumsum(-1) - 1).clamp(min=0)
         out = self._forward(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True)
         past, logits = _cache_of(out), out.logits[:, -1]  # (B, V)
         next_position = position[:, -1] + 1  # (B,)
 
-        ids = torch.full((b, self.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
-        token_logp = torch.zeros((b, self.max_new_tokens), device=device)
-        mask = torch.zeros((b, self.max_new_tokens), dtype=torch.bool, device=device)
+        ids = torch.full((b, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        token_logp = torch.zeros((b, max_new_tokens), device=device)
+        mask = torch.zeros((b, max_new_tokens), dtype=torch.bool, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
-        for t in range(self.max_new_tokens):
+        for t in range(max_new_tokens):
             logp = transform_logits(logits, self.temperature, self.top_p)  # (B, V)
-            token = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)  # (B,)
+            token = draw(logp)  # (B,)
             alive = ~done
             ids[:, t] = torch.where(alive, token, self.pad_id)
             token_logp[:, t] = torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
             mask[:, t] = alive
             done = done | (token == self.eos_id)
-            if bool(done.all()) or t == self.max_new_tokens - 1:
+            if bool(done.all()) or t == max_new_tokens - 1:
                 break
             attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=device)], dim=-1)
             out = self._forward(
@@ -209,13 +246,17 @@ class HFPolicy:
             next_position = next_position + 1
 
         width = int(mask.sum(-1).max())
-        ids, token_logp, mask = ids[:, :width].cpu(), token_logp[:, :width].cpu(), mask[:, :width].cpu()
-        eos = (ids == self.eos_id) & mask
-        return Samples(
-            contexts=list(contexts), group=group, context_ids=context_ids, context_attn=context_attn,
-            ids=ids, attn=mask.clone(), mask=mask, token_logp=token_logp,
-            texts=self._texts(ids, mask), eos=eos.any(-1),
-        )
+        return ids[:, :width].cpu(), token_logp[:, :width].cpu(), mask[:, :width].cpu()
+
+    def encode_text(self, text: str) -> list[int]:
+        """Tokens of an environment observation (no special tokens)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @property
+    def window(self) -> int | None:
+        """The model's context window in tokens (None if the config does not say)."""
+        c = self.model.config
+        return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
 
     def log_prob(self, samples: Samples, *, grad: bool = False, per_token: bool = False) -> torch.Tensor:
         """log pi(x | context): (B,), or (B, T) per token with zeros off the policy mask."""

@@ -48,3 +48,14 @@ def length() -> Scorer:
 def words() -> Scorer:
     """r(x) = len(x.split()): runs of whitespace separate words; leading/trailing space counts for nothing."""
     return lambda texts: [float(len(t.split())) for t in texts]
+
+
+@register_reward("env", takes_argument=False, help="R(tau), the sum of an environment's per-turn rewards (needs an env: section)")
+def env_return() -> Scorer:
+    """The return of an environment rollout. Targets read it from the samples' trajectories
+    (tiltlm.targets.base.rewards_of); scoring plain texts with it is a configuration error."""
+
+    def scorer(texts):
+        raise TiltlmError("reward 'env' reads environment returns, but these samples are plain texts; add an env: section or pick a text reward")
+
+    return scorer

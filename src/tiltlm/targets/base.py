@@ -25,7 +25,11 @@ def _as_reward(spec):
     return get_reward(spec)
 
 
-def _rewards_of(reward, samples: Samples) -> torch.Tensor:
+def rewards_of(reward, samples: Samples) -> torch.Tensor:
+    """r(x) for each sample, (B,) float64. The reward ``env`` is the return R(tau) of an environment
+    rollout (the sum of its per-turn rewards); any other reward scores the policy's text."""
+    if reward.name == "env":
+        return samples.env_return
     contexts = [samples.contexts[g] for g in samples.group.tolist()]
     return reward(samples.texts, contexts)
 
@@ -82,7 +86,7 @@ class Tilt(Factor):
     def log_potential(self, samples: Samples) -> torch.Tensor:
         if math.isinf(self.beta):
             return torch.zeros(len(samples), dtype=torch.float64)
-        return _rewards_of(self.reward, samples) / self.beta
+        return rewards_of(self.reward, samples) / self.beta
 
     def __repr__(self) -> str:
         return f"Tilt({self.reward.name!r}, beta={self.beta:g})"
@@ -99,7 +103,7 @@ class Constraint(Factor):
         self.predicate = _as_reward(predicate)
 
     def log_potential(self, samples: Samples) -> torch.Tensor:
-        ok = _rewards_of(self.predicate, samples) > 0
+        ok = rewards_of(self.predicate, samples) > 0
         return torch.where(ok, 0.0, float("-inf")).double()
 
     def __repr__(self) -> str:

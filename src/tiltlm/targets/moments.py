@@ -21,7 +21,7 @@ import torch
 
 from tiltlm.errors import TiltlmError
 from tiltlm.policies.base import Samples
-from tiltlm.targets.base import Factor, _as_reward, _rewards_of
+from tiltlm.targets.base import Factor, _as_reward, rewards_of
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class Moments(Factor):
 
     def features_of(self, samples: Samples) -> torch.Tensor:
         """(B, k) float64 feature matrix."""
-        return torch.stack([_rewards_of(f, samples) for f in self.features], dim=1)
+        return torch.stack([rewards_of(f, samples) for f in self.features], dim=1)
 
     def fit(self, samples: Samples, log_weights: torch.Tensor | None = None, *, tol: float = 1e-6, max_iter: int = 200) -> MomentFit:
         """Fit lambda on samples of pi0 (or on an enumerated space with log_weights = log pi0)."""

@@ -43,5 +43,30 @@ def build_policies(config: TrainConfig) -> tuple[HFPolicy, HFPolicy]:
 
 def build(config: TrainConfig) -> tuple[HFPolicy, Target]:
     """(policy, target) ready for Trainer."""
-    policy, prior = build_policies(config)
+    policy, prior = build_tabular_env_policies(config) if _tabular_env(config) else build_policies(config)
     return policy, target_from_config(config, prior)
+
+
+def _tabular_env(config: TrainConfig) -> bool:
+    return config.env is not None and config.env.name == "tabular"
+
+
+def build_tabular_env_policies(config: TrainConfig):
+    """A tabular environment brings its own exact prior (TabularEnvPolicy); the policy starts as its copy."""
+    from tiltlm.envs import get_env
+
+    if config.prior != "default" or config.lora is not None:
+        raise TiltlmError("the tabular environment's prior is its own table; drop `prior:` and `lora:` from the config")
+    prior = get_env("tabular", **config.env.options).make_prior()
+    if config.policy is not None:
+        from tiltlm.envs.tabular import TabularEnvPolicy
+
+        policy = TabularEnvPolicy.load(config.policy)
+        if policy.logits.shape != prior.logits.shape:
+            raise TiltlmError(f"policy '{config.policy}' was trained on another tabular environment; start from the prior (drop `policy:`)")
+        policy.env = prior.env
+    else:
+        policy = prior.copy()
+    prior.requires_grad_(False)
+    policy.requires_grad_(True)
+    return policy, prior

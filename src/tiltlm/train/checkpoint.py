@@ -7,6 +7,7 @@ No pickle is read back (tensors come only from safetensors files).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tiltlm.errors import TiltlmError
@@ -59,7 +61,9 @@ def save_checkpoint(
     save_file({"torch": torch.random.get_rng_state()}, str(tmp / "rng.safetensors"))
     if proposal is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in proposal.state_dict().items()}, str(tmp / "proposal.safetensors"))
-    state = {"step": step, "optimizer": opt_meta, **extra, "has_proposal": proposal is not None}
+    # state.json is written last and lists each tensor file's size and SHA-256, so a torn or altered file never loads
+    files = {f.name: _digest(f) for f in sorted(tmp.iterdir())}
+    state = {"step": step, "optimizer": opt_meta, **extra, "has_proposal": proposal is not None, "files": files}
     (tmp / "state.json").write_text(json.dumps(state))
     for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with open(f, "rb") as fh:
@@ -72,17 +76,38 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _digest(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def load_checkpoint(directory: Path) -> dict[str, Any]:
-    """Read a checkpoint written by save_checkpoint (falls back to ``.old`` if a crash hit the swap)."""
+    """Read a checkpoint written by save_checkpoint (falls back to ``.old`` if a crash hit the swap).
+
+    Every file is checked against the sizes and hashes in state.json: a truncated or corrupted
+    checkpoint raises a one-line TiltlmError (or, when ``.old`` is intact, that one is read).
+    """
     directory = Path(directory)
+    old = directory.with_name(directory.name + ".old")
     if not (directory / "state.json").is_file():
-        old = directory.with_name(directory.name + ".old")
         if (old / "state.json").is_file():
             directory = old
         else:
             raise TiltlmError(f"no checkpoint in '{directory}'; train without --resume or point at a run directory")
     try:
+        return _read(directory)
+    except TiltlmError:
+        if directory != old and (old / "state.json").is_file():
+            return _read(old)
+        raise
+
+
+def _read(directory: Path) -> dict[str, Any]:
+    try:
         state = json.loads((directory / "state.json").read_text())
+        for name, expected in state.get("files", {}).items():
+            if _digest(directory / name) != expected:
+                raise ValueError(f"{name} does not match its recorded size and hash")
         out = {
             "state": state,
             "policy": load_file(str(directory / "policy.safetensors")),
@@ -92,5 +117,6 @@ def load_checkpoint(directory: Path) -> dict[str, Any]:
         if state.get("has_proposal"):
             out["proposal"] = load_file(str(directory / "proposal.safetensors"))
         return out
-    except (OSError, ValueError, KeyError) as e:
-        raise TiltlmError(f"checkpoint '{directory}' is unreadable ({type(e).__name__}); delete it to restart the run") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise TiltlmError(f"checkpoint '{directory}' is unreadable ({why}); delete it and --resume restarts the run from step 0") from None

@@ -76,6 +76,20 @@ class MetricsConfig(_Strict):
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="estimator reported as kl/prior_seq")
 
 
+class EnvConfig(_Strict):
+    """The interactive case: trajectories are played in an environment (tiltlm.envs) instead of sampled
+    after fixed contexts; the target's reward defaults to ``env`` (the trajectory's return R(tau))."""
+
+    name: str = Field(..., description="environment: tabular, search, api, dialogue, or any registered name")
+    options: dict[str, Any] = Field(default_factory=dict, description="the environment's own options, e.g. {depth: 2} for tabular")
+    tasks_per_step: int | None = Field(None, ge=1, description="tasks played per step, drawn by the step's seed; null = every task")
+    max_action_tokens: int = Field(16, ge=1, description="length limit of one policy turn (an action ends at EOS or here)")
+    timeout_s: float | None = Field(10.0, gt=0, description="a reset/step call running longer fails its episode; null = no limit")
+    max_observation_chars: int = Field(2000, ge=1, description="longer observations are cut (and noted)")
+    max_observation_tokens: int = Field(256, ge=1, description="observation tokens kept in the history")
+    max_failure_rate: float = Field(0.2, ge=0, le=1, description="stop the run when more episodes than this fraction have failed")
+
+
 class CheckpointConfig(_Strict):
     every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
 
@@ -90,12 +104,17 @@ class TrainConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     metrics: MetricsConfig = MetricsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    env: EnvConfig | None = Field(None, description="play episodes in an environment (the interactive case)")
     seed: int = Field(0, description="every random draw derives from this seed and the step number")
 
     @model_validator(mode="before")
     @classmethod
     def _algorithm_defaults(cls, data: Any) -> Any:
         """Fill the algorithm's beta from the target's when the algorithm has one and it is omitted."""
+        if isinstance(data, dict) and data.get("env") is not None:  # an env's return is the default reward
+            target = data.get("target")
+            if target is None or (isinstance(target, dict) and "reward" not in target):
+                data = {**data, "target": {**(target or {}), "reward": "env"}}
         if isinstance(data, dict) and isinstance(data.get("algorithm"), str):
             data = {**data, "algorithm": {"name": data["algorithm"]}}
         if isinstance(data, dict) and isinstance(data.get("algorithm"), dict):
@@ -106,7 +125,12 @@ class TrainConfig(_Strict):
             fields = algorithm_class(name).Config.model_fields
             if "beta" in fields and "beta" not in algo:
                 target = data.get("target") or {}
+                if not isinstance(target, (dict, TargetConfig)):
+                    raise TiltlmError(f"config 'target' must be a mapping (reward, beta, constraints), not {type(target).__name__}; fix that value")
                 algo["beta"] = target.get("beta", TargetConfig().beta) if isinstance(target, dict) else target.beta
+                if not _positive_finite(algo["beta"]):  # say so here, or the copy would be blamed as algorithm.beta
+                    raise TiltlmError(f"config 'target.beta' must be a finite number > 0 (got {algo['beta']!r}); "
+                                      "small beta follows the reward closely, large beta stays near the prior")
             data = {**data, "algorithm": algo}
         return data
 
@@ -123,6 +147,13 @@ class TrainConfig(_Strict):
         return make_config(value.pop("name"), **value)
 
 
+def _positive_finite(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool) and 0 < float(value) < math.inf
+    except (TypeError, ValueError):
+        return False
+
+
 def _explain(e: ValidationError, model: type[BaseModel]) -> str:
     err = e.errors()[0]
     loc = [str(p) for p in err["loc"]]
@@ -132,11 +163,13 @@ def _explain(e: ValidationError, model: type[BaseModel]) -> str:
         for part in loc[:-1]:
             field = owner.model_fields.get(part) if hasattr(owner, "model_fields") else None
             owner = getattr(field, "annotation", None) if field else None
+            owner = next((a for a in getattr(owner, "__args__", ()) if hasattr(a, "model_fields")), owner)  # X | None -> X
         known = list(getattr(owner, "model_fields", {}) or [])
         close = difflib.get_close_matches(loc[-1], known, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         return f"unknown config key '{where}'; {hint}known keys here: {', '.join(known)}"
-    return f"config '{where}': {err['msg']}; fix that value"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"config '{where}': {message}; fix that value" if loc else f"config: {message}; fix that value"
 
 
 def parse_config(data: dict) -> TrainConfig:
@@ -156,6 +189,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if isinstance(e, yaml.constructor.ConstructorError):  # e.g. !!python/object: never constructed (safe_load)
+            raise TiltlmError(f"config '{path}' is not valid YAML{where}: {getattr(e, 'problem', '')}; "
+                              "a config is plain YAML, remove the tag") from None
         raise TiltlmError(f"config '{path}' is not valid YAML{where}; fix its syntax") from None
     if not isinstance(data, dict):
         raise TiltlmError(f"config '{path}' must be a YAML mapping (key: value), not {type(data).__name__}")

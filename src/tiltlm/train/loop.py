@@ -18,10 +18,13 @@ import torch
 import yaml
 
 from tiltlm.algorithms.base import Algorithm, Batch, get_algorithm
+from tiltlm.envs import get_env, rollout
 from tiltlm.errors import TiltlmError
 from tiltlm.exact import count_sequences, enumerate_space
+from tiltlm.exact.mdp import ExactEnvMetrics
 from tiltlm.metrics.batch import ExactMetrics, batch_metrics
-from tiltlm.targets.base import Target, Tilt
+from tiltlm.metrics.episodes import episode_metrics
+from tiltlm.targets.base import Target, Tilt, rewards_of
 from tiltlm.train.checkpoint import load_checkpoint, save_checkpoint
 from tiltlm.train.config import TrainConfig
 
@@ -34,9 +37,8 @@ def trainable_module(policy) -> torch.nn.Module:
 def score_batch(target: Target, samples, logq: torch.Tensor, *, sampler_is_prior: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log pi0, log P, reward) for samples; the tilt's reward is computed once and reused for log P."""
     logp_prior = logq if sampler_is_prior else target.prior.log_prob(samples).double().cpu()
-    contexts = [samples.contexts[g] for g in samples.group.tolist()]
     tilt = target.tilt
-    reward = tilt.reward(samples.texts, contexts) if tilt is not None else torch.zeros(len(samples), dtype=torch.float64)
+    reward = rewards_of(tilt.reward, samples) if tilt is not None else torch.zeros(len(samples), dtype=torch.float64)
     log_potential = torch.zeros(len(samples), dtype=torch.float64)
     for factor in target.factors:
         if factor is tilt:
@@ -44,6 +46,23 @@ def score_batch(target: Target, samples, logq: torch.Tensor, *, sampler_is_prior
         else:
             log_potential = log_potential + factor.log_potential(samples)
     return logp_prior, logp_prior + log_potential, reward
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    message = str(e).lower()  # CUDA: "CUDA out of memory"; CPU: "DefaultCPUAllocator: can't allocate memory"
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in message or "can't allocate memory" in message
+
+
+def _nonfinite_cause(batch: Batch, logp: torch.Tensor, target: Target) -> str:
+    """Why a loss (or gradient) is not finite: the policy's log-probs, the rewards' scale, or the loss itself."""
+    if not bool(torch.isfinite(logp.detach()).all()):
+        return "log pi(x) of the policy is non-finite (its weights diverged); lower optim.lr or set optim.grad_clip"
+    beta = target.tilt.beta if target.tilt is not None else math.inf
+    r_max = float(batch.reward.abs().max()) if len(batch) else 0.0
+    lt = batch.log_target
+    if bool((torch.isnan(lt) | (lt == math.inf)).any()) or not math.isfinite(float(batch.reward.sum())):
+        return f"the rewards (|r| up to {r_max:.3g}) overflow r/beta (beta {beta:g}); rescale the reward or raise beta"
+    return f"the loss overflowed with rewards up to |r| = {r_max:.3g} and beta {beta:g}; lower optim.lr, rescale the reward or raise beta"
 
 
 class Trainer:
@@ -62,10 +81,15 @@ class Trainer:
         resume: bool = False,
         algorithm: Algorithm | None = None,
         on_metrics: Callable[[dict], None] | None = None,
+        env=None,
     ):
         self.config = config
         self.policy = policy
         self.target = target
+        # the interactive case: episodes are played in an environment (built from config.env unless given)
+        self._owns_env = env is None and config.env is not None
+        self.env = get_env(config.env.name, **config.env.options) if self._owns_env else env
+        self.env_counts = {"episodes": 0, "failures": 0}
         self.algorithm = algorithm or get_algorithm(config.algorithm)
         if not self.algorithm.on_policy:
             self.algorithm.proposal = target.prior
@@ -92,6 +116,8 @@ class Trainer:
         prior = self.target.prior
         if not m.exact_every:
             return None
+        if self.env is not None:
+            return self._build_exact_env()
         if count_sequences(prior.vocab_size, self.config.sampling.max_new_tokens) > m.exact_max_sequences:
             return None  # not enumerable: estimates only
         out = []
@@ -103,18 +129,32 @@ class Trainer:
             out.append(ExactMetrics(space, log_target - logq, reward))
         return out
 
+    def _build_exact_env(self) -> list | None:
+        """Exact trajectory metrics when the env is tabular and the target is Prior * Tilt(env)."""
+        tilt = self.target.tilt
+        if not hasattr(self.env, "histories") or tilt is None or tilt.reward.name != "env" or len(self.target.factors) != 1:
+            return None
+        return [ExactEnvMetrics(self.env, self.target.prior.log_action_probs(), tilt.beta)]
+
     def _prepare_out_dir(self, resume: bool) -> None:
         out = self.out_dir
         ckpt = out / "checkpoint"
         if resume:
             if not (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
+                if (out / "config.yaml").is_file():  # killed before its first checkpoint: restart from step 0
+                    self._truncate_metrics(0)
+                    return
                 raise TiltlmError(f"no checkpoint in '{out}' to resume; run without --resume")
             self._load(ckpt)
             return
+        if out.exists() and not out.is_dir():
+            raise TiltlmError(f"--out '{out}' is a file, not a directory; choose another --out")
         if out.exists() and any(out.iterdir()):
             raise TiltlmError(f"output directory '{out}' is not empty; pass --resume to continue that run or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(json.loads(self.config.model_dump_json()), sort_keys=False))
+        tmp = out / ".config.yaml.tmp"  # temp file + rename: a kill never leaves half a config
+        tmp.write_text(yaml.safe_dump(json.loads(self.config.model_dump_json()), sort_keys=False))
+        tmp.replace(out / "config.yaml")
 
     def _load(self, ckpt: Path) -> None:
         data = load_checkpoint(ckpt)
@@ -126,6 +166,7 @@ class Trainer:
         self.optimizer.load_state_dict(data["optimizer"])
         torch.random.set_rng_state(data["rng"])
         self.algorithm.load_state_dict(state["algorithm"])
+        self.env_counts = dict(state.get("env", self.env_counts))
         if "proposal" in data:
             proposal = self.policy.copy()
             trainable_module(proposal).load_state_dict(data["proposal"])
@@ -157,14 +198,58 @@ class Trainer:
     def make_batch(self, step: int) -> Batch:
         s = self.config.sampling
         sampler = self.policy if self.algorithm.on_policy else self.algorithm.proposal
-        samples = sampler.sample(list(s.contexts), s.n_per_context, seed=self.seed_for(step))
+        if self.env is not None:
+            samples = self._rollout(sampler, step)
+        else:
+            samples = sampler.sample(list(s.contexts), s.n_per_context, seed=self.seed_for(step))
         logq = samples.logp.double()
-        logp_prior, log_target, reward = score_batch(self.target, samples, logq, sampler_is_prior=sampler is self.target.prior)
+        is_prior = sampler is self.target.prior
+        token_logp_prior = None
+        if samples.trajectories is not None:  # per-token log pi0 for the per-turn KL
+            token_logp_prior = samples.token_logp if is_prior else self.target.prior.log_prob(samples, per_token=True).detach().cpu()
+            logq_prior = token_logp_prior.sum(-1).double()
+            logp_prior, log_target, reward = score_batch(self.target, samples, logq_prior, sampler_is_prior=True)
+        else:
+            logp_prior, log_target, reward = score_batch(self.target, samples, logq, sampler_is_prior=is_prior)
         return Batch(samples=samples, logq=logq, token_logq=samples.token_logp, logp_prior=logp_prior,
-                     log_target=log_target, reward=reward)
+                     log_target=log_target, reward=reward, token_logp_prior=token_logp_prior)
+
+    def _rollout(self, sampler, step: int):
+        """Play this step's episodes: n_per_context per task, tasks drawn by the step's seed."""
+        e, n = self.config.env, self.config.sampling.n_per_context
+        tasks = list(self.env.tasks())
+        if e.tasks_per_step is not None and e.tasks_per_step < len(tasks):
+            rng = torch.Generator().manual_seed(self.seed_for(step))
+            tasks = [tasks[i] for i in sorted(torch.randperm(len(tasks), generator=rng)[: e.tasks_per_step].tolist())]
+        samples = rollout(sampler, self.env, tasks, n, seed=self.seed_for(step), max_action_tokens=e.max_action_tokens,
+                          timeout_s=e.timeout_s, max_observation_chars=e.max_observation_chars,
+                          max_observation_tokens=e.max_observation_tokens)
+        failures = [t.failure for t in samples.trajectories if t.failure]
+        self.env_counts["episodes"] += len(samples)
+        self.env_counts["failures"] += len(failures)
+        rate = self.env_counts["failures"] / self.env_counts["episodes"]
+        if failures and rate > e.max_failure_rate:
+            common = max(set(failures), key=failures.count)
+            raise TiltlmError(
+                f"environment '{e.name}': {self.env_counts['failures']} of {self.env_counts['episodes']} episodes failed by step {step + 1} "
+                f"({rate:.0%} > env.max_failure_rate {e.max_failure_rate:.0%}); most common: {common}; fix the environment or raise env.max_failure_rate"
+            )
+        return samples
 
     def train_step(self) -> dict:
-        """One step; returns its metrics row (also logged)."""
+        """One step; returns its metrics row (also logged). Running out of memory is a one-line TiltlmError."""
+        try:
+            return self._train_step()
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not _out_of_memory(e):
+                raise
+            s = self.config.sampling
+            raise TiltlmError(
+                f"out of memory at step {self.step + 1} with {len(s.contexts) * s.n_per_context} samples of up to {s.max_new_tokens} tokens; "
+                "lower sampling.n_per_context or sampling.max_new_tokens (or use a smaller model / LoRA)"
+            ) from None
+
+    def _train_step(self) -> dict:
         step = self.step
         batch = self.make_batch(step)
         self.algorithm.observe(batch)
@@ -177,22 +262,29 @@ class Trainer:
             token_logp = self.policy.log_prob(batch.samples, grad=True, per_token=True)
             logp = token_logp.sum(-1)
             if logp_before is None:
-                logp_before = logp.detach()
+                logp_before, token_logp_before = logp.detach(), token_logp.detach()
             loss, stats = self.algorithm.loss(batch, logp, token_logp)
             if not torch.isfinite(loss):
-                raise TiltlmError(
-                    f"the loss became {float(loss)} at step {step + 1}; lower the learning rate or check the reward's scale (beta {getattr(self.config.algorithm, 'beta', '-')})"
-                )
+                raise TiltlmError(f"the loss became {float(loss.detach())} at step {step + 1}: {_nonfinite_cause(batch, logp, self.target)}; "
+                                  "nothing of this step was saved (after the fix, --resume continues from the last checkpoint)")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            params = self.optimizer.param_groups[0]["params"]
+            if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+                raise TiltlmError(f"the gradient became non-finite at step {step + 1} (loss {float(loss.detach()):.4g}): {_nonfinite_cause(batch, logp, self.target)}; "
+                                  "nothing of this step was saved (after the fix, --resume continues from the last checkpoint)")
             if self.config.optim.grad_clip is not None:
                 stats["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.config.optim.grad_clip))
             self.optimizer.step()
+            self._check_weights(step + 1)
         stats.update(self.algorithm.after_step(batch, self.policy, logp_before))
         self.step = step + 1
         row = {"step": self.step, "loss": float(loss.detach()), **stats,
                **batch_metrics(batch, logp_before, on_policy=self.algorithm.on_policy,
                                kl_estimator=self.config.metrics.kl_estimator, diversity=self.config.metrics.diversity)}
+        if batch.samples.trajectories is not None:
+            row.update(episode_metrics(batch, token_logp_before, on_policy=self.algorithm.on_policy))
+            row["env/failure_rate_run"] = self.env_counts["failures"] / max(1, self.env_counts["episodes"])
         if self.exact and (self.step % self.config.metrics.exact_every == 0 or self.step == self.config.optim.steps):
             row.update(self.exact_metrics())
         row["samples/seen"] = self.step * len(batch)
@@ -208,6 +300,18 @@ class Trainer:
         return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
     def run(self, progress: bool = False) -> list[dict]:
+        """Train to ``optim.steps``, write policy/, and release an environment the trainer built."""
+        try:
+            return self._run(progress)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop what the trainer started (an environment's server process, for instance)."""
+        if self._owns_env and self.env is not None:
+            self.env.close()
+
+    def _run(self, progress: bool) -> list[dict]:
         rows = []
         total = self.config.optim.steps
         if progress:
@@ -236,12 +340,20 @@ class Trainer:
         if self.on_metrics is not None:
             self.on_metrics(row)
 
+    def _check_weights(self, step: int) -> None:
+        """Stop (before any checkpoint could store them) when an optimiser step made a weight inf or NaN."""
+        bad = next((n for n, p in self.module.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise TiltlmError(f"the policy's weights became non-finite at step {step} ({bad}); the last good checkpoint is kept; "
+                              "lower optim.lr or set optim.grad_clip, then --resume")
+
     def save_checkpoint(self) -> None:
+        self._check_weights(self.step)  # never replace the last good checkpoint with a broken one
         proposal = self.algorithm.proposal
         keep_proposal = proposal is not None and proposal is not self.target.prior
         save_checkpoint(
             self.out_dir / "checkpoint", step=self.step, module=self.module, optimizer=self.optimizer,
-            extra={"algorithm": self.algorithm.state_dict()},
+            extra={"algorithm": self.algorithm.state_dict(), "env": self.env_counts},
             proposal=trainable_module(proposal) if keep_proposal else None,
         )
 

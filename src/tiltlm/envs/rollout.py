@@ -1,0 +1,157 @@
+"""Multi-turn rollouts: many episodes at once, one batched policy call per turn, one Samples out.
+
+The trajectory of an episode is the token sequence
+
+    [prompt] o_0  a_1  o_1  a_2  o_2 ... a_K          (o_t environment tokens, a_t policy tokens)
+
+stored as a ``Samples`` row: ``context_ids`` holds the prompt, ``ids`` everything after it with
+``attn`` True on every real token and ``mask`` True on policy tokens only. So log pi(tau) and every
+KL sum over the policy's own tokens, p_env never enters a ratio (it cancels, MATH.md §5), and a
+gradient can never reach an observation. ``turn`` gives each token's turn (its action's index; the
+reset observation is turn 0) so KL(pi||pi0) can be reported per turn.
+
+Randomness is per episode: episode i of a call with seed s draws its actions from the generator
+``episode_seed(s, i)`` and its environment noise from ``env.episode(seed=episode_seed(s, i))``, so
+an episode is the same whichever batch (or worker) it is rolled out in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tiltlm.envs.base import EnvFault, Trajectory, call_with_timeout, clean_observation, clean_step
+from tiltlm.errors import TiltlmError
+from tiltlm.policies.base import Samples
+
+
+def episode_seed(seed: int, index: int) -> int:
+    """The seed of episode ``index`` of a rollout call seeded ``seed`` (fits a torch generator)."""
+    return (seed * 1_000_003 + index * 7_919 + 17) % (2**62)
+
+
+def rollout(
+    policy,
+    env,
+    tasks: list[str],
+    n: int,
+    *,
+    seed: int,
+    max_action_tokens: int = 16,
+    timeout_s: float | None = 10.0,
+    max_observation_chars: int = 2000,
+    max_observation_tokens: int = 256,
+) -> Samples:
+    """Play ``n`` episodes of each task with ``policy``; rows grouped task by task.
+
+    The policy must provide ``encode_context(prompt)``, ``encode_text(observation)``,
+    ``generate(prefixes, max_new_tokens=, seeds=)`` and ``decode`` (HFPolicy and TabularEnvPolicy do).
+    """
+    if not tasks:
+        raise TiltlmError(f"environment '{env.name}' has no tasks to play; give it at least one task")
+    group = torch.arange(len(tasks)).repeat_interleave(n)
+    b = int(group.shape[0])
+    prompt = list(policy.encode_context(env.prompt))
+    window = getattr(policy, "window", None)
+    seeds = [episode_seed(seed, i) for i in range(b)]
+    trajs = [Trajectory(task=tasks[g]) for g in group.tolist()]
+    tokens: list[list[int]] = [[] for _ in range(b)]  # everything after the prompt
+    is_policy: list[list[bool]] = [[] for _ in range(b)]
+    logps: list[list[float]] = [[] for _ in range(b)]
+    turn_of: list[list[int]] = [[] for _ in range(b)]
+    episodes: list = [None] * b
+
+    def fail(i: int, reason: str) -> None:
+        trajs[i].failure, trajs[i].done = reason, True
+
+    def add_observation(i: int, text: str, turn: int) -> None:
+        ids = list(policy.encode_text(text))[:max_observation_tokens] if text else []
+        if window is not None and len(prompt) + len(tokens[i]) + len(ids) + max_action_tokens > window:
+            # the model's window cannot hold this observation and another action: end here, no fault
+            trajs[i].done = trajs[i].truncated = True
+            trajs[i].notes.append(f"model window of {window} tokens full")
+            return
+        tokens[i] += ids
+        is_policy[i] += [False] * len(ids)
+        logps[i] += [0.0] * len(ids)
+        turn_of[i] += [turn] * len(ids)
+
+    if window is not None and len(prompt) + max_action_tokens > window:
+        raise TiltlmError(f"the prompt of {len(prompt)} tokens + max_action_tokens {max_action_tokens} exceeds the model's window of {window}; shorten the prompt or lower env.max_action_tokens")
+    for i in range(b):
+        try:
+            episodes[i] = call_with_timeout(lambda i=i: env.episode(seed=seeds[i]), timeout_s)
+            obs = call_with_timeout(lambda i=i: episodes[i].reset(trajs[i].task), timeout_s)
+            obs = clean_observation(obs, max_observation_chars, trajs[i].notes)
+        except EnvFault as e:
+            fail(i, f"reset {e}")
+            continue
+        trajs[i].observations.append(obs)
+        add_observation(i, obs, 0)
+
+    for turn in range(1, env.max_turns + 1):
+        active = [i for i in range(b) if not trajs[i].done]
+        if not active:
+            break
+        ids, token_logp, mask = policy.generate([prompt + tokens[i] for i in active], max_new_tokens=max_action_tokens,
+                                                seeds=[seeds[i] * 131 + turn for i in active])
+        actions = []
+        for k, i in enumerate(active):
+            row = ids[k][mask[k]].tolist()
+            tokens[i] += row
+            is_policy[i] += [True] * len(row)
+            logps[i] += token_logp[k][mask[k]].tolist()
+            turn_of[i] += [turn] * len(row)
+            text_ids = row[:-1] if row and row[-1] == policy.eos_id else row
+            actions.append(policy.decode([text_ids])[0])
+        for i, action in zip(active, actions):
+            t = trajs[i]
+            t.actions.append(action)
+            try:
+                result = call_with_timeout(lambda i=i, action=action: episodes[i].step(action), timeout_s)
+                result = clean_step(result, max_observation_chars, t.notes)
+            except EnvFault as e:
+                t.rewards.append(0.0)
+                t.infos.append({})
+                fail(i, f"step {turn} {e}")
+                continue
+            t.rewards.append(result.reward)
+            t.infos.append(result.info)
+            t.observations.append(result.observation)
+            if result.done:
+                t.done = True
+                t.truncated = bool(result.info.get("truncated", False))  # an env that ends episodes at its own limit
+            elif turn == env.max_turns:
+                t.done = t.truncated = True
+            else:
+                add_observation(i, result.observation, turn)
+    for t in trajs:
+        if not t.done:
+            t.done = t.truncated = True
+    return _to_samples(policy, env, prompt, group, tasks, trajs, tokens, is_policy, logps, turn_of)
+
+
+def _to_samples(policy, env, prompt, group, tasks, trajs, tokens, is_policy, logps, turn_of) -> Samples:
+    b = len(trajs)
+    width = max((len(t) for t in tokens), default=0)
+    pad = getattr(policy, "pad_id", policy.eos_id)
+    ids = torch.full((b, width), pad, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.bool)
+    mask = torch.zeros((b, width), dtype=torch.bool)
+    token_logp = torch.zeros((b, width))
+    turn = torch.full((b, width), -1, dtype=torch.long)
+    for i in range(b):
+        n = len(tokens[i])
+        if n:
+            ids[i, :n] = torch.tensor(tokens[i], dtype=torch.long)
+            attn[i, :n] = True
+            mask[i, :n] = torch.tensor(is_policy[i], dtype=torch.bool)
+            token_logp[i, :n] = torch.tensor(logps[i])
+            turn[i, :n] = torch.tensor(turn_of[i], dtype=torch.long)
+    context_ids = torch.tensor([prompt] * b, dtype=torch.long).reshape(b, len(prompt))
+    return Samples(
+        contexts=list(tasks), group=group, context_ids=context_ids, context_attn=torch.ones_like(context_ids, dtype=torch.bool),
+        ids=ids, attn=attn, mask=mask, token_logp=token_logp,
+        texts=["\n".join(t.actions) for t in trajs],  # the policy's words: diversity of queries / questions
+        eos=torch.tensor([t.done and not t.truncated for t in trajs], dtype=torch.bool),
+        turn=turn, trajectories=trajs,
+    )

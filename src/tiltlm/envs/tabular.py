@@ -1,0 +1,239 @@
+"""Small stochastic decision trees whose optimal policies tiltlm computes exactly.
+
+A ``TabularEnv`` of depth D: at each of D turns the policy picks one of A actions (one token each),
+the environment answers with one of O observations drawn from p_env(o | h, a) and pays r(h, a, o).
+Histories h = ((a_1, o_1), ..., (a_t, o_t)) are the nodes; ``stochasticity`` s mixes a seeded
+deterministic answer with a seeded random distribution, p_env = (1-s)·onehot + s·Dirichlet(1), so
+s = 0 is a deterministic environment (where forward- and reverse-KL optima coincide, MATH.md §5)
+and s = 1 a fully random one. ``preset="lottery"`` is MATH.md §5's example: A pays 0, B pays +10
+or -10 with probability 1/2 each.
+
+``TabularEnvPolicy`` is the matching exact policy: one free logit vector per history, so every
+policy q(a|h) is representable and training can be checked against tiltlm.exact.mdp's optima.
+As tokens, a trajectory is [start] a_1 o_1 a_2 o_2 ... (start and observations are env tokens).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tiltlm.envs.base import Env, StepResult, register_env
+from tiltlm.errors import TiltlmError
+from tiltlm.policies.base import Samples
+
+History = tuple[tuple[int, int], ...]  # ((action index, observation index), ...)
+
+
+@register_env
+class TabularEnv(Env):
+    """A depth-D tree MDP with explicit outcome tables ``outcomes[(h, a)] = [(o, prob, reward), ...]``."""
+
+    name = "tabular"
+
+    def __init__(
+        self,
+        *,
+        depth: int = 2,
+        n_actions: int = 2,
+        n_observations: int = 2,
+        stochasticity: float = 1.0,
+        reward_scale: float = 1.0,
+        final_reward: bool = False,
+        seed: int = 0,
+        prior_scale: float = 1.0,
+        prior_seed: int | None = None,
+        preset: str | None = None,
+    ):
+        if preset not in (None, "lottery"):
+            raise TiltlmError(f"unknown tabular preset '{preset}'; available: lottery")
+        if not (0.0 <= stochasticity <= 1.0):
+            raise TiltlmError(f"stochasticity must be in [0, 1] (got {stochasticity}); 0 is deterministic, 1 fully random")
+        if depth < 1 or n_actions < 1 or n_observations < 1:
+            raise TiltlmError("a tabular environment needs depth, n_actions and n_observations >= 1")
+        if (n_actions * n_observations) ** depth > 200_000:
+            raise TiltlmError(f"(n_actions·n_observations)^depth = {(n_actions * n_observations) ** depth} trajectories is too many to solve exactly; lower depth")
+        self.options = dict(depth=depth, n_actions=n_actions, n_observations=n_observations, stochasticity=stochasticity,
+                            reward_scale=reward_scale, final_reward=final_reward, seed=seed, prior_scale=prior_scale,
+                            prior_seed=prior_seed, preset=preset)
+        self.prior_scale, self.prior_seed = float(prior_scale), prior_seed
+        if preset == "lottery":
+            self.actions, self.observations, self.depth = ["A", "B"], ["zero", "win", "lose"], 1
+            self.outcomes = {((), 0): [(0, 1.0, 0.0)], ((), 1): [(1, 0.5, 10.0), (2, 0.5, -10.0)]}
+            self.prior_scale = 0.0  # MATH.md's example has a uniform prior
+        else:
+            self.actions = [f"a{i}" for i in range(n_actions)]
+            self.observations = [f"o{i}" for i in range(n_observations)]
+            self.depth = depth
+            self.outcomes = {}
+            for h in self._histories_by_depth():
+                for a in range(n_actions):
+                    rng = random.Random(f"tabular:{seed}:{h}:{a}")
+                    fixed = rng.randrange(n_observations)
+                    noise = [rng.gammavariate(1.0, 1.0) for _ in range(n_observations)]
+                    probs = [(1 - stochasticity) * (o == fixed) + stochasticity * noise[o] / sum(noise) for o in range(n_observations)]
+                    last = len(h) == depth - 1
+                    self.outcomes[(h, a)] = [
+                        (o, p, rng.gauss(0.0, reward_scale) if (last or not final_reward) else 0.0)
+                        for o, p in enumerate(probs) if p > 0
+                    ]
+        self.max_turns = self.depth
+        self.histories = self._histories_by_depth()  # non-terminal histories, shallow first
+        self.node = {h: i for i, h in enumerate(self.histories)}
+        self.vocab = ["<start>", *self.actions, *self.observations]
+
+    def _histories_by_depth(self) -> list[History]:
+        """Every history of fewer than ``depth`` turns (including unreachable ones of zero probability)."""
+        layer: list[History] = [()]
+        out: list[History] = []
+        for _ in range(self.depth):
+            out += layer
+            layer = [h + ((a, o),) for h in layer for a in range(len(self.actions)) for o in range(len(self.observations))]
+        return out
+
+    @property
+    def deterministic(self) -> bool:
+        return all(len(v) == 1 for v in self.outcomes.values())
+
+    def tasks(self) -> list[str]:
+        return ["start"]
+
+    def episode(self, seed: int) -> "_TabularEpisode":
+        return _TabularEpisode(self, random.Random(seed))
+
+    def make_prior(self) -> "TabularEnvPolicy":
+        """pi0: logits N(0, prior_scale²) from ``prior_seed`` (default seed + 1); uniform when prior_scale = 0."""
+        gen = torch.Generator().manual_seed(self.prior_seed if self.prior_seed is not None else self.options["seed"] + 1)
+        logits = torch.randn((len(self.histories), len(self.actions)), generator=gen) * self.prior_scale
+        return TabularEnvPolicy(self, logits)
+
+
+class _TabularEpisode:
+    def __init__(self, env: TabularEnv, rng: random.Random):
+        self.env, self.rng, self.history = env, rng, ()
+
+    def reset(self, task: str) -> str:
+        self.history = ()
+        return "<start>"
+
+    def step(self, action: str) -> StepResult:
+        env = self.env
+        if action not in env.actions:
+            raise ValueError(f"unknown action {action!r}; actions: {env.actions}")
+        a = env.actions.index(action)
+        outcomes = env.outcomes[(self.history, a)]
+        u, acc = self.rng.random(), 0.0
+        o, _, reward = outcomes[-1]
+        for o_, p, r in outcomes:
+            acc += p
+            if u < acc:
+                o, reward = o_, r
+                break
+        self.history = self.history + ((a, o),)
+        return StepResult(env.observations[o], float(reward), len(self.history) == env.depth, {})
+
+
+class TabularEnvPolicy(nn.Module):
+    """q(a | h) = softmax(logits[node(h)]): one free logit vector per history of a TabularEnv."""
+
+    max_new_tokens = 1
+    window = None
+
+    def __init__(self, env: TabularEnv, logits: torch.Tensor | None = None):
+        super().__init__()
+        self.env = env
+        shape = (len(env.histories), len(env.actions))
+        logits = torch.zeros(shape) if logits is None else logits
+        if tuple(logits.shape) != shape:
+            raise TiltlmError(f"tabular env policy logits must have shape {shape} (histories, actions), got {tuple(logits.shape)}")
+        self.logits = nn.Parameter(logits.detach().clone().float())
+        self.vocab_size = len(env.vocab)
+        self.eos_id = -1  # an action is exactly one token; nothing ends a turn early
+        self.pad_id = 0
+        self.n_actions = len(env.actions)
+
+    # ---- tokens ----------------------------------------------------------------------------
+    def encode_context(self, prompt: str) -> list[int]:
+        return []
+
+    def encode_text(self, text: str) -> list[int]:
+        try:
+            return [self.env.vocab.index(text)]
+        except ValueError:
+            raise TiltlmError(f"observation {text!r} is not a token of this tabular environment") from None
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        return [" ".join(self.env.vocab[i] for i in row) for row in ids]
+
+    def _node(self, prefix: list[int]) -> int:
+        """Node of the history a prefix [start, a, o, a, o, ...] has reached."""
+        a0, o0 = 1, 1 + self.n_actions
+        pairs = tuple((prefix[k] - a0, prefix[k + 1] - o0) for k in range(1, len(prefix) - 1, 2))
+        return self.env.node[pairs]
+
+    # ---- the policy --------------------------------------------------------------------------
+    def log_action_probs(self) -> torch.Tensor:
+        """log q(a | h) for every history, (n_histories, A), detached (for exact computations)."""
+        return torch.log_softmax(self.logits.detach(), dim=-1)
+
+    @torch.no_grad()
+    def generate(self, prefixes: list[list[int]], *, max_new_tokens: int = 1, seeds: list[int]):
+        """One action token per prefix, drawn from the row's own generator (inverse CDF)."""
+        rows = torch.tensor([self._node(p) for p in prefixes], dtype=torch.long)
+        logp = torch.log_softmax(self.logits[rows], dim=-1)  # (b, A)
+        u = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).double()
+        cdf = logp.double().exp().cumsum(-1)
+        a = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=self.n_actions - 1)  # (b,)
+        ids = (a + 1)[:, None]  # action tokens follow <start>
+        return ids, logp.gather(-1, a[:, None]), torch.ones_like(ids, dtype=torch.bool)
+
+    def log_prob(self, samples: Samples, *, grad: bool = False, per_token: bool = False) -> torch.Tensor:
+        """log q(tau) = sum over policy tokens of log q(a_t | h_t): (B,), or (B, T) per token."""
+        ids, mask = samples.ids, samples.mask
+        where, nodes, actions = [], [], []
+        for b, (row, m) in enumerate(zip(ids.tolist(), mask.tolist())):
+            for t, is_action in enumerate(m):
+                if is_action:
+                    where.append((b, t))
+                    nodes.append(self._node(row[:t]))
+                    actions.append(row[t] - 1)
+        with torch.set_grad_enabled(grad):
+            token_logp = torch.zeros(ids.shape, dtype=self.logits.dtype)
+            if where:
+                logp = torch.log_softmax(self.logits[torch.tensor(nodes)], dim=-1).gather(-1, torch.tensor(actions)[:, None]).squeeze(-1)
+                bi, ti = torch.tensor(where).T
+                token_logp = token_logp.index_put((bi, ti), logp)
+        return token_logp if per_token else token_logp.sum(-1)
+
+    # ---- persistence -------------------------------------------------------------------------
+    def copy(self) -> "TabularEnvPolicy":
+        return copy.deepcopy(self)
+
+    def save(self, directory: str | Path) -> Path:
+        """tabular_env_policy.safetensors (logits) + tabular_env.json (the environment's options)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"logits": self.logits.detach().contiguous()}, str(directory / "tabular_env_policy.safetensors"))
+        (directory / "tabular_env.json").write_text(json.dumps(self.env.options, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "TabularEnvPolicy":
+        directory = Path(directory)
+        if not (directory / "tabular_env.json").is_file():
+            raise TiltlmError(f"'{directory}' holds no tabular environment policy; pass a directory written by TabularEnvPolicy.save")
+        env = TabularEnv(**json.loads((directory / "tabular_env.json").read_text()))
+        return cls(env, load_file(str(directory / "tabular_env_policy.safetensors"))["logits"])
+
+
+def lottery_q_values(beta: float = 1.0) -> dict[str, float]:
+    """Closed form of MATH.md §5's lottery: optimistic Q_B = beta·log(½e^{10/β} + ½e^{-10/β}) in reward units, variational Q_B = 0."""
+    x = 10.0 / beta
+    return {"optimistic": beta * (x + math.log1p(math.exp(-2 * x)) - math.log(2)), "variational": 0.0}
