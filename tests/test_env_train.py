@@ -266,3 +266,25 @@ def test_env_names_and_options_errors(tmp_path):
         get_env(f"{user}:Env2")
     with pytest.raises(TiltlmError, match="not found"):
         get_env(f"{tmp_path / 'nope.py'}:Mine")
+
+
+def test_short_kl_pg_run_on_dialogue_beats_the_prior():
+    """Twenty questions with the embedded story prior: 25 steps of kl-pg (32 episodes each) raise the
+    success rate on the same 128 evaluation episodes well above pi0's (measured: 6.3% -> 27.3%, KL(pi||pi0) ~5 nats)."""
+    torch.set_num_threads(1)
+    from tiltlm.experiments.run import DIALOGUE_THINGS
+
+    options = {"retry_cue": True, "max_turns": 2, "things": list(DIALOGUE_THINGS)}
+    trainer, rows = _train({"algorithm": "kl-pg", "target": {"beta": 0.05},
+                            "env": {"name": "dialogue", "options": options, "tasks_per_step": 4, "max_action_tokens": 5},
+                            "sampling": {"n_per_context": 8}, "optim": {"steps": 25, "lr": 2e-4}, "metrics": {"diversity": False}})
+    env = get_env("dialogue", **options)
+
+    def success(policy) -> float:
+        samples = rollout(policy, env, env.tasks(), 32, seed=123, max_action_tokens=5)
+        return sum(t.success for t in samples.trajectories) / len(samples)
+
+    before, after = success(trainer.target.prior), success(trainer.policy)
+    assert before < 0.15
+    assert after >= before + 0.12 and after >= 2 * before, (before, after)
+    assert all(math.isfinite(r["kl/prior_seq"]) for r in rows)

@@ -54,6 +54,7 @@ def run(
     budget: float = typer.Option(1.0, help="Scales the number of steps (1.0 ≈ 5–10 minutes on 2 CPU cores)."),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="Replace an existing results directory."),
+    interactive: bool = typer.Option(False, help="Add part 3, the interactive case: DPG vs KL-PG on tabular envs (exact) and twenty questions."),
 ) -> None:
     """The main job: collapse vs posterior on the default LM and on an exact testbed, with a report."""
     from tiltlm.experiments.run import run_main
@@ -64,7 +65,7 @@ def run(
     except ValueError:
         raise TiltlmError(f"--betas must be comma-separated numbers (got {betas!r})") from None
     path = run_main(out, prior=prior, reward=reward, betas=beta_list, main_beta=beta, budget=budget, seed=seed,
-                    overwrite=overwrite, log=console.print)
+                    overwrite=overwrite, interactive=interactive, log=console.print)
     summary = json.loads((path / "run.json").read_text())
     for part, title in (("lm", f"{prior} prior, r = {reward}"), ("testbed", "exact testbed, r = count:a")):
         table = Table("algorithm", "beta", "reward", "KL(pi||pi0)", "KL(p*||pi)", "entropy", "distinct-2", title=title)
@@ -76,7 +77,28 @@ def run(
                           pick("kl/target_exact", "kl/target_is"), pick("entropy/exact", "entropy/seq"),
                           pick("diversity/distinct_2" if part == "lm" else "diversity/distinct_2_tokens"))
         console.print(table)
+    if interactive:
+        _print_interactive(path / "interactive")
     console.print(f"report: {path / 'report.html'}  ({summary['seconds']:.0f} s)")
+
+
+def _print_interactive(root: Path) -> None:
+    """Part 3's tables: exact KLs to the two optima per env, and the twenty-questions evaluation."""
+    table = Table("environment", "algorithm", "KL(q_opt||pi)", "KL(pi||q_var)", "E[R]", title="interactive: exact optima (beta 1)")
+    for env in ("tabular_stochastic", "tabular_deterministic"):
+        for line in (root / env / "results.jsonl").read_text().splitlines():
+            f = json.loads(line)["final"]
+            table.add_row(env.split("_")[1], json.loads(line)["algorithm"], _fmt(f.get("kl/optimistic_exact", float("nan"))),
+                          _fmt(f.get("kl/variational_exact", float("nan"))), _fmt(f.get("reward/exact", float("nan"))))
+    console.print(table)
+    table = Table("policy", "success", "KL(pi||pi0)", "KL turn 1", "KL turn 2", "distinct 1st", title="interactive: twenty questions (eval)")
+    for line in (root / "dialogue" / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["algorithm"].endswith("eval"):
+            f = r["final"]
+            table.add_row(r["algorithm"], _fmt(f["env/success_rate"]), _fmt(f["kl/prior_seq"]), _fmt(f.get("kl/prior_turn_1", float("nan"))),
+                          _fmt(f.get("kl/prior_turn_2", float("nan"))), _fmt(f["diversity/distinct_first_action"]))
+    console.print(table)
 
 
 @app.command()

@@ -42,6 +42,7 @@ from tiltlm.errors import TiltlmError
 
 OPENING = "I am thinking of an animal. Guess it! Once upon a time, there was a"
 YES, NO, UNKNOWN = "Yes.", "No.", "I don't know."
+RETRY = " Guess again! Once upon a time, there was a"  # re-opens a story so the story LM names an animal again
 
 # ---- the knowledge table ---------------------------------------------------------------------
 # things: the story grammar's animals (its "puppy"/"kitten" are pet names of dog/cat; wolf and snake
@@ -237,11 +238,12 @@ class DialogueEpisode:
 
     def step(self, action: str) -> StepResult:
         guess = find_guess(action)
+        retry = RETRY if self.env.retry_cue else ""
         if guess == self.secret:
             return StepResult(f" Yes, it is {_article(guess)}!", 1.0, True, {"kind": "guess", "guess": guess, "success": True})
         if guess is not None:
-            return StepResult(f" No, it is not {_article(guess)}.", 0.0, False, {"kind": "guess", "guess": guess, "success": False})
-        return StepResult(" " + self.answer(action), 0.0, False,
+            return StepResult(f" No, it is not {_article(guess)}.{retry}", 0.0, False, {"kind": "guess", "guess": guess, "success": False})
+        return StepResult(" " + self.answer(action) + retry, 0.0, False,
                           {"kind": "question", "attribute": find_attribute(action), "success": False})
 
 
@@ -255,7 +257,7 @@ class DialogueEnv(Env):
     name = "dialogue"
 
     def __init__(self, *, max_turns: int = 4, noise: float = 0.0, things: list[str] | None = None,
-                 human_answers: str | None = None):
+                 human_answers: str | None = None, retry_cue: bool = False):
         if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1:
             raise TiltlmError(f"dialogue max_turns must be an integer >= 1 (got {max_turns!r})")
         if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
@@ -269,6 +271,7 @@ class DialogueEnv(Env):
                     hint = f"did you mean '{close[0]}'? " if close else ""
                     raise TiltlmError(f"dialogue has no thing '{t}'; {hint}choose from: {', '.join(THINGS)}")
         self.max_turns = max_turns
+        self.retry_cue = bool(retry_cue)  # end every reply with RETRY: the story LM then guesses on every turn
         self.noise = float(noise)
         self.things = list(dict.fromkeys(things)) if things is not None else list(THINGS)
         self.human_answers = load_human_answers(human_answers) if human_answers is not None else {}

@@ -39,6 +39,11 @@ COLUMNS = [  # table columns: (keys, exact first; header)
     (REWARD, "E[r]"), (KL_PRIOR, "KL(π‖π0)"), (KL_TARGET, "KL(p*‖π)"), (KL_POLICY_TARGET, "KL(π‖p*)"), (TV, "TV(π, p*)"),
     (ENTROPY, "entropy"), (("diversity/distinct_1",), "distinct-1"), (("diversity/distinct_2",), "distinct-2"),
     (("diversity/self_bleu",), "self-BLEU"),
+    # the interactive case
+    (("env/success_rate",), "success"), (("env/turns_mean",), "turns"),
+    *[((f"kl/prior_turn_{t}",), f"KL turn {t}") for t in range(1, 5)],
+    (("diversity/distinct_first_action",), "distinct 1st actions"),
+    (("kl/optimistic_exact",), "KL(q_opt‖π)"), (("kl/variational_exact",), "KL(π‖q_var)"),
 ]
 # p* and pi0 as table rows, from exact.json: (exact key, estimated key) -> exact.json key, or a constant
 REFERENCE_ROWS = {
