@@ -154,6 +154,9 @@ CATALOGUE = {
     "algorithm-without-name": (_set("algorithm", {"beta": 1.0}), [], ["algorithm needs a name"]),
     "unknown-reward": (_set("target.reward", "cuont:a"), [], ["unknown reward 'cuont:a'", "did you mean 'count'?", "available:", "count:<text>"]),
     "unknown-constraint": (_set("target.constraints", ["contians:a"]), [], ["unknown reward 'contians:a'", "available:"]),
+    "unknown-env": (_set("env", {"name": "serch"}), [], ["unknown environment 'serch'", "did you mean 'search'?", "available: api, dialogue, search, tabular"]),
+    "unknown-env-option": (_set("env", {"name": "dialogue", "options": {"nois": 0.1}}), [], ["environment 'dialogue' has no option 'nois'", "did you mean 'noise'?", "its options:"]),
+    "env-file-missing": (_set("env", {"name": "/nonexistent/envs.py:MyEnv"}), [], ["file '/nonexistent/envs.py' not found"]),
     "beta-zero": (_set("target.beta", 0), [], ["'target.beta' must be a finite number > 0 (got 0)"]),
     "beta-negative": (_set("target.beta", -0.5), [], ["'target.beta' must be a finite number > 0 (got -0.5)"]),
     "beta-nan": (_set("target.beta", float("nan")), [], ["'target.beta' must be a finite number > 0 (got nan)"]),
@@ -227,7 +230,7 @@ def test_bad_input_ends_in_one_line_and_exit_2(row, ctx, tmp_path, monkeypatch, 
 
 def test_catalogue_size():
     """docs/reliability.md quotes this number; keep the two in step."""
-    assert len(CATALOGUE) == 48
+    assert len(CATALOGUE) == 51
     doc = (Path(__file__).resolve().parent.parent / "docs" / "reliability.md").read_text()
     for row in CATALOGUE:
         assert f"`{row}`" in doc, f"row {row} is missing from docs/reliability.md"
