@@ -3,6 +3,7 @@ on a stochastic tabular environment converging to the two exact optima of MATH.m
 
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +289,45 @@ def test_short_kl_pg_run_on_dialogue_beats_the_prior():
     assert before < 0.15
     assert after >= before + 0.12 and after >= 2 * before, (before, after)
     assert all(math.isfinite(r["kl/prior_seq"]) for r in rows)
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "kl-pg", "ppo-kl", "dpg", "gdc++", "f-dpg", {"name": "dpg", "off_policy": True}],
+                         ids=lambda a: a if isinstance(a, str) else "dpg-off-policy")
+def test_every_algorithm_trains_on_trajectories(algorithm):
+    """Each loss of the registry runs on environment rollouts and moves toward its optimum's side."""
+    torch.set_num_threads(1)
+    config = _tabular_config("kl-pg", 4, metrics={"exact_every": 2, "diversity": False})
+    config["algorithm"] = algorithm if isinstance(algorithm, dict) else {"name": algorithm}
+    trainer, rows = _train(config)
+    for row in rows:
+        assert math.isfinite(row["loss"]) and math.isfinite(row["kl/prior_seq"])
+    assert rows[-1]["kl/optimistic_exact"] >= 0 and rows[-1]["kl/variational_exact"] >= 0
+    assert not torch.equal(trainer.policy.logits, trainer.target.prior.logits)
+
+
+def test_final_reward_pays_only_at_the_last_turn():
+    env = get_env("tabular", depth=3, seed=2, final_reward=True)
+    for (h, a), outcomes in env.outcomes.items():
+        for _, _, r in outcomes:
+            assert (r != 0) == (len(h) == env.depth - 1)
+    samples = rollout(env.make_prior(), env, ["start"], 16, seed=0, timeout_s=None)
+    for t in samples.trajectories:
+        assert t.turns == 3 and t.rewards[0] == t.rewards[1] == 0.0
+    assert torch.equal(samples.env_return, torch.tensor([t.rewards[2] for t in samples.trajectories], dtype=torch.float64))
+
+
+def test_tiltlm_train_with_an_env_section(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from tiltlm.cli import main
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "env_tabular.yaml"
+    monkeypatch.setattr(sys, "argv", ["tiltlm", "train", str(config), "--out", str(tmp_path / "run"), "--steps", "3"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code in (0, None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and "kl/optimistic_exact" in rows[-1] and "kl/prior_turn_2" in rows[-1]
+    policy = TabularEnvPolicy.load(tmp_path / "run" / "policy")
+    assert policy.env.options["stochasticity"] == 1.0
