@@ -115,7 +115,10 @@ def train(
     from tiltlm.train.config import load_config, parse_config
     from tiltlm.train.loop import Trainer
 
+    from tiltlm.distributed.dist import init_from_env, place_on_rank_device
+
     _quiet_transformers()
+    world = init_from_env()  # under torchrun / accelerate launch: join the data-parallel group (else 1 process)
     cfg = load_config(config)
     if resume and (out / "config.yaml").is_file():  # the run's own resolved config wins
         cfg = load_config(out / "config.yaml")
@@ -128,16 +131,20 @@ def train(
         cfg = parse_config(data)
     from tiltlm.train.loggers import LoggerGroup, make_loggers
 
-    with _no_half_written_run(out, fresh=not resume and not (out.is_dir() and any(out.iterdir()))):
+    with _no_half_written_run(out, fresh=world.is_main and not resume and not (out.is_dir() and any(out.iterdir()))):
         policy, target = build(cfg)
+        if world.size > 1:
+            place_on_rank_device(policy, target.prior)
         trainer = Trainer(cfg, policy=policy, target=target, out_dir=out, resume=resume)
-        trackers = LoggerGroup(make_loggers(log, out, json.loads(cfg.model_dump_json())))
+        trackers = LoggerGroup(make_loggers(log if world.is_main else None, out, json.loads(cfg.model_dump_json())))
         trainer.on_metrics = trackers
         try:
             rows = trainer.run(progress=sys.stderr.isatty())
         finally:
             trackers.close()
     last = rows[-1] if rows else {}
+    if not world.is_main:
+        return
     console.print(f"done: {trainer.step} steps; reward {last.get('reward/mean', float('nan')):.4f}, "
                   f"KL(pi||pi0) {last.get('kl/prior_seq', float('nan')):.4f}; policy saved to {out / 'policy'}")
 

@@ -13,9 +13,16 @@ reset observation is turn 0) so KL(pi||pi0) can be reported per turn.
 Randomness is per episode: episode i of a call with seed s draws its actions from the generator
 ``episode_seed(s, i)`` and its environment noise from ``env.episode(seed=episode_seed(s, i))``, so
 an episode is the same whichever batch (or worker) it is rolled out in.
+
+Where the episodes run is the ``runner``'s business: ``LocalEpisodes`` (the default) calls the
+environment in this process; ``tiltlm.distributed.RayEpisodes`` plays each episode on a Ray actor
+that owns its own copy of the environment. Either way the policy generates here, batched, and the
+runner only resets and steps episodes, so the trajectories are the same for the same seed.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -29,6 +36,48 @@ def episode_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7_919 + 17) % (2**62)
 
 
+# What a runner returns per episode: (observation or StepResult, failure reason or None, notes).
+Outcome = tuple[Any, "str | None", list[str]]
+
+
+def reset_episode(env, live: dict, i: int, seed: int, task: str, timeout_s: float | None, max_chars: int) -> Outcome:
+    """Start episode ``i`` (kept in ``live``) and return its cleaned first observation; faults are contained."""
+    notes: list[str] = []
+    try:
+        live[i] = call_with_timeout(lambda: env.episode(seed=seed), timeout_s)
+        obs = call_with_timeout(lambda: live[i].reset(task), timeout_s)
+        return clean_observation(obs, max_chars, notes), None, notes
+    except EnvFault as e:
+        return None, f"reset {e}", notes
+
+
+def step_episode(live: dict, i: int, action: str, turn: int, timeout_s: float | None, max_chars: int) -> Outcome:
+    """Step episode ``i`` with ``action``; the cleaned StepResult, or the fault that ended the episode."""
+    notes: list[str] = []
+    try:
+        result = call_with_timeout(lambda: live[i].step(action), timeout_s)
+        return clean_step(result, max_chars, notes), None, notes
+    except EnvFault as e:
+        return None, f"step {turn} {e}", notes
+
+
+class LocalEpisodes:
+    """Plays a rollout's episodes in this process, one env call after another."""
+
+    def __init__(self, env):
+        self.env = env
+        self.live: dict[int, Any] = {}
+
+    def reset(self, items: list[tuple[int, int, str]], *, timeout_s: float | None, max_chars: int) -> list[Outcome]:
+        """items: (episode index, episode seed, task) each; starts a fresh set of episodes."""
+        self.live = {}
+        return [reset_episode(self.env, self.live, i, s, task, timeout_s, max_chars) for i, s, task in items]
+
+    def step(self, items: list[tuple[int, str]], turn: int, *, timeout_s: float | None, max_chars: int) -> list[Outcome]:
+        """items: (episode index, action text) each."""
+        return [step_episode(self.live, i, action, turn, timeout_s, max_chars) for i, action in items]
+
+
 def rollout(
     policy,
     env,
@@ -40,25 +89,33 @@ def rollout(
     timeout_s: float | None = 10.0,
     max_observation_chars: int = 2000,
     max_observation_tokens: int = 256,
+    episodes: range | None = None,
+    runner=None,
 ) -> Samples:
     """Play ``n`` episodes of each task with ``policy``; rows grouped task by task.
 
     The policy must provide ``encode_context(prompt)``, ``encode_text(observation)``,
     ``generate(prefixes, max_new_tokens=, seeds=)`` and ``decode`` (HFPolicy and TabularEnvPolicy do).
+    ``episodes`` plays only that contiguous range of the len(tasks)·n episodes (a data-parallel
+    shard), each exactly as in the full call; ``runner`` says where the env calls run (module docstring).
     """
     if not tasks:
         raise TiltlmError(f"environment '{env.name}' has no tasks to play; give it at least one task")
     group = torch.arange(len(tasks)).repeat_interleave(n)
-    b = int(group.shape[0])
+    index = list(range(int(group.shape[0]))) if episodes is None else list(episodes)
+    if not index or index[0] < 0 or index[-1] >= len(group):
+        raise TiltlmError(f"episodes {episodes} is not a non-empty part of the {len(group)} episodes of this rollout")
+    group = group[index]
+    b = len(index)
+    runner = LocalEpisodes(env) if runner is None else runner
     prompt = list(policy.encode_context(env.prompt))
     window = getattr(policy, "window", None)
-    seeds = [episode_seed(seed, i) for i in range(b)]
+    seeds = [episode_seed(seed, i) for i in index]
     trajs = [Trajectory(task=tasks[g]) for g in group.tolist()]
     tokens: list[list[int]] = [[] for _ in range(b)]  # everything after the prompt
     is_policy: list[list[bool]] = [[] for _ in range(b)]
     logps: list[list[float]] = [[] for _ in range(b)]
     turn_of: list[list[int]] = [[] for _ in range(b)]
-    episodes: list = [None] * b
 
     def fail(i: int, reason: str) -> None:
         trajs[i].failure, trajs[i].done = reason, True
@@ -77,23 +134,27 @@ def rollout(
 
     if window is not None and len(prompt) + max_action_tokens > window:
         raise TiltlmError(f"the prompt of {len(prompt)} tokens + max_action_tokens {max_action_tokens} exceeds the model's window of {window}; shorten the prompt or lower env.max_action_tokens")
-    for i in range(b):
-        try:
-            episodes[i] = call_with_timeout(lambda i=i: env.episode(seed=seeds[i]), timeout_s)
-            obs = call_with_timeout(lambda i=i: episodes[i].reset(trajs[i].task), timeout_s)
-            obs = clean_observation(obs, max_observation_chars, trajs[i].notes)
-        except EnvFault as e:
-            fail(i, f"reset {e}")
+    outcomes = runner.reset([(i, seeds[i], trajs[i].task) for i in range(b)], timeout_s=timeout_s, max_chars=max_observation_chars)
+    for i, (obs, fault, notes) in enumerate(outcomes):
+        trajs[i].notes += notes
+        if fault is not None:
+            fail(i, fault)
             continue
         trajs[i].observations.append(obs)
         add_observation(i, obs, 0)
 
+    # a policy with sessions (HFPolicy) keeps each episode's KV cache from turn to turn: a turn encodes
+    # only the new observation (and the last action token) instead of the prompt and whole history
+    session = policy.session() if hasattr(policy, "session") else None
     for turn in range(1, env.max_turns + 1):
         active = [i for i in range(b) if not trajs[i].done]
         if not active:
             break
-        ids, token_logp, mask = policy.generate([prompt + tokens[i] for i in active], max_new_tokens=max_action_tokens,
-                                                seeds=[seeds[i] * 131 + turn for i in active])
+        prefixes, turn_seeds = [prompt + tokens[i] for i in active], [seeds[i] * 131 + turn for i in active]
+        if session is not None:
+            ids, token_logp, mask = session.generate(active, prefixes, max_new_tokens=max_action_tokens, seeds=turn_seeds)
+        else:
+            ids, token_logp, mask = policy.generate(prefixes, max_new_tokens=max_action_tokens, seeds=turn_seeds)
         actions = []
         for k, i in enumerate(active):
             row = ids[k][mask[k]].tolist()
@@ -103,16 +164,15 @@ def rollout(
             turn_of[i] += [turn] * len(row)
             text_ids = row[:-1] if row and row[-1] == policy.eos_id else row
             actions.append(policy.decode([text_ids])[0])
-        for i, action in zip(active, actions):
+        outcomes = runner.step(list(zip(active, actions)), turn, timeout_s=timeout_s, max_chars=max_observation_chars)
+        for i, action, (result, fault, notes) in zip(active, actions, outcomes):
             t = trajs[i]
             t.actions.append(action)
-            try:
-                result = call_with_timeout(lambda i=i, action=action: episodes[i].step(action), timeout_s)
-                result = clean_step(result, max_observation_chars, t.notes)
-            except EnvFault as e:
+            t.notes += notes
+            if fault is not None:
                 t.rewards.append(0.0)
                 t.infos.append({})
-                fail(i, f"step {turn} {e}")
+                fail(i, fault)
                 continue
             t.rewards.append(result.reward)
             t.infos.append(result.info)

@@ -4,11 +4,14 @@ The space after one context: every prefix of non-EOS tokens of depth d < L follo
 every prefix of depth L (ended by the length limit). With n = V - 1 non-EOS tokens that is
 sum_{d=0}^{L} n^d sequences. One batched ``next_token_logprobs`` call per depth scores all prefixes
 of that depth (n^d rows), so the cost is dominated by the n^(L-1) prefixes of the last level, and
-the n^L sequences of the final level need no forward pass at all.
+the n^L sequences of the final level need no forward pass at all. A policy that offers
+``prefix_tree_logprobs`` (HFPolicy) shares prefixes: each depth feeds one token on top of the
+parent prefixes' KV cache instead of re-encoding every prefix from its first token.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +78,10 @@ def enumerate_space(
     pad = getattr(policy, "pad_id", policy.eos_id)
     mask = ids >= 0
     ids = torch.where(mask, ids, torch.full_like(ids, pad))
-    rows = [[t for t, keep in zip(r, m) if keep and t != policy.eos_id] for r, m in zip(ids.tolist(), mask.tolist())]
+    # the texts' token rows (EOS dropped) in the walk's order, built without reading ids back: for each
+    # depth d the n^d prefixes in lexicographic order, which is itertools.product's order
+    free = [i for i in range(policy.vocab_size) if i != policy.eos_id]
+    rows = [row for d in range(length + 1) for row in itertools.product(free, repeat=d)]
     b = ids.shape[0]
     samples = Samples(
         contexts=[context], group=torch.zeros(b, dtype=torch.long),
@@ -120,12 +126,15 @@ def _walk(policy: Policy, context: str, length: int, *, need_ids: bool) -> tuple
             padded_ids[:, :d] = ids
             out_ids.append(padded_ids)
 
+    tree = getattr(policy, "prefix_tree_logprobs", None)
+    levels = tree(context, length, free) if tree is not None else None  # None: no prefix sharing for this policy
     for d in range(length):
-        lp = policy.next_token_logprobs(context, prefixes).float()  # (M, V)
-        m = prefixes.shape[0]
+        lp = (next(levels) if levels is not None else policy.next_token_logprobs(context, prefixes)).float()  # (M, V)
+        m = prefix_tok_lp.shape[0]
         ended_ids = torch.cat([prefixes, torch.full((m, 1), eos, dtype=torch.long)], dim=1) if need_ids else None
         emit(torch.cat([prefix_tok_lp, lp[:, eos : eos + 1]], dim=1), ended_ids)
-        prefixes = torch.cat([prefixes.repeat_interleave(n, 0), free.repeat(m)[:, None]], dim=1)
+        if need_ids or levels is None:
+            prefixes = torch.cat([prefixes.repeat_interleave(n, 0), free.repeat(m)[:, None]], dim=1)
         prefix_tok_lp = torch.cat([prefix_tok_lp.repeat_interleave(n, 0), lp[:, free].reshape(-1, 1)], dim=1)
     emit(prefix_tok_lp, prefixes)
     return torch.cat(out_lp), (torch.cat(out_ids) if need_ids else None)

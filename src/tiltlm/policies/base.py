@@ -120,6 +120,33 @@ def transform_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: floa
     return torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
 
 
+def row_draw(generator: torch.Generator, n_rows: int, rows: range):
+    """A token sampler for rows ``rows`` of an ``n_rows`` batch that does not depend on the shard.
+
+    Each call draws the whole batch's Exp(1) noise q, (n_rows, V), and returns argmax(p / q) for the
+    rows asked for (the Gumbel-max trick: P(token = v) = p_v). Row i's token is therefore the same
+    whether the batch is drawn at once or split across data-parallel ranks; on CPU it is bit for bit
+    ``torch.multinomial(p, 1, generator=generator)``, which uses the same trick.
+    logp: (len(rows), V) -> (len(rows),)
+    """
+
+    def draw(logp: torch.Tensor) -> torch.Tensor:
+        q = torch.empty((n_rows, logp.shape[-1]), device=logp.device).exponential_(1, generator=generator)
+        return (logp.exp() / q[rows.start : rows.stop]).argmax(-1)
+
+    return draw
+
+
+def batch_rows(n_contexts: int, n: int, rows: range | None) -> tuple[torch.Tensor, range]:
+    """(group of the rows drawn, the rows): the batch is n rows per context, grouped context by context;
+    ``rows`` (a contiguous range, e.g. a data-parallel shard) selects part of it, None all of it."""
+    group = torch.arange(n_contexts).repeat_interleave(n)
+    rows = range(len(group)) if rows is None else rows
+    if rows.step != 1 or not (0 <= rows.start < rows.stop <= len(group)):
+        raise TiltlmError(f"rows {rows} is not a non-empty contiguous part of the {len(group)} rows of the batch")
+    return group[rows.start : rows.stop], rows
+
+
 def check_sampling_options(temperature: float, top_p: float, max_new_tokens: int) -> None:
     if not (temperature > 0 and temperature == temperature):
         raise TiltlmError(f"temperature must be > 0 (got {temperature}); use 1.0 to sample from the model as trained")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tiltlm.errors import TiltlmError
-from tiltlm.policies.base import Samples, check_sampling_options, transform_logits
+from tiltlm.policies.base import Samples, batch_rows, check_sampling_options, row_draw, transform_logits
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
 
@@ -52,6 +52,29 @@ def load_model_and_tokenizer(name_or_path: str | Path, *, trust_remote_code: boo
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TiltlmError(f"cannot load a causal LM from '{path}' ({first}); it needs config.json and model.safetensors") from e
     return model, tokenizer
+
+
+def _plain_fast_decode(tokenizer) -> bool:
+    """True when ``tokenizer.batch_decode`` (no clean-up) is exactly the Rust backend's ``decode_batch``."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return False
+    return isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode and \
+        type(tokenizer).batch_decode is TokenizersBackend.batch_decode and type(tokenizer).decode is TokenizersBackend.decode
+
+
+def _seeded_draw(seeds: list[int]):
+    """Row k draws by inverse CDF with its own generator seeded ``seeds[k]``: independent of the batch."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def draw(logp: torch.Tensor) -> torch.Tensor:
+        u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(logp.device)  # (b,)
+        cdf = logp.double().exp().cumsum(-1)  # (b, V)
+        v = (u.double() * cdf[:, -1]).clamp(min=1e-300)[:, None]
+        return torch.searchsorted(cdf, v).squeeze(-1).clamp(max=logp.shape[-1] - 1)
+
+    return draw
 
 
 def _cache_of(out):
@@ -173,15 +196,19 @@ class HFPolicy:
 
     # ---- the protocol ---------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, contexts: list[str], n: int, *, seed: int | None = None) -> Samples:
-        """n sequences per context, batched, with KV cache; rows are grouped context by context."""
+    def sample(self, contexts: list[str], n: int, *, seed: int | None = None, rows: range | None = None) -> Samples:
+        """n sequences per context, batched, with KV cache; rows are grouped context by context.
+
+        ``rows`` draws only those rows of the batch, each exactly as in the whole batch (a
+        data-parallel rank's shard; tiltlm.distributed).
+        """
         if not contexts:
             raise TiltlmError("no contexts to sample from; pass at least one context ('' means just BOS)")
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed if seed is not None else torch.seed())
-        group = torch.arange(len(contexts)).repeat_interleave(n)
+        group, rows = batch_rows(len(contexts), n, rows)
         context_ids, context_attn = self._contexts_tensor(contexts, group)
-        draw = lambda logp: torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)  # noqa: E731
+        draw = row_draw(gen, len(contexts) * n, rows)
         ids, token_logp, mask = self._decode(context_ids, context_attn, self.max_new_tokens, draw)
         eos = (ids == self.eos_id) & mask
         return Samples(
@@ -197,31 +224,39 @@ class HFPolicy:
         Row k draws from its own generator seeded ``seeds[k]`` (inverse CDF), so a row's sample does
         not depend on which other rows share the batch. Returns (ids, token_logp, mask), each (b, w).
         """
-        width = max(len(p) for p in prefixes)
-        ids = torch.full((len(prefixes), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(prefixes), width), dtype=torch.bool)
-        for k, p in enumerate(prefixes):
-            ids[k, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            attn[k, width - len(p):] = True
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        ids, attn = self._left_pad(prefixes)
+        return self._decode(ids, attn, int(max_new_tokens), _seeded_draw(seeds))
 
-        def draw(logp: torch.Tensor) -> torch.Tensor:
-            u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(logp.device)  # (b,)
-            cdf = logp.double().exp().cumsum(-1)  # (b, V)
-            v = (u.double() * cdf[:, -1]).clamp(min=1e-300)[:, None]
-            return torch.searchsorted(cdf, v).squeeze(-1).clamp(max=logp.shape[-1] - 1)
+    def session(self) -> "DecodeSession":
+        """A multi-turn generator that keeps each row's KV cache between calls (see DecodeSession)."""
+        return DecodeSession(self)
 
-        return self._decode(ids, attn, int(max_new_tokens), draw)
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.bool)
+        for k, r in enumerate(rows):
+            if r:
+                ids[k, width - len(r):] = torch.tensor(r, dtype=torch.long)
+                attn[k, width - len(r):] = True
+        return ids, attn
 
-    def _decode(self, context_ids: torch.Tensor, context_attn: torch.Tensor, max_new_tokens: int, draw):
-        """The KV-cache sampling loop shared by ``sample`` and ``generate``: (ids, token_logp, mask) on CPU."""
+    def _decode(self, context_ids: torch.Tensor, context_attn: torch.Tensor, max_new_tokens: int, draw, *, past=None, keep_state: bool = False):
+        """The KV-cache sampling loop shared by ``sample`` and ``generate``: (ids, token_logp, mask) on CPU.
+
+        With ``past`` (a KV cache of earlier tokens) ``context_ids`` (B, K) are only the new tokens and
+        ``context_attn`` covers past and new positions (B, P + K). ``keep_state`` also returns
+        (cache, attention over its positions, number of sampled tokens fed into it).
+        """
         device = self.device
-        b = context_ids.shape[0]
-        attn = context_attn.to(device).long()  # (B, C + t)
-        position = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True)
+        b, k = context_ids.shape
+        attn = context_attn.to(device).long()  # (B, P + C + t)
+        position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -k:]  # real tokens before each one: holes do not count
+        cache = {} if past is None else {self._cache_kwarg: past}
+        out = self._forward(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True, **cache)
         past, logits = _cache_of(out), out.logits[:, -1]  # (B, V)
         next_position = position[:, -1] + 1  # (B,)
+        fed = 0
 
         ids = torch.full((b, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         token_logp = torch.zeros((b, max_new_tokens), device=device)
@@ -237,16 +272,19 @@ class HFPolicy:
             done = done | (token == self.eos_id)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
-            attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=device)], dim=-1)
+            # a finished row's padding is fed (the batch moves together) but masked, so its cache stays clean
+            attn = torch.cat([attn, alive[:, None].to(attn.dtype)], dim=-1)
             out = self._forward(
                 input_ids=ids[:, t : t + 1], attention_mask=attn, position_ids=next_position[:, None],
                 use_cache=True, **{self._cache_kwarg: past},
             )
             past, logits = _cache_of(out), out.logits[:, -1]
             next_position = next_position + 1
+            fed += 1
 
         width = int(mask.sum(-1).max())
-        return ids[:, :width].cpu(), token_logp[:, :width].cpu(), mask[:, :width].cpu()
+        result = ids[:, :width].cpu(), token_logp[:, :width].cpu(), mask[:, :width].cpu()
+        return (*result, (past, attn, fed)) if keep_state else result
 
     def encode_text(self, text: str) -> list[int]:
         """Tokens of an environment observation (no special tokens)."""
@@ -289,7 +327,64 @@ class HFPolicy:
             out.append(transform_logits(logits, self.temperature, self.top_p).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.vocab_size)
 
+    @torch.no_grad()
+    def prefix_tree_logprobs(self, context: str, length: int, free: torch.Tensor, *, chunk_rows: int = 32768):
+        """An iterator over d = 0..length-1 of the (n^d, V) next-token log-probs of every depth-d prefix
+        of ``free`` tokens (n of them) after ``context``, prefixes in lexicographic order; None when this
+        model's KV cache is not a plain per-layer (keys, values) cache (then re-encode each prefix).
+
+        The exact enumerator's walk with prefix sharing: depth d feeds one token per prefix on top of
+        its parent's KV cache (repeated for its n children) instead of re-encoding all d + C tokens, so
+        the whole walk costs about one token-forward per prefix. Same numbers as
+        ``next_token_logprobs`` up to float rounding.
+        """
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        device = self.device
+        ctx = torch.tensor(self.encode_context(context), dtype=torch.long, device=device)[None]  # (1, C)
+        c = ctx.shape[1]
+        out = self._forward(input_ids=ctx, attention_mask=torch.ones_like(ctx), use_cache=True)
+        cache = _cache_of(out)
+        if type(cache) is not DynamicCache or not all(type(layer) is DynamicLayer for layer in cache.layers):
+            return None
+        first = transform_logits(out.logits[:, -1], self.temperature, self.top_p).cpu()  # (1, V)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]  # each (1, heads, C, d_head)
+        return self._prefix_levels(first, kv, c, length, free.to(device), chunk_rows, DynamicCache)
+
+    @torch.no_grad()  # on a generator function torch switches grad off around each resume only
+    def _prefix_levels(self, first, kv, c, length, free, chunk_rows, cache_class):
+        yield first
+        n, device = free.shape[0], self.device
+        for d in range(1, length):
+            m = kv[0][0].shape[0]  # parents: the depth d-1 prefixes
+            per = max(1, chunk_rows // n)  # parents per chunk
+            level, children = [], [([], []) for _ in kv]
+            for a in range(0, m, per):
+                b = min(m, a + per)
+                idx = torch.arange(a, b, device=device).repeat_interleave(n)  # each parent once per child, in order
+                cache = cache_class(ddp_cache_data=[(k[idx], v[idx]) for k, v in kv])
+                tokens = free.repeat(b - a)[:, None]  # (rows, 1): the children's last tokens
+                out = self._forward(
+                    input_ids=tokens, attention_mask=torch.ones((tokens.shape[0], c + d), dtype=torch.long, device=device),
+                    position_ids=torch.full_like(tokens, c + d - 1), use_cache=True, **{self._cache_kwarg: cache},
+                )
+                level.append(transform_logits(out.logits[:, -1], self.temperature, self.top_p).cpu())
+                if d < length - 1:  # the last level's cache has no children to serve
+                    for (ks, vs), layer in zip(children, _cache_of(out).layers):
+                        ks.append(layer.keys)
+                        vs.append(layer.values)
+            if d < length - 1:
+                kv = [(torch.cat(ks), torch.cat(vs)) for ks, vs in children]
+            yield torch.cat(level)
+
     def decode(self, ids: list[list[int]]) -> list[str]:
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and _plain_fast_decode(self.tokenizer):
+            # what batch_decode does for a fast tokenizer without clean-up, minus its per-id Python conversion
+            try:
+                return backend.decode_batch(ids, skip_special_tokens=False)  # lists or tuples of ints
+            except TypeError:  # e.g. rows of tensors or numpy integers
+                return backend.decode_batch([[int(t) for t in row] for row in ids], skip_special_tokens=False)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _texts(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -300,3 +395,56 @@ class HFPolicy:
                 row = row[:-1]
             rows.append(row)
         return self.decode(rows)
+
+
+class DecodeSession:
+    """``generate`` across the turns of multi-turn rollouts, keeping each row's KV cache between calls.
+
+    Rows are named by ``keys`` (an episode index). A call encodes only what was appended to a row's
+    prefix since its previous call (the new observation, and the action's last token, which sampling
+    never feeds), on top of the cached keys/values, instead of re-encoding prompt + whole history:
+    a turn costs O(new tokens) instead of O(history). Positions and attention are those of the full
+    prefix (padding and finished rows' filler are masked holes), so the log-probs and draws are
+    those of ``HFPolicy.generate`` up to float rounding. A row whose prefix does not extend what was
+    cached, or a new key, makes the call re-encode every row from scratch.
+    """
+
+    def __init__(self, policy: HFPolicy):
+        self.policy = policy
+        self.past = None  # the KV cache, one row per key of the previous call
+        self.attn = None  # (rows, width) long: 1 on cached real tokens, 0 on holes
+        self.index: dict = {}  # key -> row of the cache
+        self.cached: dict = {}  # key -> the token ids the cache holds for it
+
+    @torch.no_grad()
+    def generate(self, keys: list, prefixes: list[list[int]], *, max_new_tokens: int, seeds: list[int]):
+        p = self.policy
+        reuse = self.past is not None and all(
+            k in self.index and len(prefix) >= len(self.cached[k]) and prefix[: len(self.cached[k])] == self.cached[k]
+            for k, prefix in zip(keys, prefixes)
+        )
+        if reuse:
+            rows = torch.tensor([self.index[k] for k in keys], dtype=torch.long)
+            past = self.past
+            past.reorder_cache(rows.to(p.device))  # keep (and order) the rows still playing
+            past_attn = self.attn[rows.to(self.attn.device)].clone()
+            news = []
+            for r, (k, prefix) in enumerate(zip(keys, prefixes)):
+                new = prefix[len(self.cached[k]):]
+                if not new:  # nothing appended: forget the last cached token and feed it again for its logits
+                    last = int(past_attn[r].nonzero().max())
+                    past_attn[r, last] = 0
+                    new = prefix[-1:]
+                news.append(new)
+            ids, attn = p._left_pad(news)
+            attn = torch.cat([past_attn.cpu().bool(), attn], dim=1)
+        else:
+            past = None
+            ids, attn = p._left_pad(prefixes)
+        out_ids, token_logp, mask, (self.past, self.attn, fed) = p._decode(
+            ids, attn, int(max_new_tokens), _seeded_draw(seeds), past=past, keep_state=True)
+        self.index = {k: r for r, k in enumerate(keys)}
+        lengths = mask.sum(-1).tolist()
+        self.cached = {k: list(prefix) + out_ids[r, : min(int(lengths[r]), fed)].tolist()
+                       for r, (k, prefix) in enumerate(zip(keys, prefixes))}
+        return out_ids, token_logp, mask

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tiltlm.errors import TiltlmError
-from tiltlm.policies.base import Samples
+from tiltlm.policies.base import Samples, batch_rows, row_draw
 
 
 class TabularPolicy(nn.Module):
@@ -116,9 +116,11 @@ class TabularPolicy(nn.Module):
 
     # ---- the protocol ---------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, contexts: list[str], n: int, *, seed: int | None = None) -> Samples:
+    def sample(self, contexts: list[str], n: int, *, seed: int | None = None, rows: range | None = None) -> Samples:
+        """n sequences per context; ``rows`` draws only those rows, each exactly as in the whole batch."""
         gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-        group = torch.arange(len(contexts)).repeat_interleave(n)
+        group, rows = batch_rows(len(contexts), n, rows)
+        draw = row_draw(gen, len(contexts) * n, rows)
         ctx_rows = torch.tensor([self._context_index(c) for c in contexts], dtype=torch.long)[group]
         b, length = group.shape[0], self.max_new_tokens
         ids = torch.full((b, length), self.pad_id, dtype=torch.long)
@@ -128,7 +130,7 @@ class TabularPolicy(nn.Module):
         code = torch.zeros(b, dtype=torch.long)
         for d in range(length):
             logp = torch.log_softmax(self.logits[ctx_rows, self.offsets[d] + code], dim=-1)  # (B, V)
-            token = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
+            token = draw(logp)  # (B,)
             alive = ~done
             ids[:, d] = torch.where(alive, token, self.pad_id)
             token_logp[:, d] = torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)

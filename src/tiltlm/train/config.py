@@ -90,6 +90,20 @@ class EnvConfig(_Strict):
     max_failure_rate: float = Field(0.2, ge=0, le=1, description="stop the run when more episodes than this fraction have failed")
 
 
+class RolloutConfig(_Strict):
+    """Where environment episodes (and, optionally, the reward) are computed. The policy always
+    generates in the trainer's process, batched; workers only reset and step episodes, so a run's
+    trajectories are the same for either backend (tiltlm.distributed.ray_rollout)."""
+
+    backend: Literal["local", "ray"] = Field("local", description="local: env calls in this process; ray: on Ray actors")
+    num_workers: int = Field(2, ge=1, description="Ray actors, each owning one copy of the environment (or reward model)")
+    address: str | None = Field(None, description="Ray cluster address ('auto', 'ray://head:10001'); null = start a local Ray")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each actor")
+    rewards: bool = Field(False, description="also compute the target's reward on Ray actors (an expensive reward model)")
+    generation: Literal["policy", "vllm"] = Field("policy", description="on-policy sampling by the policy itself or by vLLM "
+                                                   "(CUDA; weights synced after each step, log-probs recomputed by the policy)")
+
+
 class CheckpointConfig(_Strict):
     every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
 
@@ -105,6 +119,7 @@ class TrainConfig(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     env: EnvConfig | None = Field(None, description="play episodes in an environment (the interactive case)")
+    rollout: RolloutConfig = Field(RolloutConfig(), description="where episodes and rewards run: this process or Ray actors")
     seed: int = Field(0, description="every random draw derives from this seed and the step number")
 
     @model_validator(mode="before")

@@ -4,6 +4,9 @@ Every algorithm runs through ``Trainer.step``; nothing here knows which one it i
 ``algorithm.on_policy`` (whom to sample from) and ``algorithm.epochs`` (passes over a batch).
 Randomness: step t samples with seed ``seed * 1_000_003 + t``, so a resumed run draws exactly what
 the uninterrupted run would have drawn.
+Data parallel (torchrun / accelerate launch, tiltlm.distributed.dist): each rank draws and scores its
+shard of the step's rows, every rank then holds the same global batch, each computes log pi with grad
+on its own rows, gradients are summed; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import yaml
 
 from tiltlm.algorithms.base import Algorithm, Batch, get_algorithm
+from tiltlm.distributed.dist import all_reduce_grads_, current_world, gather_batch, gather_rows
 from tiltlm.envs import get_env, rollout
 from tiltlm.errors import TiltlmError
 from tiltlm.exact import count_sequences, enumerate_space
@@ -90,6 +94,9 @@ class Trainer:
         self._owns_env = env is None and config.env is not None
         self.env = get_env(config.env.name, **config.env.options) if self._owns_env else env
         self.env_counts = {"episodes": 0, "failures": 0}
+        self.world = current_world()  # rank and size of the data-parallel group (1 process without one)
+        self.runner = self._build_runner()  # where episodes are played (None: in this process)
+        self.generator = self._build_generator(policy)  # vLLM engine that samples for the policy (None: the policy samples)
         self.algorithm = algorithm or get_algorithm(config.algorithm)
         if not self.algorithm.on_policy:
             self.algorithm.proposal = target.prior
@@ -111,6 +118,28 @@ class Trainer:
             self._prepare_out_dir(resume)
 
     # ---- set-up ------------------------------------------------------------------------
+    def _build_runner(self):
+        """Ray actors that play the episodes (rollout.backend: ray), else None (this process)."""
+        r = self.config.rollout
+        if self.env is None or r.backend == "local":
+            return None
+        from functools import partial
+
+        from tiltlm.distributed.ray_rollout import RayEpisodes
+
+        e = self.config.env
+        return RayEpisodes(partial(get_env, e.name, **e.options), num_workers=r.num_workers, address=r.address,
+                           cpus_per_worker=r.cpus_per_worker)
+
+    def _build_generator(self, policy):
+        if self.config.rollout.generation == "policy":
+            return None
+        if self.env is not None:
+            raise TiltlmError("rollout.generation: vllm samples fixed contexts only; environment episodes use the policy (drop it)")
+        from tiltlm.distributed.vllm_backend import VLLMGenerator
+
+        return VLLMGenerator(policy)
+
     def _build_exact(self) -> list[ExactMetrics] | None:
         m = self.config.metrics
         prior = self.target.prior
@@ -139,6 +168,10 @@ class Trainer:
     def _prepare_out_dir(self, resume: bool) -> None:
         out = self.out_dir
         ckpt = out / "checkpoint"
+        if not self.world.is_main:  # rank 0 writes the run directory; every rank loads the same checkpoint
+            if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
+                self._load(ckpt)
+            return
         if resume:
             if not (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
                 if (out / "config.yaml").is_file():  # killed before its first checkpoint: restart from step 0
@@ -172,12 +205,14 @@ class Trainer:
             trainable_module(proposal).load_state_dict(data["proposal"])
             self.algorithm.proposal = proposal
         self.step = int(state["step"])
+        if self.generator is not None:
+            self.generator.sync()  # the engine started from the initial weights
         self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Keep only complete lines of steps <= the checkpoint's (a crash may have left more, or half a line)."""
         path = self.out_dir / "metrics.jsonl"
-        if not path.exists():
+        if not path.exists() or not self.world.is_main:
             return
         keep = []
         for line in path.read_text().splitlines():
@@ -198,10 +233,13 @@ class Trainer:
     def make_batch(self, step: int) -> Batch:
         s = self.config.sampling
         sampler = self.policy if self.algorithm.on_policy else self.algorithm.proposal
+        if sampler is self.policy and self.generator is not None:
+            sampler = self.generator  # vLLM draws, the policy's model scores (vllm_backend)
         if self.env is not None:
             samples = self._rollout(sampler, step)
-        else:
-            samples = sampler.sample(list(s.contexts), s.n_per_context, seed=self.seed_for(step))
+        else:  # data parallel: this rank's rows only, each drawn as in the whole batch
+            rows = {} if self.world.size == 1 else {"rows": self.world.shard(len(s.contexts) * s.n_per_context)}
+            samples = sampler.sample(list(s.contexts), s.n_per_context, seed=self.seed_for(step), **rows)
         logq = samples.logp.double()
         is_prior = sampler is self.target.prior
         token_logp_prior = None
@@ -211,8 +249,12 @@ class Trainer:
             logp_prior, log_target, reward = score_batch(self.target, samples, logq_prior, sampler_is_prior=True)
         else:
             logp_prior, log_target, reward = score_batch(self.target, samples, logq, sampler_is_prior=is_prior)
-        return Batch(samples=samples, logq=logq, token_logq=samples.token_logp, logp_prior=logp_prior,
-                     log_target=log_target, reward=reward, token_logp_prior=token_logp_prior)
+        batch = Batch(samples=samples, logq=logq, token_logq=samples.token_logp, logp_prior=logp_prior,
+                      log_target=log_target, reward=reward, token_logp_prior=token_logp_prior)
+        batch = gather_batch(batch, self.world, pad_id=getattr(sampler, "pad_id", sampler.eos_id))  # every rank: the global batch
+        if self.env is not None:
+            self._count_failures(batch.samples, step)
+        return batch
 
     def _rollout(self, sampler, step: int):
         """Play this step's episodes: n_per_context per task, tasks drawn by the step's seed."""
@@ -221,9 +263,14 @@ class Trainer:
         if e.tasks_per_step is not None and e.tasks_per_step < len(tasks):
             rng = torch.Generator().manual_seed(self.seed_for(step))
             tasks = [tasks[i] for i in sorted(torch.randperm(len(tasks), generator=rng)[: e.tasks_per_step].tolist())]
-        samples = rollout(sampler, self.env, tasks, n, seed=self.seed_for(step), max_action_tokens=e.max_action_tokens,
-                          timeout_s=e.timeout_s, max_observation_chars=e.max_observation_chars,
-                          max_observation_tokens=e.max_observation_tokens)
+        episodes = None if self.world.size == 1 else self.world.shard(len(tasks) * n)
+        return rollout(sampler, self.env, tasks, n, seed=self.seed_for(step), max_action_tokens=e.max_action_tokens,
+                       timeout_s=e.timeout_s, max_observation_chars=e.max_observation_chars,
+                       max_observation_tokens=e.max_observation_tokens, episodes=episodes, runner=self.runner)
+
+    def _count_failures(self, samples, step: int) -> None:
+        """Count the step's failed episodes; stop the run when too many have failed."""
+        e = self.config.env
         failures = [t.failure for t in samples.trajectories if t.failure]
         self.env_counts["episodes"] += len(samples)
         self.env_counts["failures"] += len(failures)
@@ -234,7 +281,6 @@ class Trainer:
                 f"environment '{e.name}': {self.env_counts['failures']} of {self.env_counts['episodes']} episodes failed by step {step + 1} "
                 f"({rate:.0%} > env.max_failure_rate {e.max_failure_rate:.0%}); most common: {common}; fix the environment or raise env.max_failure_rate"
             )
-        return samples
 
     def train_step(self) -> dict:
         """One step; returns its metrics row (also logged). Running out of memory is a one-line TiltlmError."""
@@ -259,7 +305,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.optim.lr_at(step)
         for _ in range(self.algorithm.epochs):
-            token_logp = self.policy.log_prob(batch.samples, grad=True, per_token=True)
+            token_logp = self._token_logp(batch)
             logp = token_logp.sum(-1)
             if logp_before is None:
                 logp_before, token_logp_before = logp.detach(), token_logp.detach()
@@ -270,6 +316,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             params = self.optimizer.param_groups[0]["params"]
+            all_reduce_grads_(params, self.world)  # data parallel: the sum of the ranks' rows = the full-batch gradient
             if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
                 raise TiltlmError(f"the gradient became non-finite at step {step + 1} (loss {float(loss.detach()):.4g}): {_nonfinite_cause(batch, logp, self.target)}; "
                                   "nothing of this step was saved (after the fix, --resume continues from the last checkpoint)")
@@ -278,6 +325,8 @@ class Trainer:
             self.optimizer.step()
             self._check_weights(step + 1)
         stats.update(self.algorithm.after_step(batch, self.policy, logp_before))
+        if self.generator is not None:
+            self.generator.sync()
         self.step = step + 1
         row = {"step": self.step, "loss": float(loss.detach()), **stats,
                **batch_metrics(batch, logp_before, on_policy=self.algorithm.on_policy,
@@ -285,14 +334,24 @@ class Trainer:
         if batch.samples.trajectories is not None:
             row.update(episode_metrics(batch, token_logp_before, on_policy=self.algorithm.on_policy))
             row["env/failure_rate_run"] = self.env_counts["failures"] / max(1, self.env_counts["episodes"])
-        if self.exact and (self.step % self.config.metrics.exact_every == 0 or self.step == self.config.optim.steps):
+        if self.exact and self.world.is_main and (self.step % self.config.metrics.exact_every == 0 or self.step == self.config.optim.steps):
             row.update(self.exact_metrics())
         row["samples/seen"] = self.step * len(batch)
         self._log(row)
         every = self.config.checkpoint.every
-        if self.out_dir is not None and ((every and self.step % every == 0) or self.step == self.config.optim.steps):
+        if self.out_dir is not None and self.world.is_main and ((every and self.step % every == 0) or self.step == self.config.optim.steps):
             self.save_checkpoint()
         return row
+
+    def _token_logp(self, batch: Batch) -> torch.Tensor:
+        """log pi_theta per token, (B, T), with grad. Data parallel: this rank's rows carry the graph, the
+        other ranks' rows are their detached values, so the loss is the global one and backward reaches
+        only this rank's share of the gradient (summed over ranks after backward)."""
+        if self.world.size == 1:
+            return self.policy.log_prob(batch.samples, grad=True, per_token=True)
+        rows = self.world.shard(len(batch))
+        local = self.policy.log_prob(batch.samples.select(list(rows)), grad=True, per_token=True)
+        return gather_rows(local, self.world)
 
     def exact_metrics(self) -> dict[str, float]:
         """Exact metrics of the current policy, averaged over contexts."""
@@ -310,6 +369,11 @@ class Trainer:
         """Stop what the trainer started (an environment's server process, for instance)."""
         if self._owns_env and self.env is not None:
             self.env.close()
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+        if self.generator is not None:
+            self.generator.close()
 
     def _run(self, progress: bool) -> list[dict]:
         rows = []
@@ -328,12 +392,14 @@ class Trainer:
         else:
             while self.step < total:
                 rows.append(self.train_step())
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.world.is_main:
             self.save_policy()
         return rows
 
     # ---- outputs -----------------------------------------------------------------------
     def _log(self, row: dict) -> None:
+        if not self.world.is_main:  # every rank has the same row; one writes it
+            return
         if self.out_dir is not None:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -377,7 +443,13 @@ def target_from_config(config: TrainConfig, prior) -> Target:
     """Prior(pi0) * Tilt(reward, beta) * Constraint(c) for each constraint of the config."""
     from tiltlm.targets import Constraint, Prior
 
-    target = Prior(prior) * Tilt(config.target.reward, config.target.beta)
+    reward = config.target.reward
+    r = config.rollout
+    if r.backend == "ray" and r.rewards and reward != "env":  # an expensive reward model: score on Ray actors
+        from tiltlm.distributed.ray_rollout import ray_reward
+
+        reward = ray_reward(reward, num_workers=r.num_workers, address=r.address, cpus_per_worker=r.cpus_per_worker)
+    target = Prior(prior) * Tilt(reward, config.target.beta)
     for c in config.target.constraints:
         target = target * Constraint(c)
     return target

@@ -1,0 +1,75 @@
+"""The benchmarks stay runnable: each one's --quick mode on tiny sizes returns the documented keys with
+finite numbers. Nothing here asserts a timing (timings belong to benchmarks/, measured as ratios)."""
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield lambda name: importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _finite(row: dict, keys: list[str]) -> None:
+    for k in keys:
+        assert k in row, f"missing {k} in {row}"
+        assert isinstance(row[k], (int, float)) and math.isfinite(row[k]), f"{k} = {row[k]!r}"
+
+
+def _payload(payload: dict, name: str) -> list[dict]:
+    assert payload["benchmark"] == name
+    assert payload["environment"]["torch_threads"] >= 1
+    assert payload["rows"]
+    return payload["rows"]
+
+
+def test_step_throughput_quick(bench, tmp_path):
+    out = tmp_path / "step.json"
+    payload = bench("step_throughput").main(["--quick", "--no-trl", "--sizes", "2x4", "--repeats", "1", "--json", str(out)])
+    rows = _payload(payload, "step_throughput")
+    assert {r["algorithm"] for r in rows} == {"kl-pg", "dpg"} and out.is_file()
+    for r in rows:
+        _finite(r, ["B", "T", "tiltlm_s", "floor_s", "ratio_vs_floor", "tiltlm_samples_per_s", "floor_samples_per_s"])
+
+
+def test_step_throughput_against_trl(bench):
+    pytest.importorskip("trl")
+    payload = bench("step_throughput").main(["--quick", "--sizes", "2x4", "--repeats", "1", "--algorithms", "kl-pg"])
+    (row,) = _payload(payload, "step_throughput")
+    assert "trl_error" not in row, row.get("trl_error")
+    _finite(row, ["trl_s", "trl_samples_per_s", "speedup_vs_trl"])
+
+
+def test_scaling_quick(bench):
+    rows = _payload(bench("scaling").main(["--quick", "--batches", "2", "3", "--lengths", "2", "4", "--turns", "1", "2"]), "scaling")
+    kinds = {r["kind"] for r in rows}
+    assert {"step vs B", "step vs T", "rollout (session)", "rollout (reencode)"} <= kinds
+    for r in rows:
+        if r["kind"] != "rollout reencode/session":
+            _finite(r, ["seconds", "per_unit_ms", "exponent"])
+
+
+def test_exact_enumeration_quick(bench):
+    (row,) = _payload(bench("exact_enumeration").main(["--quick", "--vocab", "4", "--lengths", "3"]), "exact_enumeration")
+    _finite(row, ["n_sequences", "enumerate_s", "sequences_per_s", "report_s", "walk_s", "prior_mass"])
+    assert row["n_sequences"] == 1 + 3 + 9 + 27 and abs(row["prior_mass"] - 1) < 1e-5
+
+
+def test_memory_quick(bench):
+    rows = _payload(bench("memory").main(["--quick", "--batch", "2"]), "memory")
+    assert len(rows) == 2
+    for r in rows:
+        _finite(r, ["peak_rss_mb", "rss_built_mb", "weight_copies"])
+    full, lora = rows
+    assert full["weight_copies"] == pytest.approx(2.0, abs=0.01)  # the frozen prior is its own copy
+    assert lora["prior_is_policy_model"] and lora["weight_copies"] < 1.2  # LoRA: one model + adapters
