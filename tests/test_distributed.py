@@ -62,7 +62,10 @@ def test_two_gloo_processes_train_the_same_parameters_as_one(tmp_path):
         assert rows_two[0].keys() == rows_one[0].keys() and rows_two[1].keys() == rows_one[1].keys()  # exact metrics too
         for a, b in zip(rows_one, rows_two):
             for key, value in a.items():
-                assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"{name} step {a['step']}: {key}"
+                if isinstance(value, str):  # e.g. kl/prior_estimator
+                    assert b[key] == value, f"{name} step {a['step']}: {key}"
+                else:
+                    assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), f"{name} step {a['step']}: {key}"
         assert (tmp_path / "two" / name / "checkpoint").is_dir() and (tmp_path / "two" / name / "policy").is_dir()
 
 
