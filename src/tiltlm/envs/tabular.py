@@ -27,7 +27,7 @@ from torch import nn
 
 from tiltlm.envs.base import Env, StepResult, register_env
 from tiltlm.errors import TiltlmError
-from tiltlm.policies.base import Samples
+from tiltlm.policies.base import Samples, seeded_draw
 
 History = tuple[tuple[int, int], ...]  # ((action index, observation index), ...)
 
@@ -188,9 +188,7 @@ class TabularEnvPolicy(nn.Module):
         """One action token per prefix, drawn from the row's own generator (inverse CDF)."""
         rows = torch.tensor([self._node(p) for p in prefixes], dtype=torch.long)
         logp = torch.log_softmax(self.logits[rows], dim=-1)  # (b, A)
-        u = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).double()
-        cdf = logp.double().exp().cumsum(-1)
-        a = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=self.n_actions - 1)  # (b,)
+        a = seeded_draw(seeds)(logp)  # (b,)
         ids = (a + 1)[:, None]  # action tokens follow <start>
         return ids, logp.gather(-1, a[:, None]), torch.ones_like(ids, dtype=torch.bool)
 

@@ -137,6 +137,22 @@ def row_draw(generator: torch.Generator, n_rows: int, rows: range):
     return draw
 
 
+def seeded_draw(seeds: list[int]):
+    """A token sampler where row k draws by inverse CDF with its own generator seeded ``seeds[k]``, so a
+    row's draw does not depend on the other rows of the batch (multi-turn rollouts, tiltlm.envs).
+    logp: (b, V) -> (b,)
+    """
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def draw(logp: torch.Tensor) -> torch.Tensor:
+        u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(logp.device)  # (b,)
+        cdf = logp.double().exp().cumsum(-1)  # (b, V)
+        v = (u.double() * cdf[:, -1]).clamp(min=1e-300)[:, None]
+        return torch.searchsorted(cdf, v).squeeze(-1).clamp(max=logp.shape[-1] - 1)
+
+    return draw
+
+
 def batch_rows(n_contexts: int, n: int, rows: range | None) -> tuple[torch.Tensor, range]:
     """(group of the rows drawn, the rows): the batch is n rows per context, grouped context by context;
     ``rows`` (a contiguous range, e.g. a data-parallel shard) selects part of it, None all of it."""

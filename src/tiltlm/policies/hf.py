@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tiltlm.errors import TiltlmError
-from tiltlm.policies.base import Samples, batch_rows, check_sampling_options, row_draw, transform_logits
+from tiltlm.policies.base import Samples, batch_rows, check_sampling_options, row_draw, seeded_draw, transform_logits
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
 
@@ -62,19 +62,6 @@ def _plain_fast_decode(tokenizer) -> bool:
         return False
     return isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode and \
         type(tokenizer).batch_decode is TokenizersBackend.batch_decode and type(tokenizer).decode is TokenizersBackend.decode
-
-
-def _seeded_draw(seeds: list[int]):
-    """Row k draws by inverse CDF with its own generator seeded ``seeds[k]``: independent of the batch."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-
-    def draw(logp: torch.Tensor) -> torch.Tensor:
-        u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(logp.device)  # (b,)
-        cdf = logp.double().exp().cumsum(-1)  # (b, V)
-        v = (u.double() * cdf[:, -1]).clamp(min=1e-300)[:, None]
-        return torch.searchsorted(cdf, v).squeeze(-1).clamp(max=logp.shape[-1] - 1)
-
-    return draw
 
 
 def _cache_of(out):
@@ -225,7 +212,7 @@ class HFPolicy:
         not depend on which other rows share the batch. Returns (ids, token_logp, mask), each (b, w).
         """
         ids, attn = self._left_pad(prefixes)
-        return self._decode(ids, attn, int(max_new_tokens), _seeded_draw(seeds))
+        return self._decode(ids, attn, int(max_new_tokens), seeded_draw(seeds))
 
     def session(self) -> "DecodeSession":
         """A multi-turn generator that keeps each row's KV cache between calls (see DecodeSession)."""
@@ -442,7 +429,7 @@ class DecodeSession:
             past = None
             ids, attn = p._left_pad(prefixes)
         out_ids, token_logp, mask, (self.past, self.attn, fed) = p._decode(
-            ids, attn, int(max_new_tokens), _seeded_draw(seeds), past=past, keep_state=True)
+            ids, attn, int(max_new_tokens), seeded_draw(seeds), past=past, keep_state=True)
         self.index = {k: r for r, k in enumerate(keys)}
         lengths = mask.sum(-1).tolist()
         self.cached = {k: list(prefix) + out_ids[r, : min(int(lengths[r]), fed)].tolist()
