@@ -150,6 +150,24 @@ def test_lora_shares_the_prior_weights(tmp_path, testbed_dir):
     torch.testing.assert_close(merged.log_prob(s), policy.log_prob(s), atol=1e-4, rtol=0)
 
 
+def test_lora_adapters_start_from_the_config_seed(testbed_dir):
+    """The adapters' random init is drawn from config.seed (not the global RNG): a rerun and every
+    data-parallel rank start from the same adapters, and the global RNG is untouched."""
+    pytest.importorskip("peft")
+    from tiltlm.train.build import build
+
+    def adapters(seed: int) -> dict[str, torch.Tensor]:
+        cfg = parse_config({"prior": str(testbed_dir), "lora": {"r": 4}, "algorithm": "kl-pg", "seed": seed})
+        return {n: p.detach().clone() for n, p in build(cfg)[0].model.named_parameters() if p.requires_grad}
+
+    state = torch.random.get_rng_state()
+    first, again, other = adapters(0), adapters(0), adapters(1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    lora_a = [n for n in first if "lora_A" in n]
+    assert lora_a and all(torch.equal(first[n], again[n]) for n in first)
+    assert any(not torch.equal(first[n], other[n]) for n in lora_a)
+
+
 def test_shipped_example_configs_parse():
     from pathlib import Path
 

@@ -13,6 +13,7 @@ import inspect
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from tiltlm.errors import TiltlmError
 from tiltlm.policies.base import Samples, batch_rows, check_sampling_options, row_draw, seeded_draw, transform_logits
@@ -100,6 +101,9 @@ class HFPolicy:
         # a LoRA prior: the same peft model with its adapters switched off for every forward pass,
         # so pi0 costs no second copy of the weights
         self.disable_adapters = disable_adapters
+        # FSDP (tiltlm.distributed.fsdp): every forward is a collective, so ranks decode until all are done
+        # and split their rows into equally many chunks
+        self.lockstep = False
         self.model.eval()
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         if len(tokenizer) > self.vocab_size:
@@ -257,7 +261,7 @@ class HFPolicy:
             token_logp[:, t] = torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
             mask[:, t] = alive
             done = done | (token == self.eos_id)
-            if bool(done.all()) or t == max_new_tokens - 1:
+            if self._on_every_rank(bool(done.all()), dist.ReduceOp.MIN) or t == max_new_tokens - 1:
                 break
             # a finished row's padding is fed (the batch moves together) but masked, so its cache stays clean
             attn = torch.cat([attn, alive[:, None].to(attn.dtype)], dim=-1)
@@ -272,6 +276,21 @@ class HFPolicy:
         width = int(mask.sum(-1).max())
         result = ids[:, :width].cpu(), token_logp[:, :width].cpu(), mask[:, :width].cpu()
         return (*result, (past, attn, fed)) if keep_state else result
+
+    def _on_every_rank(self, value, op):
+        """``value`` reduced over the ranks with ``op`` when in lockstep (MIN of a flag: true on every rank)."""
+        if not self.lockstep:
+            return value
+        t = torch.tensor([int(value)], device=self.device)
+        dist.all_reduce(t, op=op)
+        return type(value)(t.item())
+
+    def _chunks(self, n: int) -> list[slice]:
+        """Row slices of at most ``chunk_size`` (in lockstep: as many slices as the rank with the most rows
+        needs; ranks' shards differ by at most one row, so none is empty)."""
+        count = self._on_every_rank(-(-n // self.chunk_size), dist.ReduceOp.MAX)
+        bounds = [n * k // count for k in range(count + 1)] if count else [0]
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
     def encode_text(self, text: str) -> list[int]:
         """Tokens of an environment observation (no special tokens)."""
@@ -288,8 +307,7 @@ class HFPolicy:
         device = self.device
         with torch.set_grad_enabled(grad):
             rows = []
-            for start in range(0, len(samples), self.chunk_size):
-                sl = slice(start, start + self.chunk_size)
+            for sl in self._chunks(len(samples)):
                 c = samples.context_ids.shape[1]
                 ids = torch.cat([samples.context_ids[sl], samples.ids[sl]], dim=1).to(device)  # (b, C+T)
                 attn = torch.cat([samples.context_attn[sl], samples.attn[sl]], dim=1).to(device).long()

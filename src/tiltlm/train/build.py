@@ -6,6 +6,8 @@ and the prior is *the same* model with its adapters disabled: pi0 costs no secon
 
 from __future__ import annotations
 
+import torch
+
 from tiltlm.errors import TiltlmError
 from tiltlm.policies.hf import HFPolicy, load_model_and_tokenizer
 from tiltlm.targets.base import Target
@@ -29,7 +31,11 @@ def build_policies(config: TrainConfig) -> tuple[HFPolicy, HFPolicy]:
         peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                  target_modules=list(lora.target_modules) if lora.target_modules else None, task_type="CAUSAL_LM")
         try:
-            model = get_peft_model(model, peft_config)
+            # the adapters' random init comes from config.seed: a rerun, and every data-parallel rank, starts
+            # from the same adapters (the global RNG is left as it was)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                model = get_peft_model(model, peft_config)
         except ValueError as e:
             raise TiltlmError(f"cannot add LoRA adapters ({str(e).splitlines()[0]}); set lora.target_modules to module names of this model") from None
         return HFPolicy(model, tokenizer, **options), HFPolicy(model, tokenizer, disable_adapters=True, **options)

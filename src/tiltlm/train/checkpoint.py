@@ -41,26 +41,28 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the module's trainable tensors, by state_dict name."""
     names = {n for n, p in module.named_parameters() if p.requires_grad}
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items() if k in names}
 
 
 def save_checkpoint(
-    directory: Path, *, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    extra: dict[str, Any], proposal: torch.nn.Module | None = None,
+    directory: Path, *, step: int, weights: dict[str, torch.Tensor], optimizer: dict,
+    extra: dict[str, Any], proposal: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write ``directory`` atomically: weights, optimiser, RNG state and JSON state for ``step``."""
+    """Write ``directory`` atomically for ``step``: the trainable ``weights`` (``trainable_state``), the
+    ``optimizer``'s state_dict, the RNG state, a proposal's state_dict and JSON state."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_trainable_state(module), str(tmp / "policy.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(weights, str(tmp / "policy.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({"torch": torch.random.get_rng_state()}, str(tmp / "rng.safetensors"))
     if proposal is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in proposal.state_dict().items()}, str(tmp / "proposal.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in proposal.items()}, str(tmp / "proposal.safetensors"))
     # state.json is written last and lists each tensor file's size and SHA-256, so a torn or altered file never loads
     files = {f.name: _digest(f) for f in sorted(tmp.iterdir())}
     state = {"step": step, "optimizer": opt_meta, **extra, "has_proposal": proposal is not None, "files": files}

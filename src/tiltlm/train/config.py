@@ -104,6 +104,21 @@ class RolloutConfig(_Strict):
                                                    "(CUDA; weights synced after each step, log-probs recomputed by the policy)")
 
 
+class DistributedConfig(_Strict):
+    """How the weights are laid out over the processes of a torchrun / accelerate launch group
+    (tiltlm.distributed). Either way each rank draws and backpropagates its share of the global batch
+    and the run equals the one-process run; one process ignores this section."""
+
+    strategy: Literal["replicate", "fsdp"] = Field(
+        "replicate", description="replicate: every rank holds the whole model; fsdp: each rank holds 1/W of the weights, "
+                                 "gradients and optimiser moments (torch FSDP2), for models that do not fit on one device")
+    fsdp_units: tuple[str, ...] | None = Field(
+        None, description="fsdp: module class names sharded as one unit each (gathered together); null = the model's "
+                          "_no_split_modules (its transformer blocks)")
+    reshard_after_forward: bool = Field(True, description="fsdp: free a unit's gathered weights after its forward "
+                                                          "(less memory, one more all-gather in backward)")
+
+
 class CheckpointConfig(_Strict):
     every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
 
@@ -120,6 +135,7 @@ class TrainConfig(_Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     env: EnvConfig | None = Field(None, description="play episodes in an environment (the interactive case)")
     rollout: RolloutConfig = Field(RolloutConfig(), description="where episodes and rewards run: this process or Ray actors")
+    distributed: DistributedConfig = Field(DistributedConfig(), description="replicated or fully sharded weights under torchrun")
     seed: int = Field(0, description="every random draw derives from this seed and the step number")
 
     @model_validator(mode="before")

@@ -6,7 +6,9 @@ Randomness: step t samples with seed ``seed * 1_000_003 + t``, so a resumed run 
 the uninterrupted run would have drawn.
 Data parallel (torchrun / accelerate launch, tiltlm.distributed.dist): each rank draws and scores its
 shard of the step's rows, every rank then holds the same global batch, each computes log pi with grad
-on its own rows, gradients are summed; only rank 0 writes files.
+on its own rows, gradients are summed; only rank 0 writes files. With ``distributed.strategy: fsdp``
+the weights are sharded too (tiltlm.distributed.fsdp): forwards, exact metrics and the gathering of
+checkpoints then run on every rank together.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import yaml
 
 from tiltlm.algorithms.base import Algorithm, Batch, get_algorithm
+from tiltlm.distributed import fsdp
 from tiltlm.distributed.dist import all_reduce_grads_, current_world, gather_batch, gather_rows
 from tiltlm.envs import get_env, rollout
 from tiltlm.errors import TiltlmError
@@ -29,7 +32,7 @@ from tiltlm.exact.mdp import ExactEnvMetrics
 from tiltlm.metrics.batch import ExactMetrics, batch_metrics
 from tiltlm.metrics.episodes import episode_metrics
 from tiltlm.targets.base import Target, Tilt, rewards_of
-from tiltlm.train.checkpoint import load_checkpoint, save_checkpoint
+from tiltlm.train.checkpoint import load_checkpoint, save_checkpoint, trainable_state
 from tiltlm.train.config import TrainConfig
 
 
@@ -100,6 +103,12 @@ class Trainer:
         self.algorithm = algorithm or get_algorithm(config.algorithm)
         if not self.algorithm.on_policy:
             self.algorithm.proposal = target.prior
+        # fsdp: weights, gradients and optimiser moments sharded over the ranks (before the optimiser sees the parameters)
+        self.sharded = config.distributed.strategy == "fsdp" and self.world.size > 1
+        if self.sharded:
+            fsdp.check_supported(config, policy)
+            d = config.distributed
+            fsdp.shard_policies(policy, target.prior, self.world, units=d.fsdp_units, reshard_after_forward=d.reshard_after_forward)
         self.module = trainable_module(policy)
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
@@ -195,8 +204,11 @@ class Trainer:
         missing = set(data["policy"]) ^ {n for n, p in self.module.named_parameters() if p.requires_grad}
         if missing:
             raise TiltlmError(f"checkpoint '{ckpt}' does not match this policy ({len(missing)} tensors differ); resume with the same config")
-        self.module.load_state_dict(data["policy"], strict=False)
-        self.optimizer.load_state_dict(data["optimizer"])
+        if self.sharded:
+            fsdp.load_state(self.module, self.optimizer, data["policy"], data["optimizer"])
+        else:
+            self.module.load_state_dict(data["policy"], strict=False)
+            self.optimizer.load_state_dict(data["optimizer"])
         torch.random.set_rng_state(data["rng"])
         self.algorithm.load_state_dict(state["algorithm"])
         self.env_counts = dict(state.get("env", self.env_counts))
@@ -316,12 +328,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             params = self.optimizer.param_groups[0]["params"]
-            all_reduce_grads_(params, self.world)  # data parallel: the sum of the ranks' rows = the full-batch gradient
-            if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+            if not self.sharded:  # (fsdp's backward already reduce-scattered the sum)
+                all_reduce_grads_(params, self.world)  # data parallel: the sum of the ranks' rows = the full-batch gradient
+            if not self._all_finite(p.grad for p in params if p.grad is not None):
                 raise TiltlmError(f"the gradient became non-finite at step {step + 1} (loss {float(loss.detach()):.4g}): {_nonfinite_cause(batch, logp, self.target)}; "
                                   "nothing of this step was saved (after the fix, --resume continues from the last checkpoint)")
             if self.config.optim.grad_clip is not None:
-                stats["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.config.optim.grad_clip))
+                stats["grad/norm"] = float(fsdp.full(torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)))
             self.optimizer.step()
             self._check_weights(step + 1)
         stats.update(self.algorithm.after_step(batch, self.policy, logp_before))
@@ -334,12 +347,12 @@ class Trainer:
         if batch.samples.trajectories is not None:
             row.update(episode_metrics(batch, token_logp_before, on_policy=self.algorithm.on_policy))
             row["env/failure_rate_run"] = self.env_counts["failures"] / max(1, self.env_counts["episodes"])
-        if self.exact and self.world.is_main and (self.step % self.config.metrics.exact_every == 0 or self.step == self.config.optim.steps):
+        if self.exact and (self.world.is_main or self.sharded) and (self.step % self.config.metrics.exact_every == 0 or self.step == self.config.optim.steps):
             row.update(self.exact_metrics())
         row["samples/seen"] = self.step * len(batch)
         self._log(row)
         every = self.config.checkpoint.every
-        if self.out_dir is not None and self.world.is_main and ((every and self.step % every == 0) or self.step == self.config.optim.steps):
+        if self.out_dir is not None and (self.world.is_main or self.sharded) and ((every and self.step % every == 0) or self.step == self.config.optim.steps):
             self.save_checkpoint()
         return row
 
@@ -392,7 +405,7 @@ class Trainer:
         else:
             while self.step < total:
                 rows.append(self.train_step())
-        if self.out_dir is not None and self.world.is_main:
+        if self.out_dir is not None and (self.world.is_main or self.sharded):
             self.save_policy()
         return rows
 
@@ -406,29 +419,48 @@ class Trainer:
         if self.on_metrics is not None:
             self.on_metrics(row)
 
+    def _all_finite(self, tensors) -> bool:
+        """Every tensor finite (fsdp: on every rank's shard, so all ranks stop together)."""
+        ok = all(bool(torch.isfinite(fsdp.local(t)).all()) for t in tensors)
+        return fsdp.everyone(ok, self.world) if self.sharded else ok
+
     def _check_weights(self, step: int) -> None:
         """Stop (before any checkpoint could store them) when an optimiser step made a weight inf or NaN."""
-        bad = next((n for n, p in self.module.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())), None)
+        bad = next((n for n, p in self.module.named_parameters() if p.requires_grad and not bool(torch.isfinite(fsdp.local(p)).all())), None)
+        if self.sharded and not fsdp.everyone(bad is None, self.world):
+            bad = bad or "a parameter shard of another rank"
         if bad is not None:
             raise TiltlmError(f"the policy's weights became non-finite at step {step} ({bad}); the last good checkpoint is kept; "
                               "lower optim.lr or set optim.grad_clip, then --resume")
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes checkpoint/ (fsdp: every rank calls this, to gather the full tensors)."""
         self._check_weights(self.step)  # never replace the last good checkpoint with a broken one
+        if self.sharded:
+            weights = fsdp.trainable_state(self.module, self.world)
+            optimizer = fsdp.optimizer_state(self.module, self.optimizer, self.world)
+        else:
+            weights, optimizer = trainable_state(self.module), self.optimizer.state_dict()
+        if not self.world.is_main:
+            return
         proposal = self.algorithm.proposal
         keep_proposal = proposal is not None and proposal is not self.target.prior
         save_checkpoint(
-            self.out_dir / "checkpoint", step=self.step, module=self.module, optimizer=self.optimizer,
+            self.out_dir / "checkpoint", step=self.step, weights=weights, optimizer=optimizer,
             extra={"algorithm": self.algorithm.state_dict(), "env": self.env_counts},
-            proposal=trainable_module(proposal) if keep_proposal else None,
+            proposal=trainable_module(proposal).state_dict() if keep_proposal else None,
         )
 
-    def save_policy(self) -> Path:
-        """Write policy/ atomically: a save_pretrained directory (HF) or the tabular table."""
+    def save_policy(self) -> Path | None:
+        """Write policy/ atomically: a save_pretrained directory (HF) or the tabular table (rank 0; fsdp:
+        every rank calls this, to gather the full weights)."""
+        policy = fsdp.unsharded_policy(self.policy, self.world) if self.sharded else self.policy
+        if not self.world.is_main:
+            return None
         final = self.out_dir / "policy"
         tmp = self.out_dir / "policy.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save(tmp)
+        policy.save(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         return final
