@@ -73,3 +73,12 @@ def test_memory_quick(bench):
     full, lora = rows
     assert full["weight_copies"] == pytest.approx(2.0, abs=0.01)  # the frozen prior is its own copy
     assert lora["prior_is_policy_model"] and lora["weight_copies"] < 1.2  # LoRA: one model + adapters
+
+
+def test_sharding_quick(bench):
+    """2 gloo ranks: FSDP holds half of replicate's weights, gradients and Adam moments per rank."""
+    replicate, fsdp = _payload(bench("sharding").main(["--quick", "--ranks", "2"]), "sharding")
+    for r in (replicate, fsdp):
+        _finite(r, ["weights_mb", "grads_mb", "adam_mb", "state_mb", "peak_rss_mb", "step_s"])
+    assert replicate["adam_mb"] == pytest.approx(2 * replicate["grads_mb"])  # two moments per trained weight
+    assert fsdp["state_mb_vs_replicate"] == pytest.approx(0.5, abs=0.01)
