@@ -41,7 +41,7 @@ def _child(strategy: str, batch: int, length: int, threads: int) -> None:
     set_threads(threads)
     import torch
 
-    from tiltlm.distributed.dist import all_gather_objects, init_from_env, place_on_rank_device
+    from tiltlm.distributed.dist import all_gather_objects, init_from_env, leave_group, place_on_rank_device
     from tiltlm.train.build import build
     from tiltlm.train.config import parse_config
     from tiltlm.train.loop import Trainer
@@ -66,6 +66,7 @@ def _child(strategy: str, batch: int, length: int, threads: int) -> None:
     everyone = all_gather_objects(mine, world)
     if world.is_main:
         print(json.dumps(everyone))
+    leave_group(world)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
                "--threads", str(args.threads), "--child", strategy, str(batch), str(length)]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         if done.returncode != 0:
-            raise RuntimeError(f"{strategy} group failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+            errors = [line for line in done.stderr.splitlines() if "Error" in line] or done.stderr.strip().splitlines()[-1:]
+            raise RuntimeError(f"{strategy} group failed ({done.returncode}): {errors[-1] if errors else ''}")
         ranks = json.loads(done.stdout.strip().splitlines()[-1])
         worst = {k: max(r[k] for r in ranks) for k in ranks[0]}
         worst["state_mb"] = worst["weights_mb"] + worst["grads_mb"] + worst["adam_mb"]

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from tiltlm.distributed import init_from_env
+from tiltlm.distributed.dist import leave_group
 from tiltlm.policies import TabularPolicy
 from tiltlm.targets import Prior, Tilt
 from tiltlm.train.config import parse_config
@@ -59,3 +60,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     world = init_from_env()
     run(Path(sys.argv[1]), world.rank)
+    leave_group(world)

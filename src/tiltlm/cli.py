@@ -115,7 +115,7 @@ def train(
     from tiltlm.train.config import load_config, parse_config
     from tiltlm.train.loop import Trainer
 
-    from tiltlm.distributed.dist import init_from_env, place_on_rank_device
+    from tiltlm.distributed.dist import init_from_env, leave_group, place_on_rank_device
 
     _quiet_transformers()
     world = init_from_env()  # under torchrun / accelerate launch: join the data-parallel group (else 1 process)
@@ -142,6 +142,7 @@ def train(
             rows = trainer.run(progress=sys.stderr.isatty())
         finally:
             trackers.close()
+    leave_group(world)
     last = rows[-1] if rows else {}
     if not world.is_main:
         return

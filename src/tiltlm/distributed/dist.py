@@ -124,6 +124,15 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def leave_group(world: World) -> None:
+    """Wait for every rank, then tear the process group down. Call it when a run has finished: a process
+    that exits with the group still up can abort in the communication library's teardown
+    ("terminate called without an active exception"), and torchrun then reports the run as failed."""
+    if world.size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _pad_right(t: torch.Tensor | None, width: int, value) -> torch.Tensor | None:
     if t is None or t.shape[1] == width:
         return t

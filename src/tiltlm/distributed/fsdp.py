@@ -7,16 +7,17 @@ unit (a transformer block, ``distributed.fsdp_units``; the rest of the model is 
 parameters just before its forward or backward. Consequences the loop honours:
 
 - Every forward is a collective, so every rank runs the same number of them: the decode loop stops
-  only when every rank's rows have ended (``HFPolicy.lockstep``), ``log_prob`` splits every rank's rows
-  into the same number of chunks, and exact metrics are computed on every rank (rank 0 logs them).
+  only when every rank's rows have ended (``HFPolicy.lockstep``), an environment rollout plays turns
+  until every rank's episodes have ended (a rank whose episodes are over decodes a throwaway row),
+  ``log_prob`` splits every rank's rows into the same number of chunks, and exact metrics are computed
+  on every rank (rank 0 logs them).
 - Gradients are reduce-scattered as sums (divide factor 1, sum-only collectives: gloo has no
   pre-multiplied sum), the full-batch gradient that replicate's all-reduce gives.
 - Checkpoints and ``policy/`` hold the full tensors in the one-process format (optimiser state keyed by
   parameter index), so a run resumes with any number of processes and either strategy.
 
-Not supported, each a one-line error: environment episodes (ranks' episodes end at different turns),
-tabular policies (nothing to shard), vLLM generation, and off-policy proposal updates (a sharded model
-cannot be deep-copied).
+Not supported, each a one-line error: tabular policies (nothing to shard; this includes the tabular
+environment's), vLLM generation, and off-policy proposal updates (a sharded model cannot be deep-copied).
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ from tiltlm.errors import TiltlmError
 def check_supported(config, policy) -> None:
     """One-line errors for the combinations a sharded run cannot do."""
     why = None
-    if config.env is not None:
-        why = "environment episodes end at different turns on different ranks"
-    elif not hasattr(policy, "lockstep"):
+    if not hasattr(policy, "lockstep"):
         why = f"only Hugging Face policies are sharded ({type(policy).__name__} is not one)"
     elif config.rollout.generation != "policy":
         why = "rollout.generation: vllm needs the whole weights on the generating rank"

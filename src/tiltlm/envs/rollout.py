@@ -146,10 +146,14 @@ def rollout(
     # a policy with sessions (HFPolicy) keeps each episode's KV cache from turn to turn: a turn encodes
     # only the new observation (and the last action token) instead of the prompt and whole history
     session = policy.session() if hasattr(policy, "session") else None
+    lockstep = getattr(policy, "lockstep", False)  # FSDP: each forward pass is a collective of all ranks
     for turn in range(1, env.max_turns + 1):
         active = [i for i in range(b) if not trajs[i].done]
-        if not active:
+        if policy.on_every_rank(not active) if lockstep else not active:
             break
+        if not active:  # this rank's episodes are over, another's not: join its forward passes with a throwaway row
+            policy.generate([prompt], max_new_tokens=max_action_tokens, seeds=[0])
+            continue
         prefixes, turn_seeds = [prompt + tokens[i] for i in active], [seeds[i] * 131 + turn for i in active]
         if session is not None:
             ids, token_logp, mask = session.generate(active, prefixes, max_new_tokens=max_action_tokens, seeds=turn_seeds)

@@ -261,7 +261,7 @@ class HFPolicy:
             token_logp[:, t] = torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
             mask[:, t] = alive
             done = done | (token == self.eos_id)
-            if self._on_every_rank(bool(done.all()), dist.ReduceOp.MIN) or t == max_new_tokens - 1:
+            if self.on_every_rank(bool(done.all()), dist.ReduceOp.MIN) or t == max_new_tokens - 1:
                 break
             # a finished row's padding is fed (the batch moves together) but masked, so its cache stays clean
             attn = torch.cat([attn, alive[:, None].to(attn.dtype)], dim=-1)
@@ -277,8 +277,9 @@ class HFPolicy:
         result = ids[:, :width].cpu(), token_logp[:, :width].cpu(), mask[:, :width].cpu()
         return (*result, (past, attn, fed)) if keep_state else result
 
-    def _on_every_rank(self, value, op):
-        """``value`` reduced over the ranks with ``op`` when in lockstep (MIN of a flag: true on every rank)."""
+    def on_every_rank(self, value, op=dist.ReduceOp.MIN):
+        """``value`` reduced over the ranks with ``op`` when in lockstep (MIN of a flag: true on every rank);
+        as it is otherwise."""
         if not self.lockstep:
             return value
         t = torch.tensor([int(value)], device=self.device)
@@ -288,7 +289,7 @@ class HFPolicy:
     def _chunks(self, n: int) -> list[slice]:
         """Row slices of at most ``chunk_size`` (in lockstep: as many slices as the rank with the most rows
         needs; ranks' shards differ by at most one row, so none is empty)."""
-        count = self._on_every_rank(-(-n // self.chunk_size), dist.ReduceOp.MAX)
+        count = self.on_every_rank(-(-n // self.chunk_size), dist.ReduceOp.MAX)
         bounds = [n * k // count for k in range(count + 1)] if count else [0]
         return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
