@@ -2,7 +2,9 @@
 
     python benchmarks/sharding.py [--ranks 2] [--batch 16] [--length 16] [--quick]
 
-For each strategy (``replicate``, ``fsdp``) a fresh ``torchrun --standalone --nproc_per_node RANKS``
+For each strategy (``replicate``; ``fsdp``; ``fsdp-keep`` = fsdp with ``reshard_after_forward: false``,
+which keeps a unit's gathered weights from its forward until the backward, so a no-grad decode loop
+gathers each unit once instead of once per token) a fresh ``torchrun --standalone --nproc_per_node RANKS``
 group (gloo on the CPU, nccl on GPUs) builds the default model for full fine-tuning with kl-pg and
 takes 3 steps of B sequences of up to T tokens. Every rank reports the bytes it holds of the policy's
 and the prior's weights, of the gradients and of the Adam moments (its shards under FSDP), its peak
@@ -49,7 +51,8 @@ def _child(strategy: str, batch: int, length: int, threads: int) -> None:
     world = init_from_env()
     config = parse_config({"prior": "default", "target": {"reward": "count:e", "beta": 1.0}, "algorithm": {"name": "kl-pg"},
                            "sampling": {"n_per_context": batch, "max_new_tokens": length}, "optim": {"steps": 10, "lr": 1e-4},
-                           "metrics": {"diversity": False}, "distributed": {"strategy": strategy}})
+                           "metrics": {"diversity": False},
+                           "distributed": {"strategy": strategy.split("-")[0], "reshard_after_forward": not strategy.endswith("-keep")}})
     policy, target = build(config)
     place_on_rank_device(policy, target.prior)
     trainer = Trainer(config, policy=policy, target=target)
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     length = args.length or (4 if args.quick else 16)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
     rows = []
-    for strategy in ("replicate", "fsdp"):
+    for strategy in ("replicate", "fsdp", "fsdp-keep"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks), __file__,
                "--threads", str(args.threads), "--child", strategy, str(batch), str(length)]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
@@ -97,9 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
         worst = {k: max(r[k] for r in ranks) for k in ranks[0]}
         worst["state_mb"] = worst["weights_mb"] + worst["grads_mb"] + worst["adam_mb"]
         rows.append({"strategy": strategy, "ranks": args.ranks, "B": batch, "T": length, **worst})
-    replicate, fsdp = rows
-    for key in ("state_mb", "peak_rss_mb", "step_s"):
-        fsdp[f"{key}_vs_replicate"] = fsdp[key] / replicate[key]
+    replicate = rows[0]
+    for row in rows[1:]:
+        for key in ("state_mb", "peak_rss_mb", "step_s"):
+            row[f"{key}_vs_replicate"] = row[key] / replicate[key]
     return emit("sharding", rows, ["strategy", "ranks", "B", "T", "weights_mb", "grads_mb", "adam_mb", "state_mb", "state_mb_vs_replicate",
                                    "peak_rss_mb", "peak_rss_mb_vs_replicate", "step_s", "step_s_vs_replicate"], args.json, threads=args.threads)
 

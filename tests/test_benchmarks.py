@@ -77,8 +77,8 @@ def test_memory_quick(bench):
 
 def test_sharding_quick(bench):
     """2 gloo ranks: FSDP holds half of replicate's weights, gradients and Adam moments per rank."""
-    replicate, fsdp = _payload(bench("sharding").main(["--quick", "--ranks", "2"]), "sharding")
-    for r in (replicate, fsdp):
+    replicate, fsdp, keep = _payload(bench("sharding").main(["--quick", "--ranks", "2"]), "sharding")
+    for r in (replicate, fsdp, keep):
         _finite(r, ["weights_mb", "grads_mb", "adam_mb", "state_mb", "peak_rss_mb", "step_s"])
     assert replicate["adam_mb"] == pytest.approx(2 * replicate["grads_mb"])  # two moments per trained weight
     assert fsdp["state_mb_vs_replicate"] == pytest.approx(0.5, abs=0.01)

@@ -120,7 +120,8 @@ def test_fsdp_episodes_that_end_at_different_turns_on_each_rank_equal_one_proces
         # 2 tasks x 3 episodes: rank 0 plays the three 1-turn episodes, rank 1 the three 3-turn ones
         "algorithm": {"name": "kl-pg"}, "env": {"name": env, "max_action_tokens": 4}, "target": {"beta": 0.5},
         "sampling": {"n_per_context": 3}, "optim": {"steps": 4, "lr": 0.01, "optimizer": "sgd"}, "metrics": {"diversity": False},
-        "checkpoint": {"every": 2}, "distributed": {"strategy": "fsdp"}, "seed": 1,
+        # reshard_after_forward false: a unit's gathered weights stay from the decoding forwards until the backward
+        "checkpoint": {"every": 2}, "distributed": {"strategy": "fsdp", "reshard_after_forward": False}, "seed": 1,
     }
     _run_both(tmp_path, config, load_file(str(resolve_model_dir("default") / "model.safetensors")), weights_atol=1e-6, checkpoint_atol=1e-6)
     assert all(row["env/turns_mean"] == 2.0 for row in _metrics(tmp_path / "two"))  # (3 x 1 + 3 x 3) / 6

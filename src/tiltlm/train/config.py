@@ -115,8 +115,8 @@ class DistributedConfig(_Strict):
     fsdp_units: tuple[str, ...] | None = Field(
         None, description="fsdp: module class names sharded as one unit each (gathered together); null = the model's "
                           "_no_split_modules (its transformer blocks)")
-    reshard_after_forward: bool = Field(True, description="fsdp: free a unit's gathered weights after its forward "
-                                                          "(less memory, one more all-gather in backward)")
+    reshard_after_forward: bool = Field(True, description="fsdp: free a unit's gathered weights after each forward; false "
+                                                          "keeps them until the backward, so decoding gathers once, not per token")
 
 
 class CheckpointConfig(_Strict):
