@@ -162,3 +162,13 @@ def test_log_prob_chunks_cover_every_row_once(testbed_policy):
         torch.testing.assert_close(chunked, policy.log_prob(samples), atol=1e-5, rtol=1e-5)
     finally:
         policy.chunk_size = saved
+
+
+def test_fsdp_units_default_to_the_transformer_blocks_and_unknown_names_fail_in_one_line(testbed_policy):
+    from tiltlm.distributed.fsdp import _units
+
+    model = testbed_policy.model
+    assert [type(m).__name__ for m in _units(model, None)] == ["GPT2Block"] * model.config.n_layer
+    assert len(_units(model, ("GPT2MLP",))) == model.config.n_layer
+    with pytest.raises(TiltlmError, match=r"fsdp_units \['NoSuchBlock'\] match no module of the model; module classes: .*GPT2Block"):
+        _units(model, ("NoSuchBlock",))

@@ -31,15 +31,16 @@ from tiltlm.errors import TiltlmError
 
 def check_supported(config, policy) -> None:
     """One-line errors for the combinations a sharded run cannot do."""
-    why = None
+    replicate = "use distributed.strategy: replicate"
+    fix = None
     if not hasattr(policy, "lockstep"):
-        why = f"only Hugging Face policies are sharded ({type(policy).__name__} is not one)"
+        fix = f"only Hugging Face policies are sharded ({type(policy).__name__} is not one); {replicate}"
     elif config.rollout.generation != "policy":
-        why = "rollout.generation: vllm needs the whole weights on the generating rank"
+        fix = f"rollout.generation: vllm needs the whole weights on the generating rank; {replicate} or rollout.generation: policy"
     elif getattr(config.algorithm, "off_policy", False) and getattr(config.algorithm, "proposal_check_every", 0):
-        why = "off-policy proposal updates copy the policy, and a sharded model cannot be copied; set algorithm.proposal_check_every: 0"
-    if why:
-        raise TiltlmError(f"distributed.strategy fsdp: {why}; use distributed.strategy: replicate (or fix as said)")
+        fix = f"off-policy proposal updates copy the policy, and a sharded model cannot be copied; set algorithm.proposal_check_every: 0 or {replicate}"
+    if fix:
+        raise TiltlmError(f"distributed.strategy fsdp: {fix}")
 
 
 def _units(model: torch.nn.Module, names: tuple[str, ...] | None) -> list[torch.nn.Module]:
