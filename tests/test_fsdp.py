@@ -77,7 +77,7 @@ def test_fsdp_full_fine_tuning_with_exact_metrics_equals_one_process(tmp_path):
     model = make_testbed(tmp_path / "tb", vocab_size=5, n_layer=2, n_embd=16, n_head=2, seed=0, train_steps=60)
     config = {
         "prior": str(model), "algorithm": {"name": "kl-pg"}, "target": {"reward": "count:c", "beta": 1.0},
-        # 7 rows: rank 0 draws 3, rank 1 draws 4 (uneven shards, early EOS on one rank only)
+        # 7 rows: rank 0 draws 3, rank 1 draws 4 (uneven shards)
         "sampling": {"contexts": [""], "n_per_context": 7, "max_new_tokens": 4},
         # SGD here: with Adam, weights whose gradient is 0 up to rounding (embeddings of rare tokens, key biases) take
         # lr-sized steps decided by float noise, so even 1 thread vs 2 threads in one process differs by 3e-4 on this model;
