@@ -17,7 +17,7 @@ from tiltlm.errors import TiltlmError
 from tiltlm.policies import TabularPolicy
 from tiltlm.targets import Prior, Tilt
 from tiltlm.train.config import parse_config
-from tiltlm.train.loop import Trainer, score_batch
+from tiltlm.train.loop import Trainer
 
 BETA = 1.0
 
@@ -88,8 +88,8 @@ def test_kl_k1_in_the_loss_ignores_the_kl():
 def _batch(policy, target, n=32, seed=0):
     s = policy.sample([""], n, seed=seed)
     logq = s.logp.double()
-    lp0, lt, r = score_batch(target, s, logq, sampler_is_prior=False)
-    return Batch(samples=s, logq=logq, token_logq=s.token_logp, logp_prior=lp0, log_target=lt, reward=r)
+    lp0, lt, r = target.score(s)
+    return Batch(samples=s, logq=logq, token_logq=s.token_logp, logp_prior=lp0, log_target=lt, reward=r, beta=target.beta)
 
 
 def _grad(policy, loss_fn):
@@ -107,8 +107,8 @@ def test_ppo_one_epoch_unclipped_equals_kl_pg(kl_in):
         policy.logits.add_(torch.randn(policy.logits.shape, generator=torch.Generator().manual_seed(1)))
     batch = _batch(policy, target)
     grads = []
-    for algo in (get_algorithm("kl-pg", beta=BETA, kl_in=kl_in, estimator="k2"),
-                 get_algorithm("ppo-kl", beta=BETA, kl_in=kl_in, estimator="k2", epochs=1, clip=None)):
+    for algo in (get_algorithm("kl-pg", kl_in=kl_in, estimator="k2"),
+                 get_algorithm("ppo-kl", kl_in=kl_in, estimator="k2", epochs=1, clip=None)):
         fn = lambda lp, tlp, a=algo: a.loss(batch, lp, tlp)  # noqa: E731
         fn.samples = batch.samples
         grads.append(_grad(policy, fn))
@@ -166,7 +166,7 @@ def test_kl_pg_k1_reward_gradient_is_exact_in_expectation():
     for seed in range(40):
         s = policy.sample([""], 256, seed=seed)
         logq = s.logp.double()
-        lp0_s, _, r_s = score_batch(target, s, logq, sampler_is_prior=False)
+        lp0_s, _, r_s = target.score(s)
         policy.logits.grad = None
         loss, _ = kl_pg_loss(policy.log_prob(s, grad=True), logq, lp0_s, r_s, s.group, beta=BETA)
         loss.backward()
@@ -179,9 +179,26 @@ def test_registry_errors():
     with pytest.raises(TiltlmError, match=r"unknown algorithm 'dpgg' \(did you mean 'dpg'\?\); available: dpg, f-dpg"):
         get_algorithm("dpgg")
     with pytest.raises(TiltlmError, match="did you mean 'estimator'"):
-        get_algorithm("kl-pg", beta=1.0, estimater="k3")
-    with pytest.raises(TiltlmError, match="beta"):
-        get_algorithm("kl-pg", beta=0.0)
+        get_algorithm("kl-pg", estimater="k3")
+    with pytest.raises(TiltlmError, match="has no option 'beta'"):  # the KL coefficient is the target's beta
+        get_algorithm("kl-pg", beta=0.5)
+
+
+def test_kl_coefficient_is_the_targets_beta():
+    from tiltlm.algorithms.kl_pg import kl_pg_loss
+
+    prior, policy, target = setup()
+    batch = _batch(policy, target)
+    assert batch.beta == BETA
+    logp = policy.log_prob(batch.samples, grad=True)
+    for b in (BETA, 3 * BETA):
+        batch.beta = b
+        loss, _ = get_algorithm("kl-pg").loss(batch, logp, None)
+        expected, _ = kl_pg_loss(logp, batch.logq, batch.logp_prior, batch.reward, batch.group, beta=b)
+        assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
+    batch.beta = None  # a target without a tilt has no beta to weigh the KL by
+    with pytest.raises(TiltlmError, match="has no Tilt"):
+        get_algorithm("kl-pg").loss(batch, logp, None)
 
 
 def test_set_level_credit_by_hand():

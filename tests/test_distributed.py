@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiltlm.distributed.dist import World, concat_samples
+from tiltlm.distributed.dist import World
+from tiltlm.records import concat
 from tiltlm.envs import get_env, rollout
 from tiltlm.errors import TiltlmError
 from tiltlm.policies import TabularPolicy
@@ -69,7 +70,7 @@ def test_a_shard_of_rows_is_drawn_as_in_the_whole_batch():
     contexts = ["", "Once upon a time"]  # 2 contexts x 4 rows split 3 + 1 + 4: the second context is split
     full = lm.sample(contexts, 4, seed=3)
     parts = [lm.sample(contexts, 4, seed=3, rows=r) for r in (range(0, 3), range(3, 4), range(4, 8))]
-    joined = concat_samples(parts, lm.pad_id)
+    joined = concat(parts, lm.pad_id)
     assert joined.texts == full.texts and torch.equal(joined.ids, full.ids) and torch.equal(joined.mask, full.mask)
     # same tokens; the float32 log-probs of a smaller batch differ at rounding (measured up to 2.9e-6)
     torch.testing.assert_close(joined.token_logp, full.token_logp, atol=1e-5, rtol=1e-5)
@@ -77,7 +78,7 @@ def test_a_shard_of_rows_is_drawn_as_in_the_whole_batch():
 
     tab = TabularPolicy.random(list("ab") + ["<eos>"], max_new_tokens=3, contexts=("x", "y"), seed=0)
     full = tab.sample(["x", "y"], 5, seed=1)
-    joined = concat_samples([tab.sample(["x", "y"], 5, seed=1, rows=r) for r in (range(0, 4), range(4, 10))], tab.pad_id)
+    joined = concat([tab.sample(["x", "y"], 5, seed=1, rows=r) for r in (range(0, 4), range(4, 10))], tab.pad_id)
     assert joined.texts == full.texts and torch.equal(joined.group, full.group)
     torch.testing.assert_close(joined.token_logp, full.token_logp, atol=0, rtol=0)
 
@@ -87,7 +88,7 @@ def test_an_episode_shard_is_played_as_in_the_whole_rollout():
     policy = env.make_prior()
     full = rollout(policy, env, ["start"], 9, seed=4, timeout_s=None)
     parts = [rollout(policy, env, ["start"], 9, seed=4, timeout_s=None, episodes=r) for r in (range(0, 5), range(5, 9))]
-    joined = concat_samples(parts, policy.pad_id)
+    joined = concat(parts, policy.pad_id)
     assert torch.equal(joined.ids, full.ids) and torch.equal(joined.mask, full.mask)
     assert [t.to_json() for t in joined.trajectories] == [t.to_json() for t in full.trajectories]
     assert len({tuple(t.actions + t.observations) for t in full.trajectories}) > 1

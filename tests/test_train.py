@@ -91,8 +91,10 @@ def test_config_errors(tmp_path):
         parse_config({"algorithm": "ppo"})
     with pytest.raises(TiltlmError, match="optim.lr"):
         parse_config({"algorithm": "kl-pg", "optim": {"lr": 0}})
-    # the algorithm's beta defaults to the target's
-    assert parse_config({"algorithm": "kl-pg", "target": {"beta": 0.3}}).algorithm.beta == 0.3
+    # one beta per run, the target's: an algorithm.beta equal to it is accepted (older configs), another refused
+    assert parse_config({"algorithm": {"name": "kl-pg", "beta": 0.3}, "target": {"beta": 0.3}}).target.beta == 0.3
+    with pytest.raises(TiltlmError, match=r"'algorithm.beta' \(0.5\) differs from target.beta \(0.3\)"):
+        parse_config({"algorithm": {"name": "kl-pg", "beta": 0.5}, "target": {"beta": 0.3}})
 
 
 def _exact_rows(run_dir):

@@ -111,11 +111,9 @@ def train(
     log: Optional[str] = typer.Option(None, help="Extra trackers beside metrics.jsonl: tensorboard,wandb,mlflow."),
 ) -> None:
     """Train a policy toward the config's target with the config's algorithm."""
-    from tiltlm.train.build import build
+    from tiltlm.distributed.dist import init_from_env, leave_group
+    from tiltlm.train.build import fit
     from tiltlm.train.config import load_config, parse_config
-    from tiltlm.train.loop import Trainer
-
-    from tiltlm.distributed.dist import init_from_env, leave_group, place_on_rank_device
 
     _quiet_transformers()
     world = init_from_env()  # under torchrun / accelerate launch: join the data-parallel group (else 1 process)
@@ -129,19 +127,8 @@ def train(
         if seed is not None:
             data["seed"] = seed
         cfg = parse_config(data)
-    from tiltlm.train.loggers import LoggerGroup, make_loggers
-
     with _no_half_written_run(out, fresh=world.is_main and not resume and not (out.is_dir() and any(out.iterdir()))):
-        policy, target = build(cfg)
-        if world.size > 1:
-            place_on_rank_device(policy, target.prior)
-        trainer = Trainer(cfg, policy=policy, target=target, out_dir=out, resume=resume)
-        trackers = LoggerGroup(make_loggers(log if world.is_main else None, out, json.loads(cfg.model_dump_json())))
-        trainer.on_metrics = trackers
-        try:
-            rows = trainer.run(progress=sys.stderr.isatty())
-        finally:
-            trackers.close()
+        trainer, rows = fit(cfg, out, resume=resume, log=log, progress=sys.stderr.isatty())
     leave_group(world)
     last = rows[-1] if rows else {}
     if not world.is_main:

@@ -1,4 +1,4 @@
-"""The batch record every algorithm reads, the Algorithm base class and the registry.
+"""The Algorithm base class and the registry (the Batch every loss reads is in tiltlm.records).
 
 An algorithm is a small loss over the tensors of a ``Batch`` plus whatever state it must carry
 across steps (an adaptive KL coefficient, a running log Z, an off-policy proposal). The training
@@ -8,38 +8,13 @@ loop (tiltlm.train.loop) is the only place that samples, scores, steps and logs.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tiltlm.errors import TiltlmError
-from tiltlm.policies.base import Samples
-
-
-@dataclass
-class Batch:
-    """One step's data: samples and every per-sequence quantity the losses need, (B,) each.
-
-    ``logq`` is the log-prob under the distribution that drew the samples (the policy before this
-    step when on-policy, a frozen proposal when off-policy); importance weights are P/q.
-    """
-
-    samples: Samples
-    logq: torch.Tensor  # (B,) float64, log q(x) of the sampler
-    token_logq: torch.Tensor  # (B, T) float32, per-token log q (PPO ratios)
-    logp_prior: torch.Tensor  # (B,) float64, log pi0(x)
-    log_target: torch.Tensor  # (B,) float64, unnormalised log P(x)
-    reward: torch.Tensor  # (B,) float64, r(x) of the target's tilt (0 without one)
-    token_logp_prior: torch.Tensor | None = None  # (B, T) log pi0 per token; environment rollouts (per-turn KL)
-
-    @property
-    def group(self) -> torch.Tensor:
-        return self.samples.group
-
-    def __len__(self) -> int:
-        return len(self.samples)
+from tiltlm.records import Batch
 
 
 def leave_one_out(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -52,6 +27,15 @@ def leave_one_out(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     n = values.shape[0]
     global_loo = (values.sum() - values) / max(n - 1, 1)
     return torch.where(k > 1, in_group, global_loo)
+
+
+def kl_coefficient(batch: Batch, algorithm: str) -> float:
+    """The KL coefficient of a KL-regularised algorithm: the beta of the target that scored the batch (one
+    beta per run, so training and the metrics aim at the same p* ∝ pi0·exp(r/beta))."""
+    if batch.beta is None:
+        raise TiltlmError(f"algorithm '{algorithm}' weighs the KL by the target's beta, but the target has no Tilt; "
+                          "multiply the target by Tilt(reward, beta)")
+    return batch.beta
 
 
 def safe_exp(x: torch.Tensor, cap: float = 80.0) -> torch.Tensor:

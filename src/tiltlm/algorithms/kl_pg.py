@@ -1,6 +1,7 @@
 """KL-regularised policy gradient (RLOO / GRPO-style) = reverse-KL variational inference to p*.
 
 J(theta) = E_pi[r] - beta KL(pi || pi0) = -beta KL(pi || p*) + beta log Z   (shared/MATH.md §2).
+beta is the target's (``Batch.beta``): the KL coefficient and the tilt's temperature are one number.
 
 Where the KL goes, with l = log pi0(x) - log pi(x) per sampled sequence, decides what is optimised
 (on-policy; see also Tang & Munos 2025 on KL gradient estimators):
@@ -25,7 +26,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tiltlm.algorithms.base import Algorithm, AlgorithmConfig, Batch, leave_one_out, register_algorithm
+from tiltlm.algorithms.base import Algorithm, AlgorithmConfig, Batch, kl_coefficient, leave_one_out, register_algorithm
 from tiltlm.algorithms.reinforce import SetReward, policy_gradient_loss, shaped_reward
 
 
@@ -58,7 +59,6 @@ def kl_pg_loss(
 
 
 class KlPgConfig(AlgorithmConfig):
-    beta: float = Field(..., gt=0, description="KL coefficient; the target's beta for p* = pi0·exp(r/beta)/Z")
     kl_in: Literal["reward", "loss"] = Field("reward", description="put the KL in the reward or in the loss")
     estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-sample KL estimator (module docstring)")
     entropy_coef: float = Field(0.0, ge=0, description="extra entropy bonus alpha·H(pi) beside the KL")
@@ -75,5 +75,5 @@ class KlPg(Algorithm):
         c = self.config
         reward, baseline = shaped_reward(batch, c.entropy_coef, c.set_reward, c.correct_threshold)
         loss, adv = kl_pg_loss(logp, batch.logq, batch.logp_prior, reward, batch.group,
-                               beta=c.beta, kl_in=c.kl_in, estimator=c.estimator, baseline=baseline)
+                               beta=kl_coefficient(batch, self.name), kl_in=c.kl_in, estimator=c.estimator, baseline=baseline)
         return loss, {"loss/advantage_abs": float(adv.abs().mean())}

@@ -6,9 +6,11 @@ sum_t min(rho_t A, clip(rho_t, 1-eps, 1+eps) A) is maximised for ``epochs`` pass
 At rho = 1 (first epoch, or no clipping) sum_t grad rho_t = grad log pi(x), so one epoch without
 clipping has exactly kl-pg's gradient with the same KL placement (tested).
 
-The KL coefficient is fixed, or adapted (Ziegler) towards a target KL per step:
+The KL coefficient is the target's beta (``Batch.beta``), or — an explicit choice, ``adaptive_kl`` — starts
+there and is adapted (Ziegler) towards a target KL per step:
 beta <- beta·(1 + clip(KL/target - 1, -0.2, 0.2)·n/horizon). With an adaptive beta the optimum
-is p* for the *final* beta, not for the target's beta.
+is p* for the *final* beta, not for the target's beta; the coefficient is logged as ``kl/coef`` each
+step, while the metrics keep measuring against the target's p*.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from tiltlm.algorithms.base import Algorithm, AlgorithmConfig, Batch, leave_one_out, register_algorithm
+from tiltlm.algorithms.base import Algorithm, AlgorithmConfig, Batch, kl_coefficient, leave_one_out, register_algorithm
 from tiltlm.algorithms.kl_pg import kl_estimate
 from tiltlm.algorithms.reinforce import entropy_pseudo_reward
 
@@ -40,12 +42,11 @@ def ppo_clip_loss(
 
 
 class PpoKlConfig(AlgorithmConfig):
-    beta: float = Field(..., gt=0, description="initial KL coefficient")
     kl_in: Literal["reward", "loss"] = "reward"
     estimator: Literal["k1", "k2", "k3"] = "k1"
     clip: float | None = Field(0.2, gt=0, description="PPO clip range eps; null disables clipping")
     epochs: int = Field(4, ge=1, description="optimisation passes over each batch")
-    adaptive_kl: bool = Field(False, description="adapt beta towards target_kl (Ziegler et al. 2019)")
+    adaptive_kl: bool = Field(False, description="adapt the KL coefficient (from the target's beta) towards target_kl (Ziegler et al. 2019)")
     target_kl: float | None = Field(None, gt=0, description="KL(pi||pi0) per sequence that the adaptive beta aims at")
     horizon: int = Field(10000, gt=0, description="adaptive controller horizon, in samples")
     entropy_coef: float = Field(0.0, ge=0)
@@ -64,7 +65,7 @@ class PpoKl(Algorithm):
 
     def __init__(self, config: PpoKlConfig):
         super().__init__(config)
-        self.beta = config.beta
+        self.beta: float | None = None  # the KL coefficient in use: the target's, or the adapted one
 
     @property
     def epochs(self) -> int:
@@ -72,6 +73,8 @@ class PpoKl(Algorithm):
 
     def loss(self, batch: Batch, logp: torch.Tensor, token_logp: torch.Tensor):
         c = self.config
+        if self.beta is None or not c.adaptive_kl:  # adaptive: the target's beta is only where it starts
+            self.beta = kl_coefficient(batch, self.name)
         reward = batch.reward + entropy_pseudo_reward(batch.logq, c.entropy_coef)
         if c.kl_in == "reward":
             reward = reward - self.beta * kl_estimate(batch.logp_prior - batch.logq, c.estimator)
@@ -93,4 +96,4 @@ class PpoKl(Algorithm):
         return {"beta": self.beta}
 
     def load_state_dict(self, state):
-        self.beta = float(state["beta"])
+        self.beta = None if state.get("beta") is None else float(state["beta"])

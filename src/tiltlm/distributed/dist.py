@@ -1,12 +1,12 @@
 """Data parallelism over torch.distributed: the process group torchrun / ``accelerate launch`` describe.
 
-How one step is split over W ranks (tiltlm.train.loop does this; nothing here knows an algorithm):
+How one step is split over W ranks (the Trainer asks tiltlm.distributed.strategy; nothing here knows an algorithm):
 
 1. Every rank defines the same global batch (contexts, n per context, the step's seed) and draws only
    its contiguous shard of rows ``World.shard(B)``; each row is drawn exactly as in the whole batch
    (``Policy.sample(..., rows=)``, ``rollout(..., episodes=)``), so a run's samples do not depend on W.
 2. Each rank scores its rows (rewards, log pi0, log P): the expensive model calls are split W ways.
-3. ``gather_batch`` all-gathers the rows' records, so every rank holds the identical global Batch:
+3. ``Replicate.gather`` all-gathers the rows' records (tiltlm.records.concat), so every rank holds the identical global Batch:
    leave-one-out baselines, the running log Z, normalisations and metrics are computed on global
    values with no algorithm-specific communication.
 4. Each rank computes log pi_theta with grad for its rows only and gathers the others' values
@@ -20,13 +20,12 @@ Only the main rank (0) writes config, metrics, checkpoints and the final policy.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from tiltlm.errors import TiltlmError
-from tiltlm.policies.base import Samples
 
 
 @dataclass(frozen=True)
@@ -119,6 +118,31 @@ def all_reduce_grads_(params: list[torch.Tensor], world: World) -> None:
         offset += n
 
 
+def all_reduce_scalar(value: int, op: str, world: World) -> int:
+    """``value`` reduced over the ranks, ``op`` "min" or "max" (one collective on this rank's device)."""
+    if world.size == 1:
+        return value
+    t = torch.tensor([int(value)], device=rank_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+class Lockstep:
+    """What ranks that run every forward pass together (sharded weights) must agree on, handed to the
+    policies (``HFPolicy.decode_in_lockstep``) so that they never call torch.distributed themselves:
+    ``all(flag)`` — does the flag hold on every rank (decode until every rank's rows are done) — and
+    ``max(n)`` — the largest n of any rank (as many chunks of rows as the rank with the most rows)."""
+
+    def __init__(self, world: World):
+        self.world = world
+
+    def all(self, flag: bool) -> bool:
+        return bool(all_reduce_scalar(int(flag), "min", self.world))
+
+    def max(self, n: int) -> int:
+        return all_reduce_scalar(int(n), "max", self.world)
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()
@@ -131,53 +155,6 @@ def leave_group(world: World) -> None:
     if world.size > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def _pad_right(t: torch.Tensor | None, width: int, value) -> torch.Tensor | None:
-    if t is None or t.shape[1] == width:
-        return t
-    pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype)
-    return torch.cat([t, pad], dim=1)
-
-
-def concat_samples(parts: list[Samples], pad_id: int) -> Samples:
-    """The rows of ``parts`` in order as one Samples (same contexts), generated part right-padded.
-
-    Padding is what the policy itself pads with (``pad_id``; attention and mask False, log-prob 0),
-    so the result is the Samples one process would have drawn.
-    """
-    if len(parts) == 1:
-        return parts[0]
-    width = max(p.ids.shape[1] for p in parts)
-    cwidth = {p.context_ids.shape[1] for p in parts}
-    if len(cwidth) != 1:
-        raise TiltlmError("data-parallel shards encoded their contexts to different widths; every rank must sample the same contexts")
-    cat = lambda name, value: torch.cat([_pad_right(getattr(p, name), width, value) for p in parts])  # noqa: E731
-    first = parts[0]
-    return Samples(
-        contexts=first.contexts, group=torch.cat([p.group for p in parts]),
-        context_ids=torch.cat([p.context_ids for p in parts]), context_attn=torch.cat([p.context_attn for p in parts]),
-        ids=cat("ids", pad_id), attn=cat("attn", False), mask=cat("mask", False), token_logp=cat("token_logp", 0.0),
-        texts=[t for p in parts for t in p.texts],
-        eos=None if first.eos is None else torch.cat([p.eos for p in parts]),
-        turn=None if first.turn is None else cat("turn", -1),
-        trajectories=None if first.trajectories is None else [t for p in parts for t in p.trajectories],
-    )
-
-
-def gather_batch(batch, world: World, pad_id: int):
-    """The global Batch (rows of rank 0, then rank 1, …) from each rank's shard, on every rank."""
-    if world.size == 1:
-        return batch
-    parts = all_gather_objects(batch, world)
-    samples = concat_samples([p.samples for p in parts], pad_id)
-    width = samples.ids.shape[1]
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    prior = None
-    if parts[0].token_logp_prior is not None:
-        prior = torch.cat([_pad_right(p.token_logp_prior, width, 0.0) for p in parts])
-    return replace(batch, samples=samples, logq=cat("logq"), token_logq=samples.token_logp, logp_prior=cat("logp_prior"),
-                   log_target=cat("log_target"), reward=cat("reward"), token_logp_prior=prior)
 
 
 def gather_rows(local: torch.Tensor, world: World) -> torch.Tensor:

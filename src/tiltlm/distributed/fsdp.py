@@ -7,8 +7,8 @@ unit (a transformer block, ``distributed.fsdp_units``; the rest of the model is 
 parameters just before its forward or backward. Consequences the loop honours:
 
 - Every forward is a collective, so every rank runs the same number of them: the decode loop stops
-  only when every rank's rows have ended (``HFPolicy.lockstep``), an environment rollout plays turns
-  until every rank's episodes have ended (a rank whose episodes are over decodes a throwaway row),
+  only when every rank's rows have ended (``HFPolicy.decode_in_lockstep``), an environment rollout plays
+  turns until every rank's episodes have ended (a policy in lockstep asked for no rows decodes a throwaway one),
   ``log_prob`` splits every rank's rows into the same number of chunks, and exact metrics are computed
   on every rank (rank 0 logs them).
 - Gradients are reduce-scattered as sums (divide factor 1, sum-only collectives: gloo has no
@@ -23,7 +23,6 @@ environment's), vLLM generation, and off-policy proposal updates (a sharded mode
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from tiltlm.distributed.dist import World, rank_device
 from tiltlm.errors import TiltlmError
@@ -33,7 +32,7 @@ def check_supported(config, policy) -> None:
     """One-line errors for the combinations a sharded run cannot do."""
     replicate = "use distributed.strategy: replicate"
     fix = None
-    if not hasattr(policy, "lockstep"):
+    if not hasattr(policy, "decode_in_lockstep"):
         fix = f"only Hugging Face policies are sharded ({type(policy).__name__} is not one); {replicate}"
     elif config.rollout.generation != "policy":
         fix = f"rollout.generation: vllm needs the whole weights on the generating rank; {replicate} or rollout.generation: policy"
@@ -57,7 +56,8 @@ def shard_policies(policy, prior, world: World, *, units: tuple[str, ...] | None
     """Shard the policy's model and the prior's (once when LoRA shares one model) over the group, in place.
 
     Each unit of ``units`` (default: the model's transformer blocks) and then the whole model become
-    FSDP modules; the policies then run every forward in lockstep with the other ranks.
+    FSDP modules; the caller then has the policies run every forward in lockstep with the other ranks
+    (tiltlm.distributed.strategy.Fsdp.prepare).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -72,7 +72,6 @@ def shard_policies(policy, prior, world: World, *, units: tuple[str, ...] | None
             if isinstance(m, FSDPModule):  # sum, not mean: each rank's backward is its rows' share of the global loss
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)
-    policy.lockstep = prior.lockstep = True
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -83,15 +82,6 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a DTensor, gathered on every rank (a plain tensor as it is)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def everyone(flag: bool, world: World) -> bool:
-    """True only when ``flag`` holds on every rank (one all-reduce)."""
-    if world.size == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=rank_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def trainable_state(module: torch.nn.Module, world: World) -> dict[str, torch.Tensor]:

@@ -101,10 +101,10 @@ class VLLMGenerator:
         for k, row in enumerate(rows_ids):
             ids[k, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[k, : len(row)] = True
-        context_ids, context_attn = p._contexts_tensor(contexts, group)
+        context_ids, context_attn = p.contexts_tensor(contexts, group)
         samples = Samples(contexts=list(contexts), group=group, context_ids=context_ids, context_attn=context_attn,
                           ids=ids, attn=mask.clone(), mask=mask, token_logp=torch.zeros((b, width)),
-                          texts=p._texts(ids, mask), eos=((ids == p.eos_id) & mask).any(-1))
+                          texts=p.texts_of(ids, mask), eos=((ids == p.eos_id) & mask).any(-1))
         samples.token_logp = p.log_prob(samples, per_token=True).float().cpu()  # the trainer's model, not vLLM's numbers
         self.outside_nucleus += int(torch.isinf(samples.token_logp).any(-1).sum())
         return samples

@@ -78,6 +78,65 @@ class LocalEpisodes:
         return [step_episode(self.live, i, action, turn, timeout_s, max_chars) for i, action in items]
 
 
+class _Histories:
+    """Everything after the prompt of each of a rollout's b episodes, token by token: ids, which are the
+    policy's, their log-probs under the sampler and their turn; observations are cut to fit the model window."""
+
+    def __init__(self, policy, prompt: list[int], trajs: list, *, max_action_tokens: int, max_observation_tokens: int):
+        self.policy, self.prompt, self.trajs = policy, prompt, trajs
+        self.window = getattr(policy, "window", None)
+        self.max_action_tokens, self.max_observation_tokens = max_action_tokens, max_observation_tokens
+        b = len(trajs)
+        self.tokens: list[list[int]] = [[] for _ in range(b)]
+        self.is_policy: list[list[bool]] = [[] for _ in range(b)]
+        self.logps: list[list[float]] = [[] for _ in range(b)]
+        self.turn_of: list[list[int]] = [[] for _ in range(b)]
+
+    def prefix(self, i: int) -> list[int]:
+        return self.prompt + self.tokens[i]
+
+    def add(self, i: int, ids: list[int], turn: int, *, policy: bool, logps: list[float] | None = None) -> None:
+        self.tokens[i] += ids
+        self.is_policy[i] += [policy] * len(ids)
+        self.logps[i] += logps if logps is not None else [0.0] * len(ids)
+        self.turn_of[i] += [turn] * len(ids)
+
+    def add_observation(self, i: int, text: str, turn: int) -> None:
+        ids = list(self.policy.encode_text(text))[: self.max_observation_tokens] if text else []
+        if self.window is not None and len(self.prompt) + len(self.tokens[i]) + len(ids) + self.max_action_tokens > self.window:
+            # the model's window cannot hold this observation and another action: end here, no fault
+            self.trajs[i].done = self.trajs[i].truncated = True
+            self.trajs[i].notes.append(f"model window of {self.window} tokens full")
+            return
+        self.add(i, ids, turn, policy=False)
+
+    def to_samples(self, group: torch.Tensor, tasks: list[str]) -> Samples:
+        b, trajs = len(self.trajs), self.trajs
+        width = max((len(t) for t in self.tokens), default=0)
+        pad = getattr(self.policy, "pad_id", self.policy.eos_id)
+        ids = torch.full((b, width), pad, dtype=torch.long)
+        attn = torch.zeros((b, width), dtype=torch.bool)
+        mask = torch.zeros((b, width), dtype=torch.bool)
+        token_logp = torch.zeros((b, width))
+        turn = torch.full((b, width), -1, dtype=torch.long)
+        for i in range(b):
+            n = len(self.tokens[i])
+            if n:
+                ids[i, :n] = torch.tensor(self.tokens[i], dtype=torch.long)
+                attn[i, :n] = True
+                mask[i, :n] = torch.tensor(self.is_policy[i], dtype=torch.bool)
+                token_logp[i, :n] = torch.tensor(self.logps[i])
+                turn[i, :n] = torch.tensor(self.turn_of[i], dtype=torch.long)
+        context_ids = torch.tensor([self.prompt] * b, dtype=torch.long).reshape(b, len(self.prompt))
+        return Samples(
+            contexts=list(tasks), group=group, context_ids=context_ids, context_attn=torch.ones_like(context_ids, dtype=torch.bool),
+            ids=ids, attn=attn, mask=mask, token_logp=token_logp,
+            texts=["\n".join(t.actions) for t in trajs],  # the policy's words: diversity of queries / questions
+            eos=torch.tensor([t.done and not t.truncated for t in trajs], dtype=torch.bool),
+            turn=turn, trajectories=trajs,
+        )
+
+
 def rollout(
     policy,
     env,
@@ -106,116 +165,77 @@ def rollout(
     if not index or index[0] < 0 or index[-1] >= len(group):
         raise TiltlmError(f"episodes {episodes} is not a non-empty part of the {len(group)} episodes of this rollout")
     group = group[index]
-    b = len(index)
     runner = LocalEpisodes(env) if runner is None else runner
     prompt = list(policy.encode_context(env.prompt))
     window = getattr(policy, "window", None)
-    seeds = [episode_seed(seed, i) for i in index]
-    trajs = [Trajectory(task=tasks[g]) for g in group.tolist()]
-    tokens: list[list[int]] = [[] for _ in range(b)]  # everything after the prompt
-    is_policy: list[list[bool]] = [[] for _ in range(b)]
-    logps: list[list[float]] = [[] for _ in range(b)]
-    turn_of: list[list[int]] = [[] for _ in range(b)]
-
-    def fail(i: int, reason: str) -> None:
-        trajs[i].failure, trajs[i].done = reason, True
-
-    def add_observation(i: int, text: str, turn: int) -> None:
-        ids = list(policy.encode_text(text))[:max_observation_tokens] if text else []
-        if window is not None and len(prompt) + len(tokens[i]) + len(ids) + max_action_tokens > window:
-            # the model's window cannot hold this observation and another action: end here, no fault
-            trajs[i].done = trajs[i].truncated = True
-            trajs[i].notes.append(f"model window of {window} tokens full")
-            return
-        tokens[i] += ids
-        is_policy[i] += [False] * len(ids)
-        logps[i] += [0.0] * len(ids)
-        turn_of[i] += [turn] * len(ids)
-
     if window is not None and len(prompt) + max_action_tokens > window:
         raise TiltlmError(f"the prompt of {len(prompt)} tokens + max_action_tokens {max_action_tokens} exceeds the model's window of {window}; shorten the prompt or lower env.max_action_tokens")
-    outcomes = runner.reset([(i, seeds[i], trajs[i].task) for i in range(b)], timeout_s=timeout_s, max_chars=max_observation_chars)
+    seeds = [episode_seed(seed, i) for i in index]
+    trajs = [Trajectory(task=tasks[g]) for g in group.tolist()]
+    history = _Histories(policy, prompt, trajs, max_action_tokens=max_action_tokens, max_observation_tokens=max_observation_tokens)
+    limits = {"timeout_s": timeout_s, "max_chars": max_observation_chars}
+    outcomes = runner.reset([(i, seeds[i], trajs[i].task) for i in range(len(trajs))], **limits)
     for i, (obs, fault, notes) in enumerate(outcomes):
         trajs[i].notes += notes
         if fault is not None:
-            fail(i, fault)
+            trajs[i].failure, trajs[i].done = fault, True
             continue
         trajs[i].observations.append(obs)
-        add_observation(i, obs, 0)
+        history.add_observation(i, obs, 0)
+    _play_turns(policy, env, runner, history, seeds, max_action_tokens, limits)
+    for t in trajs:
+        if not t.done:
+            t.done = t.truncated = True
+    return history.to_samples(group, tasks)
 
+
+def _play_turns(policy, env, runner, history: _Histories, seeds: list[int], max_action_tokens: int, limits: dict) -> None:
+    """Turns 1 … env.max_turns: the policy acts in every live episode (one batched call), the runner steps them."""
+    trajs = history.trajs
     # a policy with sessions (HFPolicy) keeps each episode's KV cache from turn to turn: a turn encodes
     # only the new observation (and the last action token) instead of the prompt and whole history
     session = policy.session() if hasattr(policy, "session") else None
-    lockstep = getattr(policy, "lockstep", False)  # FSDP: each forward pass is a collective of all ranks
+    any_rank = getattr(policy, "any_rank", bool)  # sharded weights: turns go on while any rank has episodes
     for turn in range(1, env.max_turns + 1):
-        active = [i for i in range(b) if not trajs[i].done]
-        if policy.on_every_rank(not active) if lockstep else not active:
+        active = [i for i in range(len(trajs)) if not trajs[i].done]
+        if not any_rank(bool(active)):
             break
-        if not active:  # this rank's episodes are over, another's not: join its forward passes with a throwaway row
-            policy.generate([prompt], max_new_tokens=max_action_tokens, seeds=[0])
-            continue
-        prefixes, turn_seeds = [prompt + tokens[i] for i in active], [seeds[i] * 131 + turn for i in active]
+        prefixes, turn_seeds = [history.prefix(i) for i in active], [seeds[i] * 131 + turn for i in active]
         if session is not None:
             ids, token_logp, mask = session.generate(active, prefixes, max_new_tokens=max_action_tokens, seeds=turn_seeds)
         else:
             ids, token_logp, mask = policy.generate(prefixes, max_new_tokens=max_action_tokens, seeds=turn_seeds)
+        if not active:  # (a policy in lockstep has joined the other ranks' forward passes)
+            continue
         actions = []
         for k, i in enumerate(active):
             row = ids[k][mask[k]].tolist()
-            tokens[i] += row
-            is_policy[i] += [True] * len(row)
-            logps[i] += token_logp[k][mask[k]].tolist()
-            turn_of[i] += [turn] * len(row)
+            history.add(i, row, turn, policy=True, logps=token_logp[k][mask[k]].tolist())
             text_ids = row[:-1] if row and row[-1] == policy.eos_id else row
             actions.append(policy.decode([text_ids])[0])
-        outcomes = runner.step(list(zip(active, actions)), turn, timeout_s=timeout_s, max_chars=max_observation_chars)
-        for i, action, (result, fault, notes) in zip(active, actions, outcomes):
-            t = trajs[i]
-            t.actions.append(action)
-            t.notes += notes
-            if fault is not None:
-                t.rewards.append(0.0)
-                t.infos.append({})
-                fail(i, fault)
-                continue
-            t.rewards.append(result.reward)
-            t.infos.append(result.info)
-            t.observations.append(result.observation)
-            if result.done:
-                t.done = True
-                t.truncated = bool(result.info.get("truncated", False))  # an env that ends episodes at its own limit
-            elif turn == env.max_turns:
-                t.done = t.truncated = True
-            else:
-                add_observation(i, result.observation, turn)
-    for t in trajs:
-        if not t.done:
-            t.done = t.truncated = True
-    return _to_samples(policy, env, prompt, group, tasks, trajs, tokens, is_policy, logps, turn_of)
+        outcomes = runner.step(list(zip(active, actions)), turn, **limits)
+        for i, action, outcome in zip(active, actions, outcomes):
+            _record_step(history, i, action, outcome, turn, env.max_turns)
 
 
-def _to_samples(policy, env, prompt, group, tasks, trajs, tokens, is_policy, logps, turn_of) -> Samples:
-    b = len(trajs)
-    width = max((len(t) for t in tokens), default=0)
-    pad = getattr(policy, "pad_id", policy.eos_id)
-    ids = torch.full((b, width), pad, dtype=torch.long)
-    attn = torch.zeros((b, width), dtype=torch.bool)
-    mask = torch.zeros((b, width), dtype=torch.bool)
-    token_logp = torch.zeros((b, width))
-    turn = torch.full((b, width), -1, dtype=torch.long)
-    for i in range(b):
-        n = len(tokens[i])
-        if n:
-            ids[i, :n] = torch.tensor(tokens[i], dtype=torch.long)
-            attn[i, :n] = True
-            mask[i, :n] = torch.tensor(is_policy[i], dtype=torch.bool)
-            token_logp[i, :n] = torch.tensor(logps[i])
-            turn[i, :n] = torch.tensor(turn_of[i], dtype=torch.long)
-    context_ids = torch.tensor([prompt] * b, dtype=torch.long).reshape(b, len(prompt))
-    return Samples(
-        contexts=list(tasks), group=group, context_ids=context_ids, context_attn=torch.ones_like(context_ids, dtype=torch.bool),
-        ids=ids, attn=attn, mask=mask, token_logp=token_logp,
-        texts=["\n".join(t.actions) for t in trajs],  # the policy's words: diversity of queries / questions
-        eos=torch.tensor([t.done and not t.truncated for t in trajs], dtype=torch.bool),
-        turn=turn, trajectories=trajs,
-    )
+def _record_step(history: _Histories, i: int, action: str, outcome: Outcome, turn: int, max_turns: int) -> None:
+    """What one step of episode i returned: its reward, info and next observation, or the fault that ended it."""
+    result, fault, notes = outcome
+    t = history.trajs[i]
+    t.actions.append(action)
+    t.notes += notes
+    if fault is not None:
+        t.rewards.append(0.0)
+        t.infos.append({})
+        t.failure, t.done = fault, True
+        return
+    t.rewards.append(result.reward)
+    t.infos.append(result.info)
+    t.observations.append(result.observation)
+    if result.done:
+        t.done = True
+        t.truncated = bool(result.info.get("truncated", False))  # an env that ends episodes at its own limit
+    elif turn == max_turns:
+        t.done = t.truncated = True
+    else:
+        history.add_observation(i, result.observation, turn)

@@ -83,9 +83,7 @@ def run_sweep(config_path: Path, out: Path, *, progress: bool = False, on_cell=N
 
     ``log``: extra trackers per cell ("tensorboard,wandb,mlflow"; metrics.jsonl is always written).
     """
-    from tiltlm.train.build import build
-    from tiltlm.train.loggers import LoggerGroup, make_loggers
-    from tiltlm.train.loop import Trainer
+    from tiltlm.train.build import fit
 
     sweep = load_sweep(config_path)
     grid = cells(sweep)
@@ -100,14 +98,7 @@ def run_sweep(config_path: Path, out: Path, *, progress: bool = False, on_cell=N
         resume = (cell_dir / "checkpoint").exists() or (cell_dir / "checkpoint.old").exists()
         if cell_dir.exists() and not resume:
             shutil.rmtree(cell_dir)  # started but never checkpointed: nothing to keep
-        policy, target = build(config)
-        trainer = Trainer(config, policy=policy, target=target, out_dir=cell_dir, resume=resume)
-        trackers = LoggerGroup(make_loggers(log, cell_dir, cell["config"]))
-        trainer.on_metrics = trackers
-        try:
-            rows = trainer.run(progress=progress)
-        finally:
-            trackers.close()
+        _, rows = fit(config, cell_dir, resume=resume, log=log, progress=progress)
         final = rows[-1] if rows else _last_row(cell_dir)
         record = {"cell": name, "algorithm": cell["label"], "beta": cell["beta"], "seed": cell["seed"], "final": final}
         tmp = cell_dir / "done.json.tmp"

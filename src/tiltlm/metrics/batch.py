@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from tiltlm.algorithms.base import Batch
+from tiltlm.records import Batch
 from tiltlm.exact import SequenceSpace, entropy, expectation, kl, normalise, tv
 from tiltlm.metrics.diversity import distinct_n, distinct_n_tokens, self_bleu, sequence_entropy
 from tiltlm.metrics.divergences import (

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tiltlm.algorithms.base import Batch
+from tiltlm.records import Batch
 
 
 def episode_metrics(batch: Batch, token_logp: torch.Tensor, *, on_policy: bool = True) -> dict[str, float]:

@@ -1,83 +1,16 @@
-"""The Policy protocol and the one batch record every part of tiltlm reads.
+"""The Policy protocol and what every backend shares: the sampling transform and the row samplers.
 
-The sample space (used everywhere: sampling, scoring, exact enumeration):
-a sequence x is the list of tokens generated after a context, ended either by EOS — the EOS token
-is part of x and its probability is a factor of pi(x) — or by reaching ``max_new_tokens``, in which
-case there is no EOS factor. With this definition sum_x pi(x | context) = 1 exactly.
+What a policy draws is a ``Samples`` record (tiltlm.records, where the sample space is defined).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from tiltlm.errors import TiltlmError
-
-
-@dataclass
-class Samples:
-    """A batch of B sequences, each generated after one of the batch's contexts.
-
-    The generated part is right-padded; environment tokens (interactive case) live in ``ids`` with
-    ``attn`` True and ``mask`` False, so they condition the policy but are never scored or trained.
-    """
-
-    contexts: list[str]  # the distinct contexts of the batch
-    group: torch.Tensor  # (B,) long, index into ``contexts``
-    context_ids: torch.Tensor  # (B, C) long, left-padded context tokens (C may be 0 for tabular)
-    context_attn: torch.Tensor  # (B, C) bool, False on left padding
-    ids: torch.Tensor  # (B, T) long, generated tokens, right-padded
-    attn: torch.Tensor  # (B, T) bool, True on real (policy or environment) tokens
-    mask: torch.Tensor  # (B, T) bool, True on policy tokens (EOS included): what log pi sums over
-    token_logp: torch.Tensor  # (B, T) log-prob of each token under the sampling policy, 0 off ``mask``
-    texts: list[str]  # (B,) decoded generated text, EOS and padding removed
-    eos: torch.Tensor = field(default=None)  # (B,) bool, True where the sequence ended with EOS
-    # the interactive case (tiltlm.envs): the turn of each token (-1 on padding) and each episode's record
-    turn: torch.Tensor | None = None  # (B, T) long
-    trajectories: list | None = None  # (B,) tiltlm.envs.Trajectory
-
-    @property
-    def env_return(self) -> torch.Tensor:
-        """R(tau) = the sum of the environment's rewards of each trajectory, (B,) float64."""
-        if self.trajectories is None:
-            raise TiltlmError("reward 'env' reads environment returns, but these samples are not environment rollouts; add an env: section")
-        return torch.tensor([t.total_reward for t in self.trajectories], dtype=torch.float64)
-
-    @property
-    def logp(self) -> torch.Tensor:
-        """log pi(x | context) under the sampling policy, (B,)."""
-        return self.token_logp.sum(-1)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """Number of policy tokens per sequence (EOS counted), (B,)."""
-        return self.mask.sum(-1)
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def context_of(self, i: int) -> str:
-        return self.contexts[int(self.group[i])]
-
-    def select(self, index: torch.Tensor | list[int]) -> "Samples":
-        """The rows ``index`` (e.g. an importance resample), same contexts."""
-        index = torch.as_tensor(index, dtype=torch.long)
-        return Samples(
-            contexts=self.contexts,
-            group=self.group[index],
-            context_ids=self.context_ids[index],
-            context_attn=self.context_attn[index],
-            ids=self.ids[index],
-            attn=self.attn[index],
-            mask=self.mask[index],
-            token_logp=self.token_logp[index],
-            texts=[self.texts[i] for i in index.tolist()],
-            eos=None if self.eos is None else self.eos[index],
-            turn=None if self.turn is None else self.turn[index],
-            trajectories=None if self.trajectories is None else [self.trajectories[i] for i in index.tolist()],
-        )
+from tiltlm.records import Samples
 
 
 @runtime_checkable

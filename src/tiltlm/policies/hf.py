@@ -13,7 +13,6 @@ import inspect
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from tiltlm.errors import TiltlmError
 from tiltlm.policies.base import Samples, batch_rows, check_sampling_options, row_draw, seeded_draw, transform_logits
@@ -101,9 +100,9 @@ class HFPolicy:
         # a LoRA prior: the same peft model with its adapters switched off for every forward pass,
         # so pi0 costs no second copy of the weights
         self.disable_adapters = disable_adapters
-        # FSDP (tiltlm.distributed.fsdp): every forward is a collective, so ranks decode until all are done
-        # and split their rows into equally many chunks
-        self.lockstep = False
+        # sharded weights (tiltlm.distributed.strategy.Fsdp): every forward is a collective, so ranks decode
+        # until all are done and split their rows into equally many chunks; None: this process alone
+        self.lockstep = None
         self.model.eval()
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         if len(tokenizer) > self.vocab_size:
@@ -174,7 +173,7 @@ class HFPolicy:
             self._context_cache[context] = ids
         return self._context_cache[context]
 
-    def _contexts_tensor(self, contexts: list[str], group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def contexts_tensor(self, contexts: list[str], group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded context ids and attention for each row, (B, C)."""
         encoded = [self.encode_context(c) for c in contexts]
         width = max(len(e) for e in encoded)
@@ -198,14 +197,14 @@ class HFPolicy:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed if seed is not None else torch.seed())
         group, rows = batch_rows(len(contexts), n, rows)
-        context_ids, context_attn = self._contexts_tensor(contexts, group)
+        context_ids, context_attn = self.contexts_tensor(contexts, group)
         draw = row_draw(gen, len(contexts) * n, rows)
         ids, token_logp, mask = self._decode(context_ids, context_attn, self.max_new_tokens, draw)
         eos = (ids == self.eos_id) & mask
         return Samples(
             contexts=list(contexts), group=group, context_ids=context_ids, context_attn=context_attn,
             ids=ids, attn=mask.clone(), mask=mask, token_logp=token_logp,
-            texts=self._texts(ids, mask), eos=eos.any(-1),
+            texts=self.texts_of(ids, mask), eos=eos.any(-1),
         )
 
     @torch.no_grad()
@@ -214,7 +213,14 @@ class HFPolicy:
 
         Row k draws from its own generator seeded ``seeds[k]`` (inverse CDF), so a row's sample does
         not depend on which other rows share the batch. Returns (ids, token_logp, mask), each (b, w).
+        No prefixes: nothing to draw, (0, 0) tensors — in lockstep after decoding a throwaway row, so that
+        this rank joins the forward passes of the ranks that still have rows.
         """
+        if not prefixes:
+            if self.lockstep is not None:
+                self._decode(*self._left_pad([[self.pad_id]]), int(max_new_tokens), seeded_draw([0]))
+            empty = torch.zeros((0, 0))
+            return empty.long(), empty, empty.bool()
         ids, attn = self._left_pad(prefixes)
         return self._decode(ids, attn, int(max_new_tokens), seeded_draw(seeds))
 
@@ -261,7 +267,7 @@ class HFPolicy:
             token_logp[:, t] = torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
             mask[:, t] = alive
             done = done | (token == self.eos_id)
-            if self.on_every_rank(bool(done.all()), dist.ReduceOp.MIN) or t == max_new_tokens - 1:
+            if self.all_ranks(bool(done.all())) or t == max_new_tokens - 1:
                 break
             # a finished row's padding is fed (the batch moves together) but masked, so its cache stays clean
             attn = torch.cat([attn, alive[:, None].to(attn.dtype)], dim=-1)
@@ -277,19 +283,25 @@ class HFPolicy:
         result = ids[:, :width].cpu(), token_logp[:, :width].cpu(), mask[:, :width].cpu()
         return (*result, (past, attn, fed)) if keep_state else result
 
-    def on_every_rank(self, value, op=dist.ReduceOp.MIN):
-        """``value`` reduced over the ranks with ``op`` when in lockstep (MIN of a flag: true on every rank);
-        as it is otherwise."""
-        if not self.lockstep:
-            return value
-        t = torch.tensor([int(value)], device=self.device)
-        dist.all_reduce(t, op=op)
-        return type(value)(t.item())
+    def decode_in_lockstep(self, lockstep) -> None:
+        """Run every forward pass together with other processes (sharded weights): ``lockstep`` (a
+        tiltlm.distributed.dist.Lockstep) tells whether a flag holds on every rank and the largest count."""
+        self.lockstep = lockstep
+
+    def all_ranks(self, flag: bool) -> bool:
+        """``flag`` on every process decoding in lockstep with this one (just ``flag`` when alone)."""
+        return flag if self.lockstep is None else self.lockstep.all(flag)
+
+    def any_rank(self, flag: bool) -> bool:
+        """``flag`` on some process decoding in lockstep with this one (just ``flag`` when alone): a rollout
+        plays turns while any rank has episodes left, since each turn's forwards are collectives."""
+        return not self.all_ranks(not flag)
 
     def _chunks(self, n: int) -> list[slice]:
         """Row slices of at most ``chunk_size`` (in lockstep: as many slices as the rank with the most rows
         needs; ranks' shards differ by at most one row, so none is empty)."""
-        count = self.on_every_rank(-(-n // self.chunk_size), dist.ReduceOp.MAX)
+        count = -(-n // self.chunk_size)
+        count = count if self.lockstep is None else self.lockstep.max(count)
         bounds = [n * k // count for k in range(count + 1)] if count else [0]
         return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
@@ -393,7 +405,7 @@ class HFPolicy:
                 return backend.decode_batch([[int(t) for t in row] for row in ids], skip_special_tokens=False)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _texts(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    def texts_of(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         rows = []
         for row, m in zip(ids.tolist(), mask.tolist()):
             row = [t for t, keep in zip(row, m) if keep]
@@ -425,6 +437,8 @@ class DecodeSession:
     @torch.no_grad()
     def generate(self, keys: list, prefixes: list[list[int]], *, max_new_tokens: int, seeds: list[int]):
         p = self.policy
+        if not keys:  # no rows this turn (the cache is kept for the next call)
+            return p.generate([], max_new_tokens=max_new_tokens, seeds=[])
         reuse = self.past is not None and all(
             k in self.index and len(prefix) >= len(self.cached[k]) and prefix[: len(self.cached[k])] == self.cached[k]
             for k, prefix in zip(keys, prefixes)

@@ -2,6 +2,7 @@
 
     target = Prior(pi0) * Tilt("sentiment", beta=0.1) * Constraint("contains:dog")
     target.log_score(samples)   # (B,) float64 unnormalised log P(x)
+    target.score(samples)       # (log pi0(x), log P(x), r(x)): all a training step needs, each computed once
 
 A *factor* is the log-potential log phi(x) beside the prior; factors multiply (their log-potentials
 add). Everything is in log space so small beta, large rewards and hard constraints (log 0 = -inf)
@@ -11,7 +12,7 @@ never overflow.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -84,9 +85,13 @@ class Tilt(Factor):
         self.beta = beta
 
     def log_potential(self, samples: Samples) -> torch.Tensor:
+        return self.from_reward(rewards_of(self.reward, samples))
+
+    def from_reward(self, reward: torch.Tensor) -> torch.Tensor:
+        """log phi = r/beta for rewards already computed, (B,) float64 (0 for beta = inf)."""
         if math.isinf(self.beta):
-            return torch.zeros(len(samples), dtype=torch.float64)
-        return rewards_of(self.reward, samples) / self.beta
+            return torch.zeros_like(reward)
+        return reward / self.beta
 
     def __repr__(self) -> str:
         return f"Tilt({self.reward.name!r}, beta={self.beta:g})"
@@ -110,6 +115,14 @@ class Constraint(Factor):
         return f"Constraint({self.predicate.name!r})"
 
 
+class Scores(NamedTuple):
+    """What the target says of a batch of samples, (B,) float64 each."""
+
+    logp_prior: torch.Tensor  # log pi0(x)
+    log_target: torch.Tensor  # unnormalised log P(x) = log pi0(x) + log phi(x)
+    reward: torch.Tensor  # r(x) of the tilt (0 without one)
+
+
 class Target:
     """P(x) = pi0(x) · phi(x), with pi0 a Policy (the frozen prior) and phi a product of factors."""
 
@@ -117,11 +130,23 @@ class Target:
         self.prior = prior
         self.factor = factor if factor is not None else Product(())
 
-    def log_score(self, samples: Samples, prior_logp: torch.Tensor | None = None) -> torch.Tensor:
-        """Unnormalised log P(x), (B,) float64. Pass ``prior_logp`` when log pi0 is already known."""
+    def score(self, samples: Samples, prior_logp: torch.Tensor | None = None) -> Scores:
+        """(log pi0, log P, r) of each sample: the one place a training step scores its samples. The tilt's
+        reward is computed once and serves both log P and the reward column. Pass ``prior_logp`` when log pi0
+        is already known (the sampler was the prior)."""
         if prior_logp is None:
             prior_logp = self.prior.log_prob(samples)
-        return prior_logp.double().cpu() + self.log_potential(samples)
+        prior_logp = prior_logp.double().cpu()
+        tilt = self.tilt
+        reward = rewards_of(tilt.reward, samples) if tilt is not None else torch.zeros(len(samples), dtype=torch.float64)
+        log_potential = torch.zeros(len(samples), dtype=torch.float64)
+        for factor in self.factors:
+            log_potential = log_potential + (tilt.from_reward(reward) if factor is tilt else factor.log_potential(samples))
+        return Scores(prior_logp, prior_logp + log_potential, reward)
+
+    def log_score(self, samples: Samples, prior_logp: torch.Tensor | None = None) -> torch.Tensor:
+        """Unnormalised log P(x), (B,) float64. Pass ``prior_logp`` when log pi0 is already known."""
+        return self.score(samples, prior_logp).log_target
 
     def log_potential(self, samples: Samples) -> torch.Tensor:
         """log phi(x) = log P(x) - log pi0(x), (B,) float64."""
@@ -135,6 +160,14 @@ class Target:
     def tilt(self) -> Tilt | None:
         """The first Tilt factor (its reward is the one reports show), or None."""
         return next((f for f in self.factors if isinstance(f, Tilt)), None)
+
+    @property
+    def beta(self) -> float | None:
+        """The tilt's temperature (p* ∝ pi0·exp(r/beta)): also the KL coefficient of the KL-regularised
+        algorithms, which read it from here (via Batch.beta) so that training and metrics aim at one p*.
+        None without a tilt."""
+        tilt = self.tilt
+        return tilt.beta if tilt is not None else None
 
     def __mul__(self, other: Factor) -> "Target":
         if not isinstance(other, Factor):

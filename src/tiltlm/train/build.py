@@ -1,4 +1,5 @@
-"""Build the policy, the frozen prior and the target that a TrainConfig describes (HF models).
+"""Config -> parts: the policy, the frozen prior and the target a TrainConfig describes, and the parts the
+Trainer assembles around them (environment, episode runner, vLLM generator, optimiser, exact metrics).
 
 Without LoRA the prior is its own frozen copy of the weights. With LoRA the policy is a peft model
 and the prior is *the same* model with its adapters disabled: pi0 costs no second copy.
@@ -10,9 +11,8 @@ import torch
 
 from tiltlm.errors import TiltlmError
 from tiltlm.policies.hf import HFPolicy, load_model_and_tokenizer
-from tiltlm.targets.base import Target
+from tiltlm.targets.base import Target, Tilt
 from tiltlm.train.config import TrainConfig
-from tiltlm.train.loop import target_from_config
 
 
 def build_policies(config: TrainConfig) -> tuple[HFPolicy, HFPolicy]:
@@ -76,3 +76,116 @@ def build_tabular_env_policies(config: TrainConfig):
     prior.requires_grad_(False)
     policy.requires_grad_(True)
     return policy, prior
+
+
+def target_from_config(config: TrainConfig, prior) -> Target:
+    """Prior(pi0) * Tilt(reward, beta) * Constraint(c) for each constraint of the config."""
+    from tiltlm.targets import Constraint, Prior
+
+    reward = config.target.reward
+    r = config.rollout
+    if r.backend == "ray" and r.rewards and reward != "env":  # an expensive reward model: score on Ray actors
+        from tiltlm.distributed.ray_rollout import ray_reward
+
+        reward = ray_reward(reward, num_workers=r.num_workers, address=r.address, cpus_per_worker=r.cpus_per_worker)
+    target = Prior(prior) * Tilt(reward, config.target.beta)
+    for c in config.target.constraints:
+        target = target * Constraint(c)
+    return target
+
+
+def trainable_module(policy) -> torch.nn.Module:
+    """The nn.Module holding a policy's trainable weights (the tabular policy itself, or the HF model)."""
+    return policy if isinstance(policy, torch.nn.Module) else policy.model
+
+
+def build_env(config: TrainConfig):
+    """The environment of the interactive case (None without an env: section)."""
+    from tiltlm.envs import get_env
+
+    return get_env(config.env.name, **config.env.options) if config.env is not None else None
+
+
+def build_runner(config: TrainConfig, env):
+    """Ray actors that play the episodes (rollout.backend: ray), else None (this process)."""
+    r = config.rollout
+    if env is None or r.backend == "local":
+        return None
+    from functools import partial
+
+    from tiltlm.distributed.ray_rollout import RayEpisodes
+    from tiltlm.envs import get_env
+
+    e = config.env
+    return RayEpisodes(partial(get_env, e.name, **e.options), num_workers=r.num_workers, address=r.address,
+                       cpus_per_worker=r.cpus_per_worker)
+
+
+def build_generator(config: TrainConfig, policy, env):
+    """The vLLM engine that samples for the policy (rollout.generation: vllm), else None (the policy samples)."""
+    if config.rollout.generation == "policy":
+        return None
+    if env is not None:
+        raise TiltlmError("rollout.generation: vllm samples fixed contexts only; environment episodes use the policy (drop it)")
+    from tiltlm.distributed.vllm_backend import VLLMGenerator
+
+    return VLLMGenerator(policy)
+
+
+def build_optimizer(config: TrainConfig, module: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise TiltlmError("the policy has no trainable parameters; check that its weights require grad")
+    o = config.optim
+    if o.optimizer == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def build_exact(config: TrainConfig, target: Target, env) -> list | None:
+    """Exact metrics of the policy, one per context (None when off or the space is not enumerable): over the
+    enumerated sequence space, or over a tabular environment's trajectories when the target is Prior * Tilt(env)."""
+    from tiltlm.envs.tabular import TabularEnv
+    from tiltlm.exact import count_sequences, enumerate_space
+    from tiltlm.exact.mdp import ExactEnvMetrics
+    from tiltlm.metrics.batch import ExactMetrics
+
+    m = config.metrics
+    prior = target.prior
+    if not m.exact_every:
+        return None
+    if env is not None:
+        tilt = target.tilt
+        if not isinstance(env, TabularEnv) or tilt is None or tilt.reward.name != "env" or len(target.factors) != 1:
+            return None
+        return [ExactEnvMetrics(env, prior.log_action_probs(), tilt.beta)]
+    if count_sequences(prior.vocab_size, config.sampling.max_new_tokens) > m.exact_max_sequences:
+        return None  # not enumerable: estimates only
+    out = []
+    for context in config.sampling.contexts:
+        space = enumerate_space(prior, context=context, max_new_tokens=config.sampling.max_new_tokens,
+                                max_sequences=m.exact_max_sequences)
+        scores = target.score(space.samples, prior_logp=space.logp)
+        out.append(ExactMetrics(space, scores.log_target - space.logp, scores.reward))
+    return out
+
+
+def fit(config: TrainConfig, out_dir, *, resume: bool = False, log: str | None = None, progress: bool = False):
+    """Build everything ``config`` describes, train it into ``out_dir`` with the trackers ``log`` names
+    ("tensorboard,wandb,mlflow"; metrics.jsonl is always written) and return (trainer, metrics rows):
+    what ``tiltlm train`` and every sweep cell run."""
+    import json
+    from pathlib import Path
+
+    from tiltlm.train.loggers import LoggerGroup, make_loggers
+    from tiltlm.train.loop import Trainer
+
+    policy, target = build(config)
+    trainer = Trainer(config, policy=policy, target=target, out_dir=out_dir, resume=resume)
+    trainer.on_metrics = trackers = LoggerGroup(make_loggers(log if trainer.strategy.writes else None, Path(out_dir),
+                                                             json.loads(config.model_dump_json())))
+    try:
+        rows = trainer.run(progress=progress)
+    finally:
+        trackers.close()
+    return trainer, rows

@@ -2,7 +2,7 @@
 
     prior: default                 # 'default' (embedded LM) or a save_pretrained directory
     target: {reward: sentiment, beta: 0.1, constraints: ["contains:dog"]}
-    algorithm: {name: kl-pg, estimator: k1}     # beta defaults to target.beta
+    algorithm: {name: kl-pg, estimator: k1}     # its KL coefficient is target.beta
     sampling: {contexts: [""], n_per_context: 8, max_new_tokens: 32}
     optim: {lr: 1e-4, steps: 100}
 
@@ -141,27 +141,24 @@ class TrainConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _algorithm_defaults(cls, data: Any) -> Any:
-        """Fill the algorithm's beta from the target's when the algorithm has one and it is omitted."""
+        """An env's return is the default reward; ``algorithm: name`` is short for ``{name: name}``; an
+        ``algorithm.beta`` (configs before beta lived only in the target) must equal target.beta."""
         if isinstance(data, dict) and data.get("env") is not None:  # an env's return is the default reward
             target = data.get("target")
             if target is None or (isinstance(target, dict) and "reward" not in target):
                 data = {**data, "target": {**(target or {}), "reward": "env"}}
+        target = data.get("target") if isinstance(data, dict) else None
+        if isinstance(target, dict) and "beta" in target and not _positive_finite(target["beta"]):
+            raise TiltlmError(f"config 'target.beta' must be a finite number > 0 (got {target['beta']!r}); "
+                              "small beta follows the reward closely, large beta stays near the prior")
         if isinstance(data, dict) and isinstance(data.get("algorithm"), str):
             data = {**data, "algorithm": {"name": data["algorithm"]}}
         if isinstance(data, dict) and isinstance(data.get("algorithm"), dict):
             algo = dict(data["algorithm"])
-            name = algo.get("name")
-            if name is None:
+            if algo.get("name") is None:
                 raise ValueError("algorithm needs a name")
-            fields = algorithm_class(name).Config.model_fields
-            if "beta" in fields and "beta" not in algo:
-                target = data.get("target") or {}
-                if not isinstance(target, (dict, TargetConfig)):
-                    raise TiltlmError(f"config 'target' must be a mapping (reward, beta, constraints), not {type(target).__name__}; fix that value")
-                algo["beta"] = target.get("beta", TargetConfig().beta) if isinstance(target, dict) else target.beta
-                if not _positive_finite(algo["beta"]):  # say so here, or the copy would be blamed as algorithm.beta
-                    raise TiltlmError(f"config 'target.beta' must be a finite number > 0 (got {algo['beta']!r}); "
-                                      "small beta follows the reward closely, large beta stays near the prior")
+            if "beta" in algo:
+                _check_algorithm_beta(algo.pop("beta"), data.get("target"))
             data = {**data, "algorithm": algo}
         return data
 
@@ -176,6 +173,17 @@ class TrainConfig(_Strict):
             raise ValueError("algorithm must be a mapping with a name")
         value = dict(value)
         return make_config(value.pop("name"), **value)
+
+
+def _check_algorithm_beta(beta: Any, target: Any) -> None:
+    """There is one beta per run, the target's: the KL coefficient of kl-pg / ppo-kl is the temperature of
+    the p* the metrics measure against. An algorithm.beta equal to it is accepted (and dropped)."""
+    if target is not None and not isinstance(target, (dict, TargetConfig)):
+        raise TiltlmError(f"config 'target' must be a mapping (reward, beta, constraints), not {type(target).__name__}; fix that value")
+    target_beta = (target or {}).get("beta", TargetConfig().beta) if not isinstance(target, TargetConfig) else target.beta
+    if not (_positive_finite(beta) and _positive_finite(target_beta) and float(beta) == float(target_beta)):
+        raise TiltlmError(f"config 'algorithm.beta' ({beta!r}) differs from target.beta ({target_beta!r}): the KL coefficient is "
+                          "the target's beta (one p* for training and metrics); set target.beta and drop algorithm.beta")
 
 
 def _positive_finite(value: Any) -> bool:

@@ -8,6 +8,8 @@ written by tiltlm.
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import os
 from pathlib import Path
@@ -116,3 +118,19 @@ class LoggerGroup:
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
+
+
+@contextlib.contextmanager
+def progress_bar(show: bool, name: str, total: int, done: int):
+    """A rich progress bar over a run's steps (reward and KL(pi||pi0) of the last step); yields
+    ``advance(step, row)``, which does nothing when ``show`` is False."""
+    if not show:
+        yield lambda step, row: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("reward {task.fields[reward]:.3f}  KL(pi||pi0) {task.fields[kl]:.3f}")]
+    with Progress(*columns) as bar:
+        task = bar.add_task(name, total=total, completed=done, reward=float("nan"), kl=float("nan"))
+        yield lambda step, row: bar.update(task, completed=step, reward=row["reward/mean"], kl=row["kl/prior_seq"])

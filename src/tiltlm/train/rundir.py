@@ -1,0 +1,90 @@
+"""The run directory: config.yaml, metrics.jsonl, checkpoint/ and finally policy/.
+
+Only the writing rank (rank 0) touches files; with sharded weights every rank reads the checkpoint.
+Every file is replaced atomically (a kill leaves the old file or the new one, never half of one), and
+metrics.jsonl is cut back to the checkpoint's step on resume, so a resumed run's metrics equal the
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from tiltlm.errors import TiltlmError
+from tiltlm.train.checkpoint import load_checkpoint, save_checkpoint
+
+
+class RunDir:
+    def __init__(self, path: str | Path, *, writes: bool = True):
+        self.path = Path(path)
+        self.writes = writes  # this rank writes files (data parallel: rank 0 only)
+        self.checkpoint = self.path / "checkpoint"
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint.exists() or self.checkpoint.with_name("checkpoint.old").exists()
+
+    def open(self, config, *, resume: bool) -> dict | None:
+        """Start a fresh run (an empty or new directory gets config.yaml) or, with ``resume``, return the
+        last checkpoint to continue from (None: the run was killed before its first checkpoint, start over)."""
+        out = self.path
+        if not self.writes:  # every rank loads the same checkpoint; rank 0 alone checks and writes
+            return load_checkpoint(self.checkpoint) if resume and self.has_checkpoint() else None
+        if resume:
+            if self.has_checkpoint():
+                return load_checkpoint(self.checkpoint)
+            if (out / "config.yaml").is_file():  # killed before its first checkpoint: restart from step 0
+                self.truncate_metrics(0)
+                return None
+            raise TiltlmError(f"no checkpoint in '{out}' to resume; run without --resume")
+        if out.exists() and not out.is_dir():
+            raise TiltlmError(f"--out '{out}' is a file, not a directory; choose another --out")
+        if out.exists() and any(out.iterdir()):
+            raise TiltlmError(f"output directory '{out}' is not empty; pass --resume to continue that run or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".config.yaml.tmp"  # temp file + rename: a kill never leaves half a config
+        tmp.write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+        tmp.replace(out / "config.yaml")
+        return None
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep only complete lines of steps <= the checkpoint's (a crash may have left more, or half a line)."""
+        path = self.path / "metrics.jsonl"
+        if not path.exists() or not self.writes:
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
+
+    def append_metrics(self, row: dict) -> None:
+        if self.writes:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save_checkpoint(self, **contents) -> None:
+        """checkpoint/ (tiltlm.train.checkpoint.save_checkpoint's arguments)."""
+        if self.writes:
+            save_checkpoint(self.checkpoint, **contents)
+
+    def save_policy(self, policy) -> Path | None:
+        """policy/, written whole beside it and then moved into place (HF save_pretrained, or the tabular table)."""
+        if not self.writes:
+            return None
+        final = self.path / "policy"
+        tmp = self.path / "policy.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
