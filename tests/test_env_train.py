@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tiltlm.envs import Env, StepResult, get_env, rollout
-from tiltlm.envs.tabular import TabularEnvPolicy
 from tiltlm.errors import TiltlmError
 from tiltlm.exact import mdp
+from tiltlm.policies import TabularEnvPolicy
 from tiltlm.train.config import parse_config
 from tiltlm.train.loop import Trainer, target_from_config
 

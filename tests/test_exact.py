@@ -91,6 +91,21 @@ def test_kl_support_handling():
     assert kl(q, p) == math.inf
 
 
+def test_kl_support_rule_is_shared_with_the_trajectory_kl():
+    """One KL for sequences and trajectories: p = 0 < q contributes 0, p > 0 = q gives +inf."""
+    from tiltlm.exact import mdp
+
+    assert mdp.kl is kl
+    log = lambda *v: torch.log(torch.tensor(v, dtype=torch.float64))  # noqa: E731
+    # p = 0 where q > 0: that x contributes 0, the rest is finite (hand computed)
+    assert kl(log(0.8, 0.2, 0.0), log(0.5, 0.25, 0.25)) == pytest.approx(0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.25), abs=1e-15)
+    # p > 0 where q = 0: +inf, however little mass p puts there
+    assert kl(log(0.5, 0.5 - 1e-12, 1e-12), log(0.5, 0.5, 0.0)) == math.inf
+    # both 0 at x: no contribution; identical distributions: exactly 0
+    assert kl(log(0.3, 0.7, 0.0), log(0.3, 0.7, 0.0)) == 0.0
+    assert kl(log(0.6, 0.4), log(0.4, 0.6)) == pytest.approx(0.2 * math.log(1.5), abs=1e-15)
+
+
 def test_space_log_prob_of_another_policy_and_vocabulary_mismatch():
     a = TabularPolicy.random(list("ab") + ["<eos>"], max_new_tokens=3, seed=0)
     b = TabularPolicy.random(list("ab") + ["<eos>"], max_new_tokens=3, seed=1)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from tiltlm.errors import TiltlmError
+from tiltlm.exact.quantities import kl  # the one KL (support rule there); over trajectories here
 
 
 @dataclass
@@ -114,13 +115,6 @@ def log_target(trajs: Trajectories, log_prior: torch.Tensor, beta: float) -> tup
     log_p = trajs.log_env + trajs.log_policy(log_prior.detach().double()) + trajs.reward / beta
     log_z = torch.logsumexp(log_p, 0)
     return log_p - log_z, float(log_z)
-
-
-def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
-    """KL(p||q) over trajectories given as normalised log-probs (N,)."""
-    p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    return float(terms.sum())
 
 
 def posterior_conditional(env, log_prior: torch.Tensor, beta: float) -> torch.Tensor:

@@ -25,7 +25,12 @@ def normalise(log_p: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
-    """KL(p || q) = sum_x p(x) (log p(x) - log q(x)) for normalised log-prob vectors."""
+    """KL(p || q) = sum_x p(x) (log p(x) - log q(x)) for normalised log-prob vectors.
+
+    The one KL of tiltlm.exact (sequences here, trajectories in tiltlm.exact.mdp). Support rule:
+    x with p(x) = 0 contributes 0 (0 · log(0/q) = 0), any x with p(x) > 0 = q(x) makes it +inf.
+    The sum is clamped at 0, so rounding (or float32-normalised inputs) never reads as a negative KL.
+    """
     p = log_p.exp()
     support = p > 0
     if bool((support & torch.isneginf(log_q)).any()):

@@ -87,6 +87,7 @@ def evaluate_env_cells(sweep_dir: Path, config: dict, beta: float, episodes_per_
     """pi0 and every trained cell's final policy on every task with the same episode seeds; appended to
     results.jsonl as '<algorithm> eval' cells (success rate, return, per-turn KL, distinct first actions)."""
     from tiltlm.envs import get_env, rollout
+    from tiltlm.metrics.episodes import eval_episode_metrics
     from tiltlm.policies import HFPolicy
 
     env_cfg = config["base"]["env"]
@@ -102,14 +103,8 @@ def evaluate_env_cells(sweep_dir: Path, config: dict, beta: float, episodes_per_
             samples = rollout(policy, env, env.tasks(), episodes_per_task, seed=seed + 1_000, max_action_tokens=env_cfg["max_action_tokens"])
             trajs = samples.trajectories
             log_ratio = (policy.log_prob(samples, per_token=True) - prior.log_prob(samples, per_token=True)).double()
-            final = {"env/success_rate": sum(t.success for t in trajs) / len(trajs),
-                     "env/return_mean": sum(t.total_reward for t in trajs) / len(trajs),
-                     "env/turns_mean": sum(t.turns for t in trajs) / len(trajs),
-                     "kl/prior_seq": float(log_ratio.sum(-1).mean()),
-                     "diversity/distinct_first_action": len({t.actions[0] for t in trajs if t.actions}) / len(trajs),
-                     "eval/episodes": len(trajs)}
-            for turn in range(1, int(samples.turn.max()) + 1):
-                final[f"kl/prior_turn_{turn}"] = float((log_ratio * (samples.turn == turn)).sum(-1).mean())
+            final = {**eval_episode_metrics(samples, log_ratio),
+                     "kl/prior_seq": float(log_ratio.sum(-1).mean()), "eval/episodes": len(trajs)}
             records.append({"cell": f"{name}_eval", "algorithm": algorithm, "beta": b, "seed": seed, "final": final})
             texts[f"{name} (eval)"] = [t.transcript().replace("\n", " | ") for t in trajs[:: max(1, len(trajs) // 6)]][:6]
     with open(sweep_dir / "results.jsonl", "a") as f:

@@ -208,25 +208,13 @@ def pretrain(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     n_heldout = max(1, min(optim.heldout_stories, n_stories // 20))
-    stories = generate_stories(n_stories + n_heldout, seed)
-    train_stories, heldout_stories = stories[:n_stories], stories[n_stories:]
-    tokenizer = train_tokenizer(train_stories, model_shape.vocab_size, model_shape.n_positions)
-    train = pack_stories(train_stories, tokenizer, optim.block_size)
-    heldout = pack_stories(heldout_stories, tokenizer, optim.block_size)
+    tokenizer, train, heldout = _corpus(n_stories, n_heldout, seed, model_shape, optim)
     say(f"corpus: {n_stories} stories -> {len(train.input_ids)} blocks, {train.n_tokens} tokens; "
         f"vocab {len(tokenizer)}")
 
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=model_shape.n_positions,
-        n_embd=model_shape.n_embd, n_layer=model_shape.n_layer, n_head=model_shape.n_head,
-        # The corpus is generated fresh and seen about once: no dropout needed.
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
+        model = GPT2LMHeadModel(_gpt2_config(model_shape, tokenizer))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         n_params = sum(p.numel() for p in model.parameters())
         say(f"model: {n_params:,} parameters")
@@ -266,6 +254,28 @@ def pretrain(
     text = json.dumps(record, indent=2)
     (out_dir / "training.json").write_text(text + "\n")
     return json.loads(text)  # exactly what was saved (tuples become lists)
+
+
+def _corpus(n_stories: int, n_heldout: int, seed: int, model_shape: ModelShape,
+            optim: OptimConfig) -> tuple[PreTrainedTokenizerFast, _Blocks, _Blocks]:
+    """(tokenizer, train blocks, held-out blocks): the tokenizer is trained on the training stories only."""
+    stories = generate_stories(n_stories + n_heldout, seed)
+    train_stories, heldout_stories = stories[:n_stories], stories[n_stories:]
+    tokenizer = train_tokenizer(train_stories, model_shape.vocab_size, model_shape.n_positions)
+    train = pack_stories(train_stories, tokenizer, optim.block_size)
+    heldout = pack_stories(heldout_stories, tokenizer, optim.block_size)
+    return tokenizer, train, heldout
+
+
+def _gpt2_config(model_shape: ModelShape, tokenizer: PreTrainedTokenizerFast) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=len(tokenizer), n_positions=model_shape.n_positions,
+        n_embd=model_shape.n_embd, n_layer=model_shape.n_layer, n_head=model_shape.n_head,
+        # The corpus is generated fresh and seen about once: no dropout needed.
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
 
 
 def _train_loop(model: GPT2LMHeadModel, train: _Blocks, steps: int, optim: OptimConfig,

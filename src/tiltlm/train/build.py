@@ -65,7 +65,7 @@ def build_tabular_env_policies(config: TrainConfig):
         raise TiltlmError("the tabular environment's prior is its own table; drop `prior:` and `lora:` from the config")
     prior = get_env("tabular", **config.env.options).make_prior()
     if config.policy is not None:
-        from tiltlm.envs.tabular import TabularEnvPolicy
+        from tiltlm.policies.tabular_env import TabularEnvPolicy
 
         policy = TabularEnvPolicy.load(config.policy)
         if policy.logits.shape != prior.logits.shape:
