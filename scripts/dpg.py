@@ -8,7 +8,7 @@ We cannot sample p*, so importance-sample from q = pi_theta at sampling time (on
 with Z replaced by a running importance-sampling estimate Z_hat = mean(P/q) over every batch so far.
 Optimum: p* itself (forward KL is mass-covering: it would rather spread than miss p*'s mass).
 Compare scripts/kl_pg.py, which reaches the same p* from the other side, by minimising KL(pi || p*).
-See MATH.md §3 and tiltlm/algorithms/dpg.py (off-policy proposals, the GDC++ baseline).
+See docs/math.md §3 and tiltlm/algorithms/dpg.py (off-policy proposals, the GDC++ baseline).
 
     python scripts/dpg.py --steps 150 --batch 32 --beta 1 [--json]
 """

@@ -7,7 +7,7 @@ So maximising J *is* minimising KL(pi_theta || p*): the optimum is p* itself, no
 Gradient (exact, on-policy, k1 estimator in the reward):
     grad J = E_pi[(r(x) - beta log(pi_theta(x)/pi0(x)) - b) grad log pi_theta(x)]
 with the pseudo-reward r - beta log(pi/pi0) = beta (log P(x) - log pi_theta(x)), P = pi0 exp(r/beta),
-and b its leave-one-out mean over the other samples of the batch (RLOO). See MATH.md §2 and
+and b its leave-one-out mean over the other samples of the batch (RLOO). See docs/math.md §2 and
 tiltlm/algorithms/kl_pg.py for what the other KL estimators (k2, k3, KL in the loss) optimise instead.
 
     python scripts/kl_pg.py --steps 150 --batch 32 --beta 1 [--json]

@@ -8,7 +8,7 @@ with b, for each sample, the mean reward of the *other* B - 1 samples of the bat
 Optimum: a point mass on argmax_x r(x) (within the support the policy reaches) -- distribution
 collapse. Nothing ties pi_theta to the prior pi0. ``--beta`` is not part of this objective: it only
 defines the Bayesian posterior p*(x) = pi0(x) exp(r(x)/beta) / Z against which we *measure* how far
-pure RL overshoots (MATH.md §1-2). Everything is measured exactly by enumerating the ~341 sequences.
+pure RL overshoots (docs/math.md §1-2). Everything is measured exactly by enumerating the ~341 sequences.
 
     python scripts/pure_rl.py --steps 150 --batch 32 [--json]
 """

@@ -116,18 +116,43 @@ def test_ppo_one_epoch_unclipped_equals_kl_pg(kl_in):
     assert grads[0].abs().sum() > 0
 
 
-def test_f_dpg_reverse_kl_is_the_kl_rl_pseudo_reward():
-    """-f'(pi/p) for reverse KL = (r - beta log(pi/pi0))/beta - log Z - 1: KL-RL's reward up to constants."""
-    _, policy, target = setup()
-    batch = _batch(policy, target)
+@pytest.mark.parametrize("beta", [BETA, 0.25])
+def test_f_dpg_reverse_kl_is_the_kl_rl_pseudo_reward(beta):
+    """-f'(pi/p) for reverse KL = (r - beta log(pi/pi0))/beta - log Z - 1: KL-RL's reward up to constants.
+
+    With a baseline the constants drop out, so on the same on-policy batch (one context of n samples)
+    f-DPG(rkl)'s gradient, which *descends* KL(pi||p*), and kl-pg's (k1 in the reward, leave-one-out
+    baseline), which descends -J = beta KL(pi||p*) - beta log Z, are proportional:
+        grad kl-pg = beta · n/(n-1) · grad f-dpg
+    beta from J's scale; n/(n-1) because R_i - mean_{j≠i} R_j = n/(n-1) (R_i - mean_j R_j), while
+    f-DPG subtracts the (self-normalised, on-policy: plain) mean over all n (docs/math.md §3.4).
+    """
+    prior, policy, _ = setup()
+    target = Prior(prior) * Tilt("count:a", beta)
+    with torch.no_grad():  # move pi away from pi0 so the KL term is not zero
+        policy.logits.add_(torch.randn(policy.logits.shape, generator=torch.Generator().manual_seed(1)))
+    n = 32
+    batch = _batch(policy, target, n=n)
+    assert batch.group.unique().numel() == 1  # one context: leave-one-out over the other n - 1
     logp = policy.log_prob(batch.samples).double()
     log_z = 0.37
     _, pseudo = f_dpg_loss(logp, batch.logq, batch.log_target, log_z, divergence="rkl")
-    kl_rl = (batch.reward - BETA * (logp - batch.logp_prior)) / BETA
+    kl_rl = (batch.reward - beta * (logp - batch.logp_prior)) / beta
     torch.testing.assert_close(pseudo, kl_rl - log_z - 1, atol=1e-9, rtol=0)
-    # and the two gradients agree up to the 1/beta scale (both on-policy, leave-one-out vs mean baseline aside)
-    f_loss, _ = f_dpg_loss(policy.log_prob(batch.samples, grad=True), batch.logq, batch.log_target, log_z, divergence="rkl", baseline=True)
-    assert torch.isfinite(f_loss)
+
+    # the two gradients agree up to beta · n/(n-1); f-DPG's running log Z (any value) cancels in its baseline
+    f_dpg = get_algorithm("f-dpg", divergence="rkl", baseline=True)
+    f_dpg.observe(batch)
+    kl_pg = get_algorithm("kl-pg", beta=beta, kl_in="reward", estimator="k1")
+    grads = []
+    for algo in (f_dpg, kl_pg):
+        fn = lambda lp, tlp, a=algo: a.loss(batch, lp, tlp)  # noqa: E731
+        fn.samples = batch.samples
+        grads.append(_grad(policy, fn))
+    g_f, g_kl = grads
+    assert g_f.abs().sum() > 1e-3  # a real gradient, not 0 = 0
+    torch.testing.assert_close(g_kl, beta * n / (n - 1) * g_f, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(g_kl, beta * g_f, atol=1e-6, rtol=1e-3)  # the n/(n-1) is really there
 
 
 def test_f_prime_by_hand():

@@ -1,5 +1,5 @@
 """The interactive case end to end: masks, gradients, per-turn KL, fault containment, and training
-on a stochastic tabular environment converging to the two exact optima of MATH.md §5."""
+on a stochastic tabular environment converging to the two exact optima of docs/math.md §5."""
 
 import math
 import time
@@ -137,7 +137,7 @@ def _train(config: dict, **kwargs):
 
 
 def test_dpg_and_kl_pg_converge_to_their_own_exact_optima():
-    """MATH.md §5 on a stochastic environment: forward KL (DPG) -> the optimistic posterior conditional,
+    """docs/math.md §5 on a stochastic environment: forward KL (DPG) -> the optimistic posterior conditional,
     reverse KL (KL-PG) -> the variational soft-Bellman policy; the two optima differ, and so do the runs."""
     torch.set_num_threads(1)  # tiny tensors: threads only add contention
     dpg, dpg_rows = _train(_tabular_config("dpg", 300))

@@ -126,6 +126,6 @@ def test_hf_testbed_report_is_consistent(testbed_policy):
     report = exact_report(space, Prior(testbed_policy) * Tilt("count:a", 0.5), testbed_policy)
     assert report["prior_mass"] == pytest.approx(1.0, abs=1e-5)
     assert report["kl_policy_target"] == pytest.approx(report["kl_prior_target"], abs=1e-9)
-    # identity of KL-regularised RL: E_p*[r]/beta - KL(p*||pi0) = log Z  (MATH.md §2 at the optimum)
+    # identity of KL-regularised RL: E_p*[r]/beta - KL(p*||pi0) = log Z  (docs/math.md §2 at the optimum)
     assert report["reward_target"] / 0.5 - report["kl_target_prior"] == pytest.approx(report["log_z"], abs=1e-5)
     json.dumps(report)

@@ -1,4 +1,4 @@
-"""Exact optima of tabular environments (MATH.md §5) against closed forms and brute force."""
+"""Exact optima of tabular environments (docs/math.md §5) against closed forms and brute force."""
 
 import math
 
@@ -20,7 +20,7 @@ def _reachable(env) -> torch.Tensor:
 def test_lottery_q_values_match_math_md():
     env = get_env("tabular", preset="lottery")
     log_prior = env.make_prior().log_action_probs()
-    assert torch.allclose(log_prior.exp(), torch.full((1, 2), 0.5))  # MATH.md's uniform prior
+    assert torch.allclose(log_prior.exp(), torch.full((1, 2), 0.5))  # docs/math.md §5.4's uniform prior
     opt = mdp.solve(env, log_prior, 1.0, "optimistic")
     var = mdp.solve(env, log_prior, 1.0, "variational")
     assert opt.q_reward[0, 1].item() == pytest.approx(math.log(0.5 * math.exp(10) + 0.5 * math.exp(-10)), abs=1e-9)

@@ -81,12 +81,60 @@ def test_moments_sample_fit_reaches_requested_moments(prior):
 
 
 def test_moments_single_feature_exact_target_algebra(prior):
-    """A fitted Moments factor is an ordinary factor: multiply it with a tilt, score, enumerate."""
+    """A fitted Moments factor is an ordinary factor: multiply it with a tilt, score, enumerate.
+
+    One binary feature phi = contains:a with prior mean m0 and requested mean 1/2:
+    lambda = log((1 - m0)/m0), Z(lambda) = (1 - m0) + m0 e^lambda = 2(1 - m0),
+    KL(p_lambda || pi0) = lambda·E_p[phi] - log Z = lambda/2 - log(2(1 - m0))   (docs/math.md §1.3).
+    """
     space = enumerate_space(prior)
+    phi = torch.tensor(["a" in t for t in space.samples.texts], dtype=torch.float64)
+    m0 = float(space.logp.exp() @ phi)
+    assert 0.05 < m0 < 0.95  # a non-trivial case (lambda != 0)
     moments = Moments(["contains:a"], [0.5])
-    moments.fit(space.samples, log_weights=space.logp)
+    fit = moments.fit(space.samples, log_weights=space.logp)
+    lam = math.log((1 - m0) / m0)
+    assert abs(lam) > 0.1
+    assert fit.lambdas[0] == pytest.approx(lam, abs=1e-6)
+    target = Prior(prior) * moments
+    report = exact_report(space, target)
+    assert report["log_z"] == pytest.approx(math.log(2 * (1 - m0)), abs=1e-6)
+    # log Z and the moment of p_lambda by enumeration, independently of the fit and of exact_report
+    assert report["log_z"] == pytest.approx(float(torch.logsumexp(space.logp + fit.lambdas[0] * phi, 0)), abs=1e-12)
+    p = torch.softmax(target.log_score(space.samples), 0)
+    assert float(p.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert float(p @ phi) == pytest.approx(0.5, abs=1e-6)
+    assert report["kl_target_prior"] == pytest.approx(lam / 2 - math.log(2 * (1 - m0)), abs=1e-6)
+
+    # times a tilt: log Z and E[r] of pi0 · e^{lambda phi} · e^{count_b/0.5}, enumerated by hand
+    tilted = Prior(prior) * moments * Tilt("count:b", 0.5)
+    count_b = torch.tensor([t.count("b") for t in space.samples.texts], dtype=torch.float64)
+    log_p = space.logp + lam * phi + count_b / 0.5
+    report = exact_report(space, tilted)
+    assert report["log_z"] == pytest.approx(float(torch.logsumexp(log_p, 0)), abs=1e-6)
+    assert report["reward_target"] == pytest.approx(float(torch.softmax(log_p, 0) @ count_b), abs=1e-6)
+    # (log_score re-scores pi0 in float32: agreement to ~1e-7)
+    torch.testing.assert_close(tilted.log_score(space.samples), space.logp + fit.lambdas[0] * phi + count_b / 0.5, atol=1e-5, rtol=0)
+
+
+def test_moments_exact_fit_two_features_hits_the_moments(prior):
+    """Fitted on the enumerated space, p_lambda's exact moments are the requested ones (to the fit's 1e-6)."""
+    space = enumerate_space(prior)
+    moments = Moments(["contains:a", "count:b"], [0.75, 1.2])
+    fit = moments.fit(space.samples, log_weights=space.logp)
+    feats = torch.stack([
+        torch.tensor([float("a" in t) for t in space.samples.texts], dtype=torch.float64),
+        torch.tensor([float(t.count("b")) for t in space.samples.texts], dtype=torch.float64),
+    ], dim=1)
+    log_p = space.logp + feats @ torch.tensor(fit.lambdas, dtype=torch.float64)
+    exact_moments = torch.softmax(log_p, 0) @ feats
+    assert exact_moments.tolist() == pytest.approx([0.75, 1.2], abs=1e-6)
+    assert fit.error < 1e-6 and list(fit.achieved) == pytest.approx([0.75, 1.2], abs=1e-6)
     report = exact_report(space, Prior(prior) * moments)
-    assert math.isfinite(report["log_z"])
+    assert report["log_z"] == pytest.approx(float(torch.logsumexp(log_p, 0)), abs=1e-12)
+    # the dual optimum: KL(p_lambda || pi0) = lambda·mu_bar - log Z(lambda)
+    lam_mu = float(torch.tensor(fit.lambdas, dtype=torch.float64) @ torch.tensor([0.75, 1.2], dtype=torch.float64))
+    assert report["kl_target_prior"] == pytest.approx(lam_mu - report["log_z"], abs=1e-5)
 
 
 def test_moments_errors(prior):

@@ -1,6 +1,6 @@
 """KL-regularised policy gradient (RLOO / GRPO-style) = reverse-KL variational inference to p*.
 
-J(theta) = E_pi[r] - beta KL(pi || pi0) = -beta KL(pi || p*) + beta log Z   (shared/MATH.md §2).
+J(theta) = E_pi[r] - beta KL(pi || pi0) = -beta KL(pi || p*) + beta log Z   (docs/math.md §2).
 beta is the target's (``Batch.beta``): the KL coefficient and the tilt's temperature are one number.
 
 Where the KL goes, with l = log pi0(x) - log pi(x) per sampled sequence, decides what is optimised

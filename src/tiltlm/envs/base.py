@@ -9,7 +9,7 @@ a knowledge table — and hands out one ``Episode`` per trajectory:
     obs, reward, done, info = episode.step(action_text)
 
 The policy only ever writes actions; observations are environment tokens, conditioned on but never
-trained on (MATH.md §5: p_env is not ours to change, and it cancels from every importance ratio).
+trained on (docs/math.md §5: p_env is not ours to change, and it cancels from every importance ratio).
 
 Every env call goes through ``guarded``: an exception, a hang past ``timeout_s``, or garbage (a
 non-text observation, a non-finite reward) ends that episode as a recorded failure with its reason;

@@ -6,7 +6,7 @@ The trajectory of an episode is the token sequence
 
 stored as a ``Samples`` row: ``context_ids`` holds the prompt, ``ids`` everything after it with
 ``attn`` True on every real token and ``mask`` True on policy tokens only. So log pi(tau) and every
-KL sum over the policy's own tokens, p_env never enters a ratio (it cancels, MATH.md §5), and a
+KL sum over the policy's own tokens, p_env never enters a ratio (it cancels, docs/math.md §5), and a
 gradient can never reach an observation. ``turn`` gives each token's turn (its action's index; the
 reset observation is turn 0) so KL(pi||pi0) can be reported per turn.
 

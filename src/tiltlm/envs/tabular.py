@@ -4,8 +4,8 @@ A ``TabularEnv`` of depth D: at each of D turns the policy picks one of A action
 the environment answers with one of O observations drawn from p_env(o | h, a) and pays r(h, a, o).
 Histories h = ((a_1, o_1), ..., (a_t, o_t)) are the nodes; ``stochasticity`` s mixes a seeded
 deterministic answer with a seeded random distribution, p_env = (1-s)·onehot + s·Dirichlet(1), so
-s = 0 is a deterministic environment (where forward- and reverse-KL optima coincide, MATH.md §5)
-and s = 1 a fully random one. ``preset="lottery"`` is MATH.md §5's example: A pays 0, B pays +10
+s = 0 is a deterministic environment (where forward- and reverse-KL optima coincide, docs/math.md §5)
+and s = 1 a fully random one. ``preset="lottery"`` is docs/math.md §5's example: A pays 0, B pays +10
 or -10 with probability 1/2 each.
 
 Its matching exact policy is ``tiltlm.policies.tabular_env.TabularEnvPolicy`` (``make_prior`` builds pi0).
@@ -60,7 +60,7 @@ class TabularEnv(Env):
         if preset == "lottery":
             self.actions, self.observations, self.depth = ["A", "B"], ["zero", "win", "lose"], 1
             self.outcomes = {((), 0): [(0, 1.0, 0.0)], ((), 1): [(1, 0.5, 10.0), (2, 0.5, -10.0)]}
-            self.prior_scale = 0.0  # MATH.md's example has a uniform prior
+            self.prior_scale = 0.0  # docs/math.md §5.4's example has a uniform prior
         else:
             self.actions = [f"a{i}" for i in range(n_actions)]
             self.observations = [f"o{i}" for i in range(n_observations)]
@@ -134,6 +134,6 @@ class _TabularEpisode:
 
 
 def lottery_q_values(beta: float = 1.0) -> dict[str, float]:
-    """Closed form of MATH.md §5's lottery: optimistic Q_B = beta·log(½e^{10/β} + ½e^{-10/β}) in reward units, variational Q_B = 0."""
+    """Closed form of docs/math.md §5's lottery: optimistic Q_B = beta·log(½e^{10/β} + ½e^{-10/β}) in reward units, variational Q_B = 0."""
     x = 10.0 / beta
     return {"optimistic": beta * (x + math.log1p(math.exp(-2 * x)) - math.log(2)), "variational": 0.0}

@@ -1,4 +1,4 @@
-"""Exact optima of the interactive case on tabular environments (MATH.md §5), and brute-force checks.
+"""Exact optima of the interactive case on tabular environments (docs/math.md §5), and brute-force checks.
 
 Target over trajectories: p*(tau) ∝ p_env(tau) · Π_t pi0(a_t|h_t) · exp(R(tau)/beta), R = Σ_t r_t.
 Policies induce q(tau) = p_env(tau) · Π_t q(a_t|h_t); p_env is fixed.

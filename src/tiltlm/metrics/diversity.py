@@ -1,6 +1,6 @@
 """Per-batch diversity estimators: distinct-n, self-BLEU, sequence entropy, coverage of p*, pass@k.
 
-MATH.md §4. Each function is pure: texts / tensors in, a float or an `Estimate` out; namespaced keys
+docs/math.md §4. Each function is pure: texts / tensors in, a float or an `Estimate` out; namespaced keys
 (``diversity/distinct_2``) and windows are assembled by the caller. A distribution that collapses
 (beta -> 0 in KL-RL) shows here first: distinct-n and entropy fall, self-BLEU rises, coverage of p*
 shrinks.

@@ -1,7 +1,7 @@
 """Rewards: a name plus a batched scoring function whose every result is checked.
 
 A reward r(x) scores generated texts; a target tilts the prior by it, p*(x) ∝ pi0(x) exp(r(x)/beta)
-(MATH.md §1). Anything that can score a batch of texts becomes a `Reward` through `get_reward`:
+(docs/math.md §1). Anything that can score a batch of texts becomes a `Reward` through `get_reward`:
 
 - a spec naming a built-in, ``"name"`` or ``"name:argument"`` (``"contains:dog"``, ``"sentiment"``),
   looked up in the registry that `register_reward` fills (lm-eval style, no if/elif chain);
