@@ -143,7 +143,7 @@ def test_f_dpg_reverse_kl_is_the_kl_rl_pseudo_reward(beta):
     # the two gradients agree up to beta · n/(n-1); f-DPG's running log Z (any value) cancels in its baseline
     f_dpg = get_algorithm("f-dpg", divergence="rkl", baseline=True)
     f_dpg.observe(batch)
-    kl_pg = get_algorithm("kl-pg", beta=beta, kl_in="reward", estimator="k1")
+    kl_pg = get_algorithm("kl-pg", kl_in="reward", estimator="k1")  # beta: the batch's (the target's)
     grads = []
     for algo in (f_dpg, kl_pg):
         fn = lambda lp, tlp, a=algo: a.loss(batch, lp, tlp)  # noqa: E731
