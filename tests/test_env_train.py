@@ -241,7 +241,8 @@ def test_faults_end_episodes_with_reasons_and_the_batch_goes_on(lm):
 def test_failure_rate_above_the_limit_stops_the_run(lm, monkeypatch):
     from tiltlm.envs import base
 
-    monkeypatch.setitem(base._REGISTRY, "faulty-test", Faulty)
+    monkeypatch.setattr(base, "_REGISTRY", base._REGISTRY.copy())
+    base._REGISTRY.register("faulty-test", Faulty)
     config = parse_config({
         "algorithm": "kl-pg", "target": {"beta": 1.0},
         "env": {"name": "faulty-test", "max_action_tokens": 2, "timeout_s": 0.3, "max_failure_rate": 0.5},

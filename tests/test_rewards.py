@@ -84,7 +84,7 @@ def test_argument_keeps_spaces():
 
 
 def test_register_reward_adds_to_the_registry(monkeypatch):
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(base, "_REGISTRY", base._REGISTRY.copy())
 
     @register_reward("vowels", takes_argument=False, help="number of vowels")
     def vowels():

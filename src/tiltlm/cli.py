@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tiltlm.errors import TiltlmError
+from tiltlm.io import atomic_write_text
 
 app = typer.Typer(
     add_completion=False,
@@ -185,7 +186,8 @@ def sample(
     rows = [{"text": t, "logp": lp, "tokens": int(k), "eos": bool(e), "reward": r}
             for t, lp, k, e, r in zip(s.texts, s.logp.tolist(), s.lengths.tolist(), s.eos.tolist(), rewards)]
     if out is not None:
-        _write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
     table = Table("logp", "tokens", *(["reward"] if scorer else []), "text", show_lines=True)
     for r in rows:
         table.add_row(f"{r['logp']:.2f}", f"{r['tokens']}{'' if r['eos'] else '+'}", *([f"{r['reward']:.3f}"] if scorer else []), r["text"])
@@ -313,13 +315,6 @@ def _no_half_written_run(out: Path, *, fresh: bool):
             if existed:
                 out.mkdir()
         raise
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main() -> None:

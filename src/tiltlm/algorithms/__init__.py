@@ -1,10 +1,10 @@
 """Algorithms: one small loss per file behind a registry; the training loop runs them all.
 
-`get_algorithm("kl-pg", beta=0.1)` builds one; unknown names list the available ones.
+`get_algorithm("kl-pg", beta=0.1)` builds one; unknown names list the available ones. Every module of
+this package is imported, so a new algorithm is one new file with a ``@register_algorithm`` class.
 """
 
 from tiltlm.algorithms.base import Algorithm, Batch, available_algorithms, get_algorithm, register_algorithm
-from tiltlm.algorithms import dpg, f_dpg, kl_pg, ppo_kl, reinforce  # noqa: E402,F401  (fill the registry)
 from tiltlm.algorithms.inference import (
     InferenceResult,
     best_of_n,
@@ -14,6 +14,9 @@ from tiltlm.algorithms.inference import (
     qrs_exact_distribution,
     quasi_rejection_sample,
 )
+from tiltlm.registry import import_submodules
+
+import_submodules(__name__, __path__)  # every module here registers its algorithms: a new one is one new file
 
 __all__ = [
     "Algorithm", "Batch", "InferenceResult", "available_algorithms", "best_of_n", "best_of_n_exact_distribution",

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tiltlm.errors import TiltlmError
 from tiltlm.records import Batch
+from tiltlm.registry import Registry
 
 
 def leave_one_out(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -88,26 +89,19 @@ class Algorithm:
         pass
 
 
-_REGISTRY: dict[str, type[Algorithm]] = {}
+_REGISTRY: Registry[type[Algorithm]] = Registry("algorithm")
 
 
 def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
-    if cls.name in _REGISTRY:
-        raise ValueError(f"algorithm {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _REGISTRY.register(cls.name, cls)
 
 
 def available_algorithms() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def algorithm_class(name: str) -> type[Algorithm]:
-    if not isinstance(name, str) or name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1) if isinstance(name, str) else []
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise TiltlmError(f"unknown algorithm '{name}'{hint}; available: {', '.join(available_algorithms())}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def make_config(name: str, **options) -> AlgorithmConfig:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol
 
 from tiltlm.errors import TiltlmError
+from tiltlm.registry import Registry, UserCodeError, load_user_object
 
 
 @dataclass
@@ -199,19 +200,16 @@ def clean_step(result: Any, max_chars: int, notes: list[str]) -> StepResult:
 
 
 # ---- registry ------------------------------------------------------------------------------
-_REGISTRY: dict[str, type[Env]] = {}
+_REGISTRY: Registry[type[Env]] = Registry("environment")
 
 
 def register_env(cls: type[Env]) -> type[Env]:
-    if cls.name in _REGISTRY:
-        raise ValueError(f"environment {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _REGISTRY.register(cls.name, cls)
 
 
 def available_envs() -> list[str]:
     _load_builtins()
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def env_class(name: str) -> type[Env]:
@@ -219,11 +217,7 @@ def env_class(name: str) -> type[Env]:
     _load_builtins()
     if name not in _REGISTRY and ":" in name:
         return _user_env(name)
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise TiltlmError(f"unknown environment '{name}'{hint}; available: {', '.join(available_envs())}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def get_env(name: str, **options) -> Env:
@@ -247,29 +241,17 @@ def get_env(name: str, **options) -> Env:
 
 def _user_env(spec: str) -> type[Env]:
     """Import the class a ``module:Class`` or ``file.py:Class`` spec names (only that module or file)."""
-    import importlib
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     target, _, attribute = spec.rpartition(":")
     try:
-        if target.endswith(".py"):
-            path = Path(target).expanduser().resolve()
-            if not path.is_file():
-                raise TiltlmError(f"environment '{spec}': file '{target}' not found; give the path of an existing .py file")
-            module_name = f"_tiltlm_env_{path.stem}_{abs(hash(str(path))) % 10**8}"
-            module_spec = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_name] = module
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except TiltlmError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user's module failed to import
-        raise TiltlmError(f"environment '{spec}': importing '{target}' raised {type(e).__name__}: {_first_line(e)}; fix the module or the path") from None
-    cls = getattr(module, attribute, None)
+        cls = load_user_object(spec, "environment")
+    except UserCodeError as e:
+        if e.reason == "file-missing":
+            raise TiltlmError(f"environment '{spec}': file '{target}' not found; give the path of an existing .py file") from None
+        if e.reason != "attribute-missing" and isinstance(e.cause, TiltlmError):
+            raise e.cause from None  # the user's module raised a one-line error of its own
+        if e.reason != "attribute-missing":  # the module is missing or failed to import
+            raise TiltlmError(f"environment '{spec}': importing '{target}' raised {type(e.cause).__name__}: {_first_line(e.cause)}; fix the module or the path") from None
+        cls = None  # no such attribute: worded below
     if not (isinstance(cls, type) and issubclass(cls, Env)):
         raise TiltlmError(f"environment '{spec}': '{attribute}' is not a tiltlm.envs.Env subclass in '{target}'; name an Env class")
     return cls

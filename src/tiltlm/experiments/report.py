@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from tiltlm.errors import TiltlmError
+from tiltlm.io import replace_dir
 
 # (exact key, estimated key): the exact one is used wherever a cell has it.
 REWARD, KL_PRIOR = ("reward/exact", "reward/mean"), ("kl/prior_exact", "kl/prior_seq")
@@ -519,22 +520,8 @@ def write_report(run_dir: Path) -> Path:
             "</body></html>",
         ]
         (tmp / "report.html").write_text("\n".join(page) + "\n", encoding="utf-8")
-        _replace(tmp, run_dir / "report")
+        replace_dir(tmp, run_dir / "report")  # readers see the old report or the new one, never half
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return run_dir / "report" / "report.html"
-
-
-def _replace(new: Path, final: Path) -> None:
-    """Put the finished directory ``new`` at ``final`` by renames: readers see the old report or the new one, never half."""
-    old = new.with_name(new.name + ".old")
-    if final.exists():
-        final.rename(old)
-    try:
-        new.rename(final)
-    except BaseException:
-        if old.exists() and not final.exists():
-            old.rename(final)  # put the previous report back
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -23,6 +23,7 @@ from typing import Callable
 import yaml
 
 from tiltlm.errors import TiltlmError
+from tiltlm.io import replace_dir
 
 
 def lm_sweep(prior: str, reward: str, betas: list[float], main_beta: float, steps: int, seed: int) -> dict:
@@ -262,9 +263,7 @@ def run_main(
                    "seed": seed, "interactive": interactive, "seconds": time.time() - start}
         (work / "run.json").write_text(json.dumps(summary, indent=1))
         (work / "report.html").write_text(_index(summary))
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+        replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

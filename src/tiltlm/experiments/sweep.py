@@ -13,6 +13,7 @@ cells differ only in which p* they are measured against. The run is resumable: a
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import shutil
@@ -23,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tiltlm.errors import TiltlmError
+from tiltlm.io import atomic_write_text
 from tiltlm.train.config import parse_config
 
 
@@ -101,9 +103,7 @@ def run_sweep(config_path: Path, out: Path, *, progress: bool = False, on_cell=N
         _, rows = fit(config, cell_dir, resume=resume, log=log, progress=progress)
         final = rows[-1] if rows else _last_row(cell_dir)
         record = {"cell": name, "algorithm": cell["label"], "beta": cell["beta"], "seed": cell["seed"], "final": final}
-        tmp = cell_dir / "done.json.tmp"
-        tmp.write_text(json.dumps(record))
-        tmp.replace(cell_dir / "done.json")
+        atomic_write_text(cell_dir / "done.json", json.dumps(record))
         if on_cell is not None:
             on_cell(name)
     collect(out, [name for name, _ in grid])
@@ -118,15 +118,12 @@ def _last_row(cell_dir: Path) -> dict:
 def collect(out: Path, names: list[str]) -> None:
     """results.jsonl (one row per finished cell) and summary.csv (mean and std over seeds)."""
     records = [json.loads((out / "cells" / n / "done.json").read_text()) for n in names if (out / "cells" / n / "done.json").is_file()]
-    tmp = out / "results.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(out / "results.jsonl")
+    atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in records:
         groups.setdefault((r["algorithm"], r["beta"]), []).append(r["final"])
     keys = sorted({k for r in records for k, v in r["final"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    tmp = out / "summary.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["algorithm", "beta", "seeds"] + [f"{k} {s}" for k in keys for s in ("mean", "std")])
         for (algorithm, beta), finals in sorted(groups.items()):
@@ -137,4 +134,4 @@ def collect(out: Path, names: list[str]) -> None:
                 std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
                 row += [mean, std]
             writer.writerow(row)
-    tmp.replace(out / "summary.csv")
+        atomic_write_text(out / "summary.csv", f.getvalue())

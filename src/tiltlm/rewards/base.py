@@ -16,15 +16,10 @@ corrupt a whole run. That is why `Reward.__call__` checks every result and raise
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import importlib
-import importlib.util
 import inspect
 import math
 import numbers
 import re
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +29,8 @@ import numpy as np
 import torch
 
 from tiltlm.errors import TiltlmError
+from tiltlm.registry import Registry, UserCodeError, load_user_object
+from tiltlm.registry import describe as _describe
 
 Scorer = Callable[[list[str]], Sequence[float]]
 """What a built-in factory returns: texts -> one number per text (checked by `Reward`)."""
@@ -126,14 +123,6 @@ def _as_str_list(texts: Sequence[str], what: str) -> list[str]:
     return list(texts)
 
 
-def _describe(e: BaseException) -> str:
-    """``ValueError: message`` on one line, shortened: error messages must stay one line."""
-    message = " ".join(str(e).split())
-    if len(message) > 300:
-        message = message[:297] + "..."
-    return f"{type(e).__name__}: {message}" if message else type(e).__name__
-
-
 # --- callables ----------------------------------------------------------------------------------
 
 
@@ -203,7 +192,7 @@ class _Entry:
         return f"{self.name}:<{self.metavar}>" if self.takes_argument else self.name
 
 
-_REGISTRY: dict[str, _Entry] = {}
+_REGISTRY: Registry[_Entry] = Registry("reward")
 
 
 def register_reward(
@@ -220,9 +209,7 @@ def register_reward(
         raise ValueError(f"reward name {name!r} must be lower-case letters, digits, '_' or '-'")
 
     def decorator(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
-        if name in _REGISTRY:
-            raise ValueError(f"reward {name!r} is already registered")
-        _REGISTRY[name] = _Entry(name, takes_argument, help, metavar, factory)
+        _REGISTRY.register(name, _Entry(name, takes_argument, help, metavar, factory))
         return factory
 
     return decorator
@@ -230,12 +217,12 @@ def register_reward(
 
 def available_rewards() -> list[str]:
     """Every accepted spec form, e.g. ``["contains:<text>", ..., "<module>:<function>", ...]``."""
-    return [e.usage for _, e in sorted(_REGISTRY.items())] + list(_CALLABLE_FORMS)
+    return [e.usage for _, e in _REGISTRY.items()] + list(_CALLABLE_FORMS)
 
 
 def reward_help() -> dict[str, str]:
     """Spec form -> one-line description, for listings such as ``tiltlm rewards``."""
-    described = {e.usage: e.help for _, e in sorted(_REGISTRY.items())}
+    described = {e.usage: e.help for _, e in _REGISTRY.items()}
     described["<module>:<function>"] = "a function f(texts, **kwargs) -> list[float] in an importable module"
     described["<file.py>:<function>"] = "a function f(texts, **kwargs) -> list[float] in that Python file"
     return described
@@ -266,14 +253,11 @@ def get_reward(spec: str | Callable | Reward) -> Reward:
 
 def _from_spec(spec: str) -> Reward:
     head, colon, argument = spec.partition(":")
-    entry = _REGISTRY.get(head)
-    if entry is not None:
-        return _from_entry(entry, spec, colon, argument)
+    if head in _REGISTRY:
+        return _from_entry(_REGISTRY.get(head), spec, colon, argument)
     target, colon, attribute = spec.rpartition(":")  # rpartition: a Windows path has a ':' too
-    if colon and target.endswith(".py"):
-        return _from_file(spec, Path(target), attribute)
-    if colon and _DOTTED.fullmatch(target):
-        return _from_module(spec, target, attribute)
+    if colon and (target.endswith(".py") or _DOTTED.fullmatch(target)):
+        return _from_user_code(spec)
     raise TiltlmError(_unknown(spec, head))
 
 
@@ -287,64 +271,40 @@ def _from_entry(entry: _Entry, spec: str, colon: str, argument: str) -> Reward:
 
 
 def _unknown(spec: str, head: str, note: str = "") -> str:
-    close = difflib.get_close_matches(head, list(_REGISTRY), n=1)
-    notes = ([f"did you mean {close[0]!r}?"] if close else []) + ([note] if note else [])
+    close = _REGISTRY.suggest(head)
+    notes = ([f"did you mean {close!r}?"] if close else []) + ([note] if note else [])
     hint = f" ({'; '.join(notes)})" if notes else ""
     return f"unknown reward {spec!r}{hint}; available: {', '.join(available_rewards())}"
 
 
-def _from_module(spec: str, module_name: str, attribute: str) -> Reward:
+def _from_user_code(spec: str) -> Reward:
+    """A ``module:function`` or ``file.py:function`` spec: `load_user_object` imports it; the messages are ours."""
+    target, _, attribute = spec.rpartition(":")
+    path = str(Path(target).expanduser()) if target.endswith(".py") else None
+    where = f"file {path!r}" if path is not None else f"module {target!r}"
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
-            # The module itself is missing (not one of its imports): a typo, or not on the path.
+        obj = load_user_object(spec, "reward")
+    except UserCodeError as e:
+        if e.reason == "file-missing":
+            raise TiltlmError(f"reward {spec!r}: file {path!r} not found; give the path to an existing .py file") from None
+        if e.reason == "module-missing":
             note = (
-                f"no module {module_name!r} on the path either: add its folder to PYTHONPATH "
-                f"or write path/to/{module_name.split('.')[-1]}.py:{attribute}"
+                f"no module {target!r} on the path either: add its folder to PYTHONPATH "
+                f"or write path/to/{target.split('.')[-1]}.py:{attribute}"
             )
-            raise TiltlmError(_unknown(spec, spec.partition(":")[0], note)) from e
-        raise TiltlmError(f"reward {spec!r}: importing {module_name!r} raised {_describe(e)}; fix the module") from e
-    except Exception as e:
-        raise TiltlmError(f"reward {spec!r}: importing {module_name!r} raised {_describe(e)}; fix the module") from e
-    return _from_object(spec, module, attribute, f"module {module_name!r}")
-
-
-def _from_file(spec: str, path: Path, attribute: str) -> Reward:
-    path = path.expanduser()
-    if not path.is_file():
-        raise TiltlmError(f"reward {spec!r}: file {str(path)!r} not found; give the path to an existing .py file")
-    resolved = path.resolve()
-    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
-    stem = re.sub(r"\W", "_", resolved.stem)
-    module_name = f"_tiltlm_reward_{stem}_{digest}"
-    module_spec = importlib.util.spec_from_file_location(module_name, resolved)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module  # dataclasses and pickle look a module up while it runs
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        del sys.modules[module_name]
-        raise TiltlmError(f"reward {spec!r}: running {str(path)!r} raised {_describe(e)}; fix the file") from e
-    return _from_object(spec, module, attribute, f"file {str(path)!r}")
-
-
-def _from_object(spec: str, module: Any, attribute: str, where: str) -> Reward:
-    obj = module
-    try:
-        if not _DOTTED.fullmatch(attribute):
-            raise AttributeError(attribute)
-        for part in attribute.split("."):
-            obj = getattr(obj, part)
-    except AttributeError as e:
-        functions = sorted(
-            n for n, v in vars(module).items()
-            if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
+            raise TiltlmError(_unknown(spec, spec.partition(":")[0], note)) from e.cause
+        if e.reason == "import-failed" and path is not None:
+            raise TiltlmError(f"reward {spec!r}: running {path!r} raised {_describe(e.cause)}; fix the file") from e.cause
+        if e.reason == "import-failed":
+            raise TiltlmError(f"reward {spec!r}: importing {target!r} raised {_describe(e.cause)}; fix the module") from e.cause
+        functions = sorted(  # attribute-missing
+            n for n, v in vars(e.module).items()
+            if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == e.module.__name__
         )
         raise TiltlmError(
             f"reward {spec!r}: {where} has no function {attribute!r}; "
             f"define it or use one of: {', '.join(functions) or '(no functions defined there)'}"
-        ) from e
+        ) from e.cause
     if isinstance(obj, Reward):
         return Reward(spec, obj.fn)
     if not callable(obj):
