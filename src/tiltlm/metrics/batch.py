@@ -33,6 +33,20 @@ from tiltlm.metrics.divergences import (
 )
 
 
+def step_metrics(batch: Batch, token_logp: torch.Tensor, *, on_policy: bool, kl_estimator: str, diversity: bool,
+                 env_counts: dict | None = None) -> dict[str, float]:
+    """A training step's row: ``batch_metrics`` and, for environment episodes, ``episode_metrics`` and the
+    run's failure rate so far. ``token_logp``: (B, T) log pi_theta per token before the step (detached)."""
+    from tiltlm.metrics.episodes import episode_metrics
+
+    row = batch_metrics(batch, token_logp.sum(-1), on_policy=on_policy, kl_estimator=kl_estimator, diversity=diversity)
+    if batch.samples.trajectories is not None:
+        row.update(episode_metrics(batch, token_logp, on_policy=on_policy))
+        counts = env_counts or {"episodes": 0, "failures": 0}
+        row["env/failure_rate_run"] = counts["failures"] / max(1, counts["episodes"])
+    return row
+
+
 def _estimate(out: dict, key: str, est, *, interval: bool = False) -> None:
     out[key] = est.value
     out[f"{key}_stderr"] = est.stderr

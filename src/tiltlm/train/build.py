@@ -189,3 +189,10 @@ def fit(config: TrainConfig, out_dir, *, resume: bool = False, log: str | None =
     finally:
         trackers.close()
     return trainer, rows
+
+
+def train(config: TrainConfig, *, policy, target: Target, out_dir=None, resume: bool = False, progress: bool = False) -> list[dict]:
+    """Train ``policy`` toward ``target`` with ``config``; returns the metrics rows."""
+    from tiltlm.train.loop import Trainer
+
+    return Trainer(config, policy=policy, target=target, out_dir=out_dir, resume=resume).run(progress=progress)

@@ -148,6 +148,8 @@ class TrainConfig(_Strict):
             if target is None or (isinstance(target, dict) and "reward" not in target):
                 data = {**data, "target": {**(target or {}), "reward": "env"}}
         target = data.get("target") if isinstance(data, dict) else None
+        if target is not None and not isinstance(target, (dict, TargetConfig)):
+            raise TiltlmError(f"config 'target' must be a mapping (reward, beta, constraints), not {type(target).__name__}; fix that value")
         if isinstance(target, dict) and "beta" in target and not _positive_finite(target["beta"]):
             raise TiltlmError(f"config 'target.beta' must be a finite number > 0 (got {target['beta']!r}); "
                               "small beta follows the reward closely, large beta stays near the prior")
@@ -178,8 +180,6 @@ class TrainConfig(_Strict):
 def _check_algorithm_beta(beta: Any, target: Any) -> None:
     """There is one beta per run, the target's: the KL coefficient of kl-pg / ppo-kl is the temperature of
     the p* the metrics measure against. An algorithm.beta equal to it is accepted (and dropped)."""
-    if target is not None and not isinstance(target, (dict, TargetConfig)):
-        raise TiltlmError(f"config 'target' must be a mapping (reward, beta, constraints), not {type(target).__name__}; fix that value")
     target_beta = (target or {}).get("beta", TargetConfig().beta) if not isinstance(target, TargetConfig) else target.beta
     if not (_positive_finite(beta) and _positive_finite(target_beta) and float(beta) == float(target_beta)):
         raise TiltlmError(f"config 'algorithm.beta' ({beta!r}) differs from target.beta ({target_beta!r}): the KL coefficient is "

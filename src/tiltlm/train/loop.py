@@ -17,8 +17,7 @@ import torch
 from tiltlm.algorithms.base import Algorithm, get_algorithm
 from tiltlm.distributed.strategy import make_strategy
 from tiltlm.errors import TiltlmError
-from tiltlm.metrics.batch import batch_metrics
-from tiltlm.metrics.episodes import episode_metrics
+from tiltlm.metrics.batch import step_metrics
 from tiltlm.records import Batch
 from tiltlm.targets.base import Target
 from tiltlm.train import guards
@@ -28,7 +27,7 @@ from tiltlm.train.collect import Collector
 from tiltlm.train.config import TrainConfig
 from tiltlm.train.rundir import RunDir
 
-__all__ = ["Trainer", "target_from_config", "train", "trainable_module"]
+__all__ = ["Trainer", "target_from_config", "trainable_module"]
 
 
 class Trainer:
@@ -81,7 +80,7 @@ class Trainer:
             self.generator.sync()  # the engine started from the initial weights
         self.run_dir.truncate_metrics(self.step)
 
-    def make_batch(self, step: int) -> Batch:
+    def make_batch(self, step: int) -> Batch:  # the batch of step ``step`` (tiltlm.train.collect)
         return self.collect(step)
 
     def train_step(self) -> dict:
@@ -111,8 +110,7 @@ class Trainer:
         if self.generator is not None:
             self.generator.sync()
         self.step = step + 1
-        row = {"step": self.step, "loss": float(loss.detach()), **stats, **self._metrics(batch, logp_before, token_logp_before)}
-        self._log(row)
+        self._log(row := {"step": self.step, "loss": float(loss.detach()), **stats, **self._metrics(batch, token_logp_before)})
         every = self.config.checkpoint.every
         if self.run_dir is not None and self.strategy.joins_io and ((every and self.step % every == 0) or self.step == self.config.optim.steps):
             self.save_checkpoint()
@@ -133,13 +131,10 @@ class Trainer:
         guards.check_weights(self.module, self.strategy, step + 1)
         return stats
 
-    def _metrics(self, batch: Batch, logp_before: torch.Tensor, token_logp_before: torch.Tensor) -> dict:
+    def _metrics(self, batch: Batch, token_logp_before: torch.Tensor) -> dict:
         m = self.config.metrics
-        row = batch_metrics(batch, logp_before, on_policy=self.algorithm.on_policy, kl_estimator=m.kl_estimator, diversity=m.diversity)
-        if batch.samples.trajectories is not None:
-            row.update(episode_metrics(batch, token_logp_before, on_policy=self.algorithm.on_policy))
-            counts = self.collect.env_counts
-            row["env/failure_rate_run"] = counts["failures"] / max(1, counts["episodes"])
+        row = step_metrics(batch, token_logp_before, on_policy=self.algorithm.on_policy, kl_estimator=m.kl_estimator,
+                           diversity=m.diversity, env_counts=self.collect.env_counts)
         if self.exact and self.strategy.joins_io and (self.step % m.exact_every == 0 or self.step == self.config.optim.steps):
             row.update(self.exact_metrics())
         row["samples/seen"] = self.step * len(batch)
@@ -176,13 +171,10 @@ class Trainer:
 
     def close(self) -> None:
         """Stop what the trainer started (an environment's server process, Ray actors, a vLLM engine)."""
-        if self._owns_env and self.env is not None:
-            self.env.close()
-        if self.runner is not None:
-            self.runner.close()
-            self.runner = None
-        if self.generator is not None:
-            self.generator.close()
+        for part in (self.env if self._owns_env else None, self.runner, self.generator):
+            if part is not None:
+                part.close()
+        self.runner = None
 
     def save_checkpoint(self) -> None:
         """checkpoint/ (rank 0 writes; sharded: every rank calls this, to gather the full tensors)."""
@@ -200,7 +192,3 @@ class Trainer:
         """policy/: a save_pretrained directory (HF) or the tabular table (sharded: every rank calls this)."""
         return self.run_dir.save_policy(self.strategy.whole_policy(self.policy))
 
-
-def train(config: TrainConfig, *, policy, target: Target, out_dir=None, resume: bool = False, progress: bool = False) -> list[dict]:
-    """Train ``policy`` toward ``target`` with ``config``; returns the metrics rows."""
-    return Trainer(config, policy=policy, target=target, out_dir=out_dir, resume=resume).run(progress=progress)

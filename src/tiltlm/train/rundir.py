@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from tiltlm.errors import TiltlmError
+from tiltlm.io import atomic_write_text, replace_dir
 from tiltlm.train.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -45,9 +46,7 @@ class RunDir:
         if out.exists() and any(out.iterdir()):
             raise TiltlmError(f"output directory '{out}' is not empty; pass --resume to continue that run or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".config.yaml.tmp"  # temp file + rename: a kill never leaves half a config
-        tmp.write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
-        tmp.replace(out / "config.yaml")
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
         return None
 
     def truncate_metrics(self, step: int) -> None:
@@ -63,9 +62,7 @@ class RunDir:
                 break
             if row.get("step", 0) <= step:
                 keep.append(line)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def append_metrics(self, row: dict) -> None:
         if self.writes:
@@ -81,10 +78,7 @@ class RunDir:
         """policy/, written whole beside it and then moved into place (HF save_pretrained, or the tabular table)."""
         if not self.writes:
             return None
-        final = self.path / "policy"
         tmp = self.path / "policy.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed run's half-written one
         policy.save(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        return final
+        return replace_dir(tmp, self.path / "policy")
