@@ -1,6 +1,6 @@
 """Algorithms: one small loss per file behind a registry; the training loop runs them all.
 
-`get_algorithm("kl-pg", beta=0.1)` builds one; unknown names list the available ones. Every module of
+`get_algorithm("kl-pg", estimator="k1")` builds one; unknown names list the available ones. Every module of
 this package is imported, so a new algorithm is one new file with a ``@register_algorithm`` class.
 """
 

@@ -120,6 +120,6 @@ def make_config(name: str, **options) -> AlgorithmConfig:
 
 
 def get_algorithm(name_or_config: str | AlgorithmConfig, **options) -> Algorithm:
-    """Build an algorithm by name (``get_algorithm("kl-pg", beta=0.1)``) or from its config."""
+    """Build an algorithm by name (``get_algorithm("kl-pg", estimator="k1")``) or from its config."""
     config = name_or_config if isinstance(name_or_config, AlgorithmConfig) else make_config(name_or_config, **options)
     return algorithm_class(config.name)(config)
