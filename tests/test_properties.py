@@ -33,7 +33,7 @@ betas = st.floats(min_value=1e-3, max_value=1e3)
 
 algorithms = st.one_of(
     st.fixed_dictionaries({"name": st.just("kl-pg")}, optional={"estimator": st.sampled_from(["k1", "k2", "k3"]),
-                                                                "kl_in": st.sampled_from(["reward", "loss"]), "beta": betas}),
+                                                                "kl_in": st.sampled_from(["reward", "loss"])}),
     st.fixed_dictionaries({"name": st.just("ppo-kl")}, optional={"epochs": st.integers(1, 8), "clip": st.none() | positive}),
     st.fixed_dictionaries({"name": st.sampled_from(["dpg", "gdc++"])}, optional={"off_policy": st.booleans(),
                                                                                  "proposal_check_every": st.integers(0, 10)}),
@@ -82,8 +82,12 @@ def test_valid_configs_round_trip_through_yaml(data, tmp_path):
                 got = getattr(getattr(cfg, section), key)
                 assert (tuple(value) if isinstance(value, list) else value) == got
     assert cfg.algorithm.name == data["algorithm"]["name"]
-    if "beta" in type(cfg.algorithm).model_fields and "beta" not in data["algorithm"]:
-        assert cfg.algorithm.beta == cfg.target.beta  # the algorithm's beta defaults to the target's
+    assert "beta" not in type(cfg.algorithm).model_fields  # one beta per run: the target's
+    # an algorithm.beta (older configs) is accepted only when it is the target's, and then changes nothing
+    with_beta = {**data, "algorithm": {**data["algorithm"], "beta": cfg.target.beta}}
+    assert parse_config(with_beta) == cfg
+    with pytest.raises(TiltlmError, match="differs from target.beta"):
+        parse_config({**data, "algorithm": {**data["algorithm"], "beta": cfg.target.beta * 2}})
 
 
 junk = st.one_of(

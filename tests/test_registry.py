@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -78,12 +79,16 @@ def test_discovery_imports_every_public_module_but_the_skipped(tmp_path, monkeyp
 
 
 def test_builtin_environments_and_algorithms_are_discovered():
-    import tiltlm.algorithms  # noqa: F401
-    import tiltlm.envs  # noqa: F401
+    """In a fresh interpreter (other tests import modules of their own): importing the packages imports every
+    module of them, and not the scripts the envs package skips."""
+    import subprocess
 
-    assert {"tiltlm.envs.api", "tiltlm.envs.dialogue", "tiltlm.envs.search", "tiltlm.envs.tabular"} <= set(sys.modules)
-    assert {"tiltlm.algorithms.dpg", "tiltlm.algorithms.kl_pg", "tiltlm.algorithms.reinforce"} <= set(sys.modules)
-    assert "tiltlm.envs.make_search_collection" not in sys.modules
+    code = ("import json, sys, tiltlm.algorithms, tiltlm.envs; "
+            "print(json.dumps([m for m in sys.modules if m.startswith(('tiltlm.envs.', 'tiltlm.algorithms.'))]))")
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout))
+    assert {"tiltlm.envs.api", "tiltlm.envs.dialogue", "tiltlm.envs.search", "tiltlm.envs.tabular"} <= loaded
+    assert {"tiltlm.algorithms.dpg", "tiltlm.algorithms.kl_pg", "tiltlm.algorithms.reinforce"} <= loaded
+    assert "tiltlm.envs.make_search_collection" not in loaded and "tiltlm.envs.api_server" not in loaded
 
 
 # --- load_user_object ---------------------------------------------------------------------------
