@@ -6,10 +6,8 @@ exit code 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -128,8 +126,7 @@ def train(
         if seed is not None:
             data["seed"] = seed
         cfg = parse_config(data)
-    with _no_half_written_run(out, fresh=world.is_main and not resume and not (out.is_dir() and any(out.iterdir()))):
-        trainer, rows = fit(cfg, out, resume=resume, log=log, progress=sys.stderr.isatty())
+    trainer, rows = fit(cfg, out, resume=resume, log=log, progress=sys.stderr.isatty())
     leave_group(world)
     last = rows[-1] if rows else {}
     if world.is_main:
@@ -307,20 +304,6 @@ def chat(
         record.update(model=model, seed=episode_seed(seed, game), timestamp=timestamp())
         append_jsonl(out, record)
         typer.echo(f"game {game + 1} of {episodes} appended to {out}")
-
-
-@contextlib.contextmanager
-def _no_half_written_run(out: Path, *, fresh: bool):
-    """A new run that fails (TiltlmError) before its first checkpoint leaves --out as it found it."""
-    existed = out.exists()
-    try:
-        yield
-    except TiltlmError:
-        if fresh and out.is_dir() and not any((out / name).exists() for name in ("checkpoint", "checkpoint.old")):
-            shutil.rmtree(out, ignore_errors=True)
-            if existed:
-                out.mkdir()
-        raise
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +96,9 @@ def run_sweep(config_path: Path, out: Path, *, progress: bool = False, on_cell=N
         if (cell_dir / "done.json").is_file():
             continue
         config = parse_config(cell["config"])
-        resume = (cell_dir / "checkpoint").exists() or (cell_dir / "checkpoint.old").exists()
-        if cell_dir.exists() and not resume:
-            shutil.rmtree(cell_dir)  # started but never checkpointed: nothing to keep
+        # a started cell continues (from its checkpoint, or from step 0 when it was killed before the first one); its
+        # run directory is locked while a process trains it, so two sweeps over one --out never share a cell
+        resume = any((cell_dir / name).exists() for name in ("checkpoint", "checkpoint.old", "config.yaml"))
         _, rows = fit(config, cell_dir, resume=resume, log=log, progress=progress)
         final = rows[-1] if rows else _last_row(cell_dir)
         record = {"cell": name, "algorithm": cell["label"], "beta": cell["beta"], "seed": cell["seed"], "final": final}

@@ -182,12 +182,17 @@ def fit(config: TrainConfig, out_dir, *, resume: bool = False, log: str | None =
 
     policy, target = build(config)
     trainer = Trainer(config, policy=policy, target=target, out_dir=out_dir, resume=resume)
-    trainer.on_metrics = trackers = LoggerGroup(make_loggers(log if trainer.strategy.writes else None, Path(out_dir),
-                                                             json.loads(config.model_dump_json())))
     try:
-        rows = trainer.run(progress=progress)
-    finally:
-        trackers.close()
+        trackers = LoggerGroup(make_loggers(log if trainer.strategy.writes else None, Path(out_dir), json.loads(config.model_dump_json())))
+        trainer.on_metrics = trackers
+        try:
+            rows = trainer.run(progress=progress)
+        finally:
+            trackers.close()
+    except TiltlmError:  # a new run that fails before its first checkpoint leaves --out as it found it
+        trainer.close()
+        trainer.run_dir.abandon()
+        raise
     return trainer, rows
 
 

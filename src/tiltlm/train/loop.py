@@ -165,6 +165,7 @@ class Trainer:
                     advance(self.step, rows[-1])
             if self.run_dir is not None and self.strategy.joins_io:
                 self.save_policy()
+                self.run_dir.close()  # the run is complete: give the directory up
             return rows
         finally:
             self.close()
