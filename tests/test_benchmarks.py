@@ -82,3 +82,10 @@ def test_sharding_quick(bench):
         _finite(r, ["weights_mb", "grads_mb", "adam_mb", "state_mb", "peak_rss_mb", "step_s"])
     assert replicate["adam_mb"] == pytest.approx(2 * replicate["grads_mb"])  # two moments per trained weight
     assert fsdp["state_mb_vs_replicate"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_threads_quick(bench):
+    result = bench("threads").main(["--quick", "--json"])
+    assert result["cores"] >= 1 and len(result["seconds"]) == 4
+    _finite(result["seconds"], list(result["seconds"]))
+    _finite(result["slowdown_beside_busy"], list(result["slowdown_beside_busy"]))

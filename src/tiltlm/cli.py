@@ -309,6 +309,9 @@ def chat(
 def main() -> None:
     """Entry point: user errors become one line and exit code 2."""
     try:
+        from tiltlm.threads import configure_threads
+
+        configure_threads()  # the free cores, not the machine's: no oversubscription beside busy neighbours
         app()
     except TiltlmError as e:
         print(f"error: {e}", file=sys.stderr)
