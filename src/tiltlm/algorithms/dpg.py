@@ -26,8 +26,9 @@ batch's samples of c (a running estimate per context, keyed by a digest of the c
 restarts a dropped prompt's estimate from its next batch). ``log_z: global`` (the behaviour before)
 divides every row by one Z = mean_c Z(c) pooled over all contexts: the gradient of
 sum_c (Z(c)/Z) KL(p(.|c) || pi(.|c)) — the joint p(c, y) ∝ P(c, y) over the batch's contexts — which
-weighs a hard context (small Z(c)) by Z(c)/Z: a prompt that pi0 solves 1% of the time learns 50x slower
-than one it solves half the time. With one context the two coincide exactly.
+weighs a hard context (small Z(c)) by Z(c)/Z: a prompt that pi0 solves 1% of the time gets 50x smaller
+steps than one it solves half the time (with weights shared across prompts, an optimiser cannot undo
+that per prompt). With one context the two coincide exactly (same numbers, bit for bit).
 
 A row whose log Z(c) is -inf (P = 0 on every sample of c so far: a constraint nothing met yet) gets
 weight 0 — P/(Zq) is 0/0, no information about p — and no GDC++ baseline either (it is zero in
