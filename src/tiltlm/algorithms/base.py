@@ -35,7 +35,8 @@ def kl_coefficient(batch: Batch, algorithm: str) -> float:
     beta per run, so training and the metrics aim at the same p* ∝ pi0·exp(r/beta))."""
     if batch.beta is None:
         raise TiltlmError(f"algorithm '{algorithm}' weighs the KL by the target's beta, but the target has no Tilt; "
-                          "multiply the target by Tilt(reward, beta)")
+                          "multiply the target by Tilt(reward, beta) (config: set target.reward), or for a constraint-only "
+                          "target use dpg, gdc++, f-dpg or reinforce")
     return batch.beta
 
 

@@ -60,13 +60,17 @@ def exact_report(space: SequenceSpace, target: Target, policy=None, *, prior_log
     """Every exact quantity of pi0, p* (and a policy) over the space; keys match `tiltlm exact --json`.
 
     ``space`` should be enumerated with the target's prior (then its log-probs are pi0's);
-    ``reward_*`` use the target's Tilt reward (0 when the target has no Tilt).
+    ``reward_*`` use the target's Tilt reward; without a Tilt, the constraints' 0/1 indicator (Target.score:
+    reward_prior is then pi0's pass rate, exp(log_z)), or 0 without constraints either.
     """
     log_pi0 = space.logp if prior_logp is None else prior_logp.double()
     mass = float(log_pi0.exp().sum())
     log_target, log_z = normalise(log_pi0 + target.log_potential(space.samples))
     tilt = target.tilt
-    rewards = tilt.reward(space.samples.texts, [space.context] * len(space)) if tilt is not None else torch.zeros(len(space), dtype=torch.float64)
+    if tilt is not None:
+        rewards = tilt.reward(space.samples.texts, [space.context] * len(space))
+    else:
+        rewards = target.score(space.samples, prior_logp=log_pi0).reward
     out = {
         "n_sequences": len(space),
         "prior_mass": mass,

@@ -11,7 +11,10 @@ Key names (namespaced):
   diversity/distinct_1, distinct_2        word n-grams;  diversity/distinct_{1,2}_tokens: token n-grams
   diversity/self_bleu
 and every N steps on enumerable spaces the exact values: kl/target_exact, kl/policy_target_exact,
-tv/target_exact, kl/prior_exact, entropy/exact, reward/exact, log_z/exact.
+tv/target_exact, kl/prior_exact, entropy/exact, reward/exact, log_z/exact. With several contexts each is
+the per-prompt conditional quantity (p*(y|x) = P(x, y)/Z(x), one ExactMetrics per context) averaged over
+the contexts (``average_over_contexts``), plus the worst context's kl/target_exact_max and
+kl/policy_target_exact_max.
 """
 
 from __future__ import annotations
@@ -91,8 +94,22 @@ def batch_metrics(
     return out
 
 
+def average_over_contexts(rows: list[dict[str, float]]) -> dict[str, float]:
+    """One row of exact metrics from one row per context: the mean over contexts of every key (so
+    kl/target_exact = mean_x KL(p*(.|x) || pi(.|x)) and log_z/exact = mean_x log Z(x)), and with more than one
+    context the largest per-context KLs, kl/target_exact_max and kl/policy_target_exact_max."""
+    out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    if len(rows) > 1:
+        for key in ("kl/target_exact", "kl/policy_target_exact"):
+            if key in rows[0]:
+                out[f"{key}_max"] = max(r[key] for r in rows)
+    return out
+
+
 class ExactMetrics:
-    """Exact metrics of a policy against p* over an enumerated space (enumerated once, with the prior)."""
+    """Exact metrics of a policy against p* over the enumerated space of one context x (enumerated once,
+    with the prior). The target is normalised over this context's sequences alone, so every value is the
+    conditional one: p*(y|x) = pi0(y|x) phi(x, y) / Z(x), log_z/exact = log Z(x), KLs between p*(.|x) and pi(.|x)."""
 
     def __init__(self, space: SequenceSpace, log_potential: torch.Tensor, rewards: torch.Tensor):
         self.space = space

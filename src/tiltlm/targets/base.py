@@ -4,6 +4,8 @@
     target.log_score(samples)   # (B,) float64 unnormalised log P(x)
     target.score(samples)       # (log pi0(x), log P(x), r(x)): all a training step needs, each computed once
 
+    Prior(pi0) * Constraint("contains:dog")   # constraint-only: pi0 conditioned on the predicate (reward = 1[holds])
+
 A *factor* is the log-potential log phi(x) beside the prior; factors multiply (their log-potentials
 add). Everything is in log space so small beta, large rewards and hard constraints (log 0 = -inf)
 never overflow.
@@ -120,7 +122,7 @@ class Scores(NamedTuple):
 
     logp_prior: torch.Tensor  # log pi0(x)
     log_target: torch.Tensor  # unnormalised log P(x) = log pi0(x) + log phi(x)
-    reward: torch.Tensor  # r(x) of the tilt (0 without one)
+    reward: torch.Tensor  # r(x) of the tilt; without one, 1[every constraint holds] (0 without constraints either)
 
 
 class Target:
@@ -133,15 +135,26 @@ class Target:
     def score(self, samples: Samples, prior_logp: torch.Tensor | None = None) -> Scores:
         """(log pi0, log P, r) of each sample: the one place a training step scores its samples. The tilt's
         reward is computed once and serves both log P and the reward column. Pass ``prior_logp`` when log pi0
-        is already known (the sampler was the prior)."""
+        is already known (the sampler was the prior).
+
+        Without a Tilt the reward column is the constraints' indicator 1[b(x) = 1 for every Constraint] (0/1),
+        so the constraint-only target p*(y|x) ∝ pi0(y|x)·b(x, y) ("the base model conditioned on being
+        right", the beta -> inf limit of a tilt times a hard constraint) gives reinforce a reward and the
+        metrics a pass rate (reward/mean, reward/exact); 0 when there are no constraints either."""
         if prior_logp is None:
             prior_logp = self.prior.log_prob(samples)
         prior_logp = prior_logp.double().cpu()
         tilt = self.tilt
         reward = rewards_of(tilt.reward, samples) if tilt is not None else torch.zeros(len(samples), dtype=torch.float64)
         log_potential = torch.zeros(len(samples), dtype=torch.float64)
+        holds = torch.ones(len(samples), dtype=torch.bool)  # every constraint satisfied
         for factor in self.factors:
-            log_potential = log_potential + (tilt.from_reward(reward) if factor is tilt else factor.log_potential(samples))
+            term = tilt.from_reward(reward) if factor is tilt else factor.log_potential(samples)
+            if isinstance(factor, Constraint):
+                holds = holds & ~torch.isneginf(term)
+            log_potential = log_potential + term
+        if tilt is None and self.constraints:
+            reward = holds.double()
         return Scores(prior_logp, prior_logp + log_potential, reward)
 
     def log_score(self, samples: Samples, prior_logp: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,6 +168,10 @@ class Target:
     @property
     def factors(self) -> tuple[Factor, ...]:
         return _factors(self.factor)
+
+    @property
+    def constraints(self) -> tuple[Constraint, ...]:
+        return tuple(f for f in self.factors if isinstance(f, Constraint))
 
     @property
     def tilt(self) -> Tilt | None:
@@ -183,3 +200,25 @@ class Target:
 def Prior(policy: Policy) -> Target:  # noqa: N802 - reads as a constructor in target algebra
     """The prior alone as a target (phi = 1); multiply factors onto it."""
     return Target(policy)
+
+
+def make_target(prior: Policy, *, reward=None, beta: float | None = None, constraints=()) -> Target:
+    """Prior(pi0) [* Tilt(reward, beta)] * Constraint(c) for each c: the target a config's ``target:`` section
+    describes (tiltlm.train.build.target_from_config).
+
+    ``reward=None`` means no tilt: with constraints that is the constraint-only target
+    p*(y|x) ∝ pi0(y|x)·1[every constraint holds] ("the base model conditioned on being right"), whose
+    Z(x) is pi0's pass rate on x; ``beta`` is then unused. dpg, gdc++, f-dpg and reinforce (reward: the
+    0/1 indicator, Target.score) train toward it; kl-pg and ppo-kl need a tilt's beta and refuse it.
+    """
+    if reward is None and not constraints:
+        raise TiltlmError("the target has neither a reward nor a constraint (p* would be the prior itself); set target.reward "
+                          "or target.constraints")
+    target = Prior(prior)
+    if reward is not None:
+        if beta is None:
+            raise TiltlmError("a reward tilts the prior by exp(r/beta); give target.beta (> 0)")
+        target = target * Tilt(reward, beta)
+    for c in constraints:
+        target = target * Constraint(c)
+    return target
