@@ -17,7 +17,7 @@ import torch
 from tiltlm.algorithms.base import Algorithm, get_algorithm
 from tiltlm.distributed.strategy import make_strategy
 from tiltlm.errors import TiltlmError
-from tiltlm.metrics.batch import step_metrics
+from tiltlm.metrics.batch import average_over_contexts, step_metrics
 from tiltlm.records import Batch
 from tiltlm.targets.base import Target
 from tiltlm.train import guards
@@ -141,9 +141,8 @@ class Trainer:
         return row
 
     def exact_metrics(self) -> dict[str, float]:
-        """Exact metrics of the current policy, averaged over contexts."""
-        rows = [e(self.policy) for e in self.exact]
-        return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+        """Exact metrics of the current policy: per-context conditional quantities averaged over contexts (+ maxima)."""
+        return average_over_contexts([e(self.policy) for e in self.exact])
 
     def _log(self, row: dict) -> None:
         if not self.strategy.writes:  # every rank has the same row; one writes it
