@@ -89,7 +89,7 @@ def make_testbed(
     n_positions: int = 64,
     seed: int = 0,
     train_steps: int = 0,
-    init_std: float = 0.5,
+    init_std: float | None = None,
     arch: str = "gpt2",
     n_kv_head: int | None = None,
     chat_template: bool = True,
@@ -98,12 +98,15 @@ def make_testbed(
 
     ``arch``: "gpt2" (EOS = BOS = PAD, then ``vocab_size - 1`` letters) or "llama" (tied embeddings,
     ``n_kv_head`` key/value heads, default ``n_head // 2``; the 5 ChatML tokens, then ``vocab_size - 5``
-    letters, and the ChatML chat template unless ``chat_template`` is False).
+    letters, and the ChatML chat template unless ``chat_template`` is False). ``init_std`` (the weights'
+    init scale) defaults to 0.5 for gpt2 and 0.1 for llama, whose unnormalised 2·n_embd-wide MLP and tied
+    head make a 0.5-scale net so sensitive that one Adam step of 1e-3 can move KL(p*||pi) by 1 nat.
     """
     if arch not in ("gpt2", "llama"):
         raise TiltlmError(f"testbed arch must be 'gpt2' or 'llama', got {arch!r}")
     if n_embd % n_head:
         raise TiltlmError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+    init_std = (0.5 if arch == "gpt2" else 0.1) if init_std is None else init_std
     if arch == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
