@@ -132,7 +132,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> dict:
     logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, local_files_only=True)
+        # the gguf package reads the file (numpy, no pickle); use_safetensors=True rules out any pickled fallback
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, local_files_only=True,
+                                                     use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - a version of transformers / gguf that cannot read it
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TiltlmError(f"cannot convert {gguf_file.name} ({first}); upgrade transformers and gguf ({SMOLLM_FIX})") from None

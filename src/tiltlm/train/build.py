@@ -19,7 +19,8 @@ def build_policies(config: TrainConfig, *, chat_template: bool | None = None) ->
     """(policy, prior) for the config; the prior's weights never require grad. ``chat_template``: contexts are
     the user's message of a chat (HFPolicy's option; None = when the tokenizer has a chat template)."""
     s = config.sampling
-    chat_template = getattr(s, "chat_template", None) if chat_template is None else chat_template  # sampling.chat_template, once the config has it
+    if chat_template is None:  # sampling.chat_template, once the config has it
+        chat_template = getattr(s, "chat_template", None)
     options = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, chat_template=chat_template)
     if config.lora is not None:
         if config.policy not in (None, config.prior):

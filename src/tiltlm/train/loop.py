@@ -185,11 +185,12 @@ class Trainer:
         guards.check_weights(self.module, self.strategy, self.step)  # never replace the last good checkpoint with a broken one
         weights, optimizer = self.strategy.full_state(self.module, self.optimizer)
         proposal = self.algorithm.proposal
-        keep_proposal = proposal is not None and proposal is not self.target.prior
+        keep_proposal = proposal is not None and proposal is not self.target.prior and self.strategy.writes
         self.run_dir.save_checkpoint(
             step=self.step, weights=weights, optimizer=optimizer,
             extra={"algorithm": self.algorithm.state_dict(), "env": self.collect.env_counts},
-            proposal=trainable_state(trainable_module(proposal), self._trainable_names()) if keep_proposal and self.strategy.writes else None,
+            # only the tensors training changes (a tied head is not stored twice; LoRA: the adapters)
+            proposal=trainable_state(trainable_module(proposal), self._trainable_names()) if keep_proposal else None,
         )
 
     def _trainable_names(self) -> set[str]:
