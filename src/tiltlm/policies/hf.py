@@ -17,16 +17,15 @@ import torch
 from tiltlm.errors import TiltlmError
 from tiltlm.policies.base import Samples, batch_rows, check_sampling_options, row_draw, seeded_draw, transform_logits
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
+from tiltlm.priors import DEFAULT_MODEL_DIR, named_prior_dir  # noqa: F401 - DEFAULT_MODEL_DIR is re-exported
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """``"default"`` is the embedded prior; anything else must be a local save_pretrained directory."""
-    if str(name_or_path) == "default":
-        path = DEFAULT_MODEL_DIR
-        if not (path / "config.json").is_file():
-            raise TiltlmError(f"the embedded default model is missing from {path}; reinstall tiltlm or run `tiltlm pretrain`")
-        return path
+    """A named prior (``"default"``, the embedded LM; ``"smollm2-135m"``, …: tiltlm.priors) or a local
+    save_pretrained directory. A name never contains a slash, so ``./smollm2-135m`` is a directory."""
+    named = named_prior_dir(str(name_or_path))
+    if named is not None:
+        return named
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise TiltlmError(f"model directory '{path}' not found; pass a directory written by save_pretrained, or 'default'")
@@ -75,6 +74,14 @@ class HFPolicy:
     Contexts are tokenised with the tokenizer's special tokens, and the BOS token is prepended when
     the tokenizer has one and did not add it (``prepend_bos``): the context of an unconditional
     sample is then just BOS.
+
+    ``chat_template`` (None = on when the tokenizer has one): a context is the user's message of a
+    one-turn chat, encoded as ``apply_chat_template([{"role": "user", "content": context}],
+    add_generation_prompt=True)`` and tokenised without adding special tokens again (the template
+    writes its own; ``prepend_bos`` is not applied), so the sample space is the assistant's reply.
+    ``Samples.contexts`` stay the raw prompts (rewards see the user's prompt). Every path that
+    encodes a context (sample, log_prob, exact enumeration, environment rollouts, vLLM) goes
+    through ``encode_context``.
     """
 
     def __init__(
@@ -88,8 +95,13 @@ class HFPolicy:
         prepend_bos: bool = True,
         chunk_size: int = 2048,
         disable_adapters: bool = False,
+        chat_template: bool | None = None,
     ):
         check_sampling_options(temperature, top_p, max_new_tokens)
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if chat_template and not has_template:
+            raise TiltlmError("chat_template is on but the tokenizer has no chat template; turn it off (false) or leave it automatic (null)")
+        self.chat_template = has_template if chat_template is None else bool(chat_template)
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = int(max_new_tokens)
@@ -136,7 +148,7 @@ class HFPolicy:
         """An independent copy (deep-copied weights, same tokenizer and sampling options)."""
         return HFPolicy(copy.deepcopy(self.model), self.tokenizer, max_new_tokens=self.max_new_tokens,
                         temperature=self.temperature, top_p=self.top_p, prepend_bos=self.prepend_bos, chunk_size=self.chunk_size,
-                        disable_adapters=self.disable_adapters)
+                        disable_adapters=self.disable_adapters, chat_template=self.chat_template)
 
     def save(self, directory: str | Path) -> Path:
         """A save_pretrained directory plain transformers can load (LoRA adapters merged into a copy)."""
@@ -154,14 +166,26 @@ class HFPolicy:
 
     # ---- contexts -------------------------------------------------------------------------
     def encode_context(self, context: str) -> list[int]:
+        """The token ids a context is sampled after (cached): the chat-templated user turn, or the text
+        with the tokenizer's special tokens and BOS (see the class docstring)."""
         if context not in self._context_cache:
+            if self.chat_template:
+                try:
+                    text = self.tokenizer.apply_chat_template([{"role": "user", "content": context}], add_generation_prompt=True,
+                                                              tokenize=False)
+                except Exception as e:  # noqa: BLE001 - a template that raises (jinja) or is malformed
+                    why = " ".join(str(e).split())[:200] or type(e).__name__
+                    raise TiltlmError(f"the tokenizer's chat template cannot render the context {context[:40]!r} ({why}); "
+                                      "fix the template or turn chat_template off") from None
+            else:
+                text = context
             try:
-                ids = list(self.tokenizer(context, add_special_tokens=True)["input_ids"]) if context else []
+                ids = list(self.tokenizer(text, add_special_tokens=not self.chat_template)["input_ids"]) if text else []
             except Exception as e:  # noqa: BLE001 - e.g. a WordLevel tokenizer without [UNK] meets an unknown character
                 why = " ".join(str(e).split())[:200] or type(e).__name__
                 raise TiltlmError(f"the tokenizer cannot encode the context {context[:40]!r} ({why}); use only text in the model's vocabulary") from None
             bos = self.tokenizer.bos_token_id
-            if self.prepend_bos and bos is not None and (not ids or ids[0] != bos):
+            if self.prepend_bos and not self.chat_template and bos is not None and (not ids or ids[0] != bos):
                 ids = [int(bos)] + ids
             if not ids:
                 raise TiltlmError("empty context and the tokenizer has no BOS token; give a non-empty context")

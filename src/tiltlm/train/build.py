@@ -15,10 +15,13 @@ from tiltlm.targets.base import Target, Tilt
 from tiltlm.train.config import TrainConfig
 
 
-def build_policies(config: TrainConfig) -> tuple[HFPolicy, HFPolicy]:
-    """(policy, prior) for the config; the prior's weights never require grad."""
+def build_policies(config: TrainConfig, *, chat_template: bool | None = None) -> tuple[HFPolicy, HFPolicy]:
+    """(policy, prior) for the config; the prior's weights never require grad. ``chat_template``: contexts are
+    the user's message of a chat (HFPolicy's option; None = when the tokenizer has a chat template)."""
     s = config.sampling
-    options = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
+    if chat_template is None:  # sampling.chat_template, once the config has it
+        chat_template = getattr(s, "chat_template", None)
+    options = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, chat_template=chat_template)
     if config.lora is not None:
         if config.policy not in (None, config.prior):
             raise TiltlmError("LoRA trains adapters on the prior itself; drop `policy:` or drop `lora:`")
@@ -47,9 +50,10 @@ def build_policies(config: TrainConfig) -> tuple[HFPolicy, HFPolicy]:
     return HFPolicy(policy_model, tokenizer, **options), HFPolicy(prior_model, tokenizer, **options)
 
 
-def build(config: TrainConfig) -> tuple[HFPolicy, Target]:
-    """(policy, target) ready for Trainer."""
-    policy, prior = build_tabular_env_policies(config) if _tabular_env(config) else build_policies(config)
+def build(config: TrainConfig, *, chat_template: bool | None = None) -> tuple[HFPolicy, Target]:
+    """(policy, target) ready for Trainer (``chat_template``: see build_policies)."""
+    policy, prior = (build_tabular_env_policies(config) if _tabular_env(config)
+                     else build_policies(config, chat_template=chat_template))
     return policy, target_from_config(config, prior)
 
 

@@ -41,10 +41,27 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """CPU copies of the module's trainable tensors, by state_dict name."""
-    names = {n for n, p in module.named_parameters() if p.requires_grad}
+def trainable_state(module: torch.nn.Module, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """CPU copies of the module's trainable tensors (or of those ``names``), by state_dict name. Tied
+    weights (an LM head sharing the input embeddings) appear once, under the name named_parameters gives."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad} if names is None else names
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items() if k in names}
+
+
+def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU contiguous tensors, each with storage of its own: safetensors refuses tensors that share memory
+    (tied weights in a full state_dict), so a tensor sharing an earlier one's storage is cloned. Loading
+    the file with load_state_dict copies both names into the one tied parameter: the tie survives."""
+    out, seen = {}, set()
+    for name, value in tensors.items():
+        value = value.detach().contiguous().cpu()
+        key = (value.untyped_storage().data_ptr(), value.device.type) if value.numel() else None
+        if key in seen:
+            value = value.clone()
+        elif key is not None:
+            seen.add(key)
+        out[name] = value
+    return out
 
 
 def save_checkpoint(
@@ -52,24 +69,29 @@ def save_checkpoint(
     extra: dict[str, Any], proposal: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``directory`` atomically for ``step``: the trainable ``weights`` (``trainable_state``), the
-    ``optimizer``'s state_dict, the RNG state, a proposal's state_dict and JSON state."""
+    ``optimizer``'s state_dict, the RNG state, a proposal's weights (its state_dict, or just the tensors
+    training changes) and JSON state. Tensors that share memory (tied weights) are stored once each."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "policy.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    save_file({"torch": torch.random.get_rng_state()}, str(tmp / "rng.safetensors"))
-    if proposal is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in proposal.items()}, str(tmp / "proposal.safetensors"))
-    # state.json is written last and lists each tensor file's size and SHA-256, so a torn or altered file never loads
-    files = {f.name: _digest(f) for f in sorted(tmp.iterdir())}
-    state = {"step": step, "optimizer": opt_meta, **extra, "has_proposal": proposal is not None, "files": files}
-    (tmp / "state.json").write_text(json.dumps(state))
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        save_file(_own_storage(weights), str(tmp / "policy.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        save_file(_own_storage(opt_tensors), str(tmp / "optimizer.safetensors"))
+        save_file({"torch": torch.random.get_rng_state()}, str(tmp / "rng.safetensors"))
+        if proposal is not None:
+            save_file(_own_storage(proposal), str(tmp / "proposal.safetensors"))
+        # state.json is written last and lists each tensor file's size and SHA-256, so a torn or altered file never loads
+        files = {f.name: _digest(f) for f in sorted(tmp.iterdir())}
+        state = {"step": step, "optimizer": opt_meta, **extra, "has_proposal": proposal is not None, "files": files}
+        (tmp / "state.json").write_text(json.dumps(state))
+        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:  # nothing half-written stays behind; the previous checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -23,6 +23,7 @@ from tiltlm.targets.base import Target
 from tiltlm.train import guards
 from tiltlm.train.build import (build_env, build_exact, build_generator, build_optimizer, build_runner, target_from_config,
                                 trainable_module)
+from tiltlm.train.checkpoint import trainable_state
 from tiltlm.train.collect import Collector
 from tiltlm.train.config import TrainConfig
 from tiltlm.train.rundir import RunDir
@@ -71,9 +72,12 @@ class Trainer:
         torch.random.set_rng_state(data["rng"])
         self.algorithm.load_state_dict(state["algorithm"])
         self.collect.env_counts = dict(state.get("env", self.collect.env_counts))
-        if "proposal" in data:
+        if "proposal" in data:  # the tensors training changes (older checkpoints: the whole state_dict); the rest are the policy's
             proposal = self.policy.copy()
-            trainable_module(proposal).load_state_dict(data["proposal"])
+            missing, unexpected = trainable_module(proposal).load_state_dict(data["proposal"], strict=False)
+            if unexpected or set(missing) & self._trainable_names():
+                raise TiltlmError(f"checkpoint '{self.run_dir.checkpoint}' has a proposal that does not match this policy; "
+                                  "resume with the same config")
             self.algorithm.proposal = proposal
         self.step = int(state["step"])
         if self.generator is not None:
@@ -181,12 +185,17 @@ class Trainer:
         guards.check_weights(self.module, self.strategy, self.step)  # never replace the last good checkpoint with a broken one
         weights, optimizer = self.strategy.full_state(self.module, self.optimizer)
         proposal = self.algorithm.proposal
-        keep_proposal = proposal is not None and proposal is not self.target.prior
+        keep_proposal = proposal is not None and proposal is not self.target.prior and self.strategy.writes
         self.run_dir.save_checkpoint(
             step=self.step, weights=weights, optimizer=optimizer,
             extra={"algorithm": self.algorithm.state_dict(), "env": self.collect.env_counts},
-            proposal=trainable_module(proposal).state_dict() if keep_proposal and self.strategy.writes else None,
+            # only the tensors training changes (a tied head is not stored twice; LoRA: the adapters)
+            proposal=trainable_state(trainable_module(proposal), self._trainable_names()) if keep_proposal else None,
         )
+
+    def _trainable_names(self) -> set[str]:
+        """state_dict names of the weights training changes (a proposal differs from the policy's start only there)."""
+        return {n for n, p in self.module.named_parameters() if p.requires_grad}
 
     def save_policy(self) -> Path | None:
         """policy/: a save_pretrained directory (HF) or the tabular table (sharded: every rank calls this)."""
