@@ -107,41 +107,9 @@ def make_testbed(
     if n_embd % n_head:
         raise TiltlmError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
     init_std = (0.5 if arch == "gpt2" else 0.1) if init_std is None else init_std
-    if arch == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        if not 2 <= vocab_size <= 27:
-            raise TiltlmError(f"testbed vocab_size must be between 2 and 27 (EOS + up to 26 letters), got {vocab_size}")
-        letters = list(string.ascii_lowercase[: vocab_size - 1])
-        tokenizer = make_tokenizer(letters)
-        config = GPT2Config(
-            vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-            bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=init_std,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
-        )
-        model_class, letter_ids, prefixes = GPT2LMHeadModel, list(range(1, vocab_size)), [[0]]
-    else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        first = len(CHAT_TOKENS)
-        if not first + 1 <= vocab_size <= first + 26:
-            raise TiltlmError(f"llama testbed vocab_size must be between {first + 1} and {first + 26} "
-                              f"({first} ChatML tokens + up to 26 letters), got {vocab_size}")
-        n_kv_head = max(1, n_head // 2) if n_kv_head is None else n_kv_head
-        if n_kv_head < 1 or n_head % n_kv_head:
-            raise TiltlmError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
-        letters = list(string.ascii_lowercase[: vocab_size - first])
-        tokenizer = make_chat_tokenizer(letters, chat_template=chat_template)
-        config = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=2 * n_embd, num_hidden_layers=n_layer,
-            num_attention_heads=n_head, num_key_value_heads=n_kv_head, max_position_embeddings=n_positions,
-            bos_token_id=1, eos_token_id=0, pad_token_id=0, initializer_range=init_std, tie_word_embeddings=True,
-        )
-        # the Markov chain is fitted after BOS and after the chat prompt of the empty context
-        chat_prefix = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False,
-                                                     chat_template=CHATML_TEMPLATE)
-        model_class, letter_ids = LlamaForCausalLM, list(range(first, vocab_size))
-        prefixes = [[1], list(tokenizer(chat_prefix, add_special_tokens=False)["input_ids"])]
+    build = _gpt2_parts if arch == "gpt2" else _llama_parts
+    model_class, config, tokenizer, letter_ids, prefixes, n_kv_head = build(vocab_size, n_layer, n_embd, n_head, n_positions, init_std,
+                                                                            n_kv_head, chat_template)
     torch_state = torch.random.get_rng_state()
     try:  # transformers initialises from the global RNG: seed it for this call only
         torch.manual_seed(seed)
@@ -161,6 +129,46 @@ def make_testbed(
     tokenizer.save_pretrained(out)
     (out / "testbed.json").write_text(json.dumps(info, indent=2))
     return out
+
+
+def _gpt2_parts(vocab_size, n_layer, n_embd, n_head, n_positions, init_std, n_kv_head, chat_template):
+    """(model class, config, tokenizer, letter ids, prefixes the chain is fitted after, kv heads) of a GPT-2 testbed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if not 2 <= vocab_size <= 27:
+        raise TiltlmError(f"testbed vocab_size must be between 2 and 27 (EOS + up to 26 letters), got {vocab_size}")
+    letters = list(string.ascii_lowercase[: vocab_size - 1])
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=init_std,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+    )
+    return GPT2LMHeadModel, config, make_tokenizer(letters), list(range(1, vocab_size)), [[0]], None
+
+
+def _llama_parts(vocab_size, n_layer, n_embd, n_head, n_positions, init_std, n_kv_head, chat_template):
+    """The same for a Llama testbed: tied embeddings, grouped-query attention, a ChatML tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    first = len(CHAT_TOKENS)
+    if not first + 1 <= vocab_size <= first + 26:
+        raise TiltlmError(f"llama testbed vocab_size must be between {first + 1} and {first + 26} "
+                          f"({first} ChatML tokens + up to 26 letters), got {vocab_size}")
+    n_kv_head = max(1, n_head // 2) if n_kv_head is None else n_kv_head
+    if n_kv_head < 1 or n_head % n_kv_head:
+        raise TiltlmError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+    letters = list(string.ascii_lowercase[: vocab_size - first])
+    tokenizer = make_chat_tokenizer(letters, chat_template=chat_template)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=2 * n_embd, num_hidden_layers=n_layer,
+        num_attention_heads=n_head, num_key_value_heads=n_kv_head, max_position_embeddings=n_positions,
+        bos_token_id=1, eos_token_id=0, pad_token_id=0, initializer_range=init_std, tie_word_embeddings=True,
+    )
+    # the Markov chain is fitted after BOS and after the chat prompt of the empty context
+    chat_prefix = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False,
+                                                 chat_template=CHATML_TEMPLATE)
+    prefixes = [[1], list(tokenizer(chat_prefix, add_special_tokens=False)["input_ids"])]
+    return LlamaForCausalLM, config, tokenizer, list(range(first, vocab_size)), prefixes, n_kv_head
 
 
 def _fit_markov(model, letter_ids: list[int], prefixes: list[list[int]], eos: int, n_positions: int, seed: int, steps: int) -> float:

@@ -44,8 +44,23 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def trainable_state(module: torch.nn.Module, names: set[str] | None = None) -> dict[str, torch.Tensor]:
     """CPU copies of the module's trainable tensors (or of those ``names``), by state_dict name. Tied
     weights (an LM head sharing the input embeddings) appear once, under the name named_parameters gives."""
-    names = {n for n, p in module.named_parameters() if p.requires_grad} if names is None else names
+    names = trainable_names(module) if names is None else names
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items() if k in names}
+
+
+def trainable_names(module: torch.nn.Module) -> set[str]:
+    """state_dict names of the weights training changes."""
+    return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+def restore_proposal(policy, tensors: dict[str, torch.Tensor], names: set[str]):
+    """An off-policy proposal from its checkpointed tensors: a copy of ``policy`` with the tensors training
+    changes (``names``) loaded (older checkpoints hold the whole state_dict; either loads). None when they
+    do not fit this policy."""
+    proposal = policy.copy()
+    module = proposal if isinstance(proposal, torch.nn.Module) else proposal.model
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    return None if unexpected or set(missing) & names else proposal
 
 
 def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

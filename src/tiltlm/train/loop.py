@@ -23,7 +23,7 @@ from tiltlm.targets.base import Target
 from tiltlm.train import guards
 from tiltlm.train.build import (build_env, build_exact, build_generator, build_optimizer, build_runner, target_from_config,
                                 trainable_module)
-from tiltlm.train.checkpoint import trainable_state
+from tiltlm.train.checkpoint import restore_proposal, trainable_names, trainable_state
 from tiltlm.train.collect import Collector
 from tiltlm.train.config import TrainConfig
 from tiltlm.train.rundir import RunDir
@@ -64,21 +64,18 @@ class Trainer:
     def _restore(self, data: dict) -> None:
         """Continue from a checkpoint: weights, optimiser, RNG, algorithm and env state, step; metrics cut back."""
         state = data["state"]
-        missing = set(data["policy"]) ^ {n for n, p in self.module.named_parameters() if p.requires_grad}
-        if missing:
-            raise TiltlmError(f"checkpoint '{self.run_dir.checkpoint}' does not match this policy ({len(missing)} tensors differ); "
+        if differ := set(data["policy"]) ^ trainable_names(self.module):
+            raise TiltlmError(f"checkpoint '{self.run_dir.checkpoint}' does not match this policy ({len(differ)} tensors differ); "
                               "resume with the same config")
         self.strategy.load_state(self.module, self.optimizer, data["policy"], data["optimizer"])
         torch.random.set_rng_state(data["rng"])
         self.algorithm.load_state_dict(state["algorithm"])
         self.collect.env_counts = dict(state.get("env", self.collect.env_counts))
-        if "proposal" in data:  # the tensors training changes (older checkpoints: the whole state_dict); the rest are the policy's
-            proposal = self.policy.copy()
-            missing, unexpected = trainable_module(proposal).load_state_dict(data["proposal"], strict=False)
-            if unexpected or set(missing) & self._trainable_names():
+        if "proposal" in data:
+            self.algorithm.proposal = restore_proposal(self.policy, data["proposal"], trainable_names(self.module))
+            if self.algorithm.proposal is None:
                 raise TiltlmError(f"checkpoint '{self.run_dir.checkpoint}' has a proposal that does not match this policy; "
                                   "resume with the same config")
-            self.algorithm.proposal = proposal
         self.step = int(state["step"])
         if self.generator is not None:
             self.generator.sync()  # the engine started from the initial weights
@@ -190,12 +187,8 @@ class Trainer:
             step=self.step, weights=weights, optimizer=optimizer,
             extra={"algorithm": self.algorithm.state_dict(), "env": self.collect.env_counts},
             # only the tensors training changes (a tied head is not stored twice; LoRA: the adapters)
-            proposal=trainable_state(trainable_module(proposal), self._trainable_names()) if keep_proposal else None,
+            proposal=trainable_state(trainable_module(proposal), trainable_names(self.module)) if keep_proposal else None,
         )
-
-    def _trainable_names(self) -> set[str]:
-        """state_dict names of the weights training changes (a proposal differs from the policy's start only there)."""
-        return {n for n, p in self.module.named_parameters() if p.requires_grad}
 
     def save_policy(self) -> Path | None:
         """policy/: a save_pretrained directory (HF) or the tabular table (sharded: every rank calls this)."""
