@@ -163,3 +163,35 @@ def test_training_logs_held_out_evaluations(tmp_path, testbed_dir):
     assert rows[0]["eval/kl_prior"] == 0.0 and set(rows[0]) == keys | {"step"}
     assert all(0 <= rows[i][k] <= 1 for i in (0, 2, 3) for k in keys - {"eval/kl_prior", "eval/distinct_correct"})
     assert rows[1]["samples/seen"] == 8  # 2 prompts × 4 samples per step
+
+
+def test_builtin_verifiers_compare_with_a_column():
+    from tiltlm.errors import TiltlmError
+    from tiltlm.rewards import available_rewards, get_reward
+    from tiltlm.rewards.builtin import final_answer, parse_number
+
+    assert {"exact_match[:<column>]", "numeric_match[:<column>]", "math_verify[:<column>]", "reasoning_gym"} <= set(available_rewards())
+    assert [final_answer(t) for t in ["so \\boxed{\\frac{1}{2}}.", "work\n#### 42", "The answer is 7.", "<answer> B </answer>", "x\n\n  y  \n"]] == [
+        "\\frac{1}{2}", "42", "7", "B", "y"]
+    assert [parse_number(t) for t in ["1,234.5 apples", "\\boxed{-3/4} not 9", "about 1e-3", "none"]] == [1234.5, -0.75, 0.001, None]
+    texts = ["The answer is Paris.", "paris", "\\boxed{Lyon}", "Rome"]
+    exact = get_reward("exact_match")
+    assert exact(texts, None, {"answer": ["Paris", "Paris", "Lyon", "Paris"]}).tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert get_reward("exact_match:city")(["x\nParis"], None, {"city": ["paris"], "answer": ["no"]}).tolist() == [1.0]
+    numeric = get_reward("numeric_match")
+    assert numeric(["it is 0.5", "x = 2", "#### 1,000", "\\boxed{3} then 4", "no number"], None,
+                   {"answer": ["1/2", 3, "1000", "3.0000000001", "0"]}).tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
+    with pytest.raises(TiltlmError, match=r"reward 'exact_match:answer' compares with the column 'answer', but the samples carry no "
+                                          r"data columns; add that column"):
+        exact(["x"])
+    with pytest.raises(TiltlmError, match="the samples' data columns are: solution"):
+        numeric(["1"], None, {"solution": ["1"]})
+    with pytest.raises(TiltlmError, match="needs an argument; write exact_match\\[:<column>\\]"):
+        get_reward("exact_match:")
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:
+        with pytest.raises(TiltlmError, match="needs the package math-verify; pip install math-verify"):
+            get_reward("math_verify")
+    else:
+        assert get_reward("math_verify")(["$\\frac{1}{2}$", "$0.3$"], None, {"answer": ["0.5", "1/2"]}).tolist() == [1.0, 0.0]
