@@ -195,3 +195,13 @@ def test_builtin_verifiers_compare_with_a_column():
             get_reward("math_verify")
     else:
         assert get_reward("math_verify")(["$\\frac{1}{2}$", "$0.3$"], None, {"answer": ["0.5", "1/2"]}).tolist() == [1.0, 0.0]
+
+
+def test_a_reward_built_by_hand_without_keywords_still_scores_rows():
+    from tiltlm.rewards import Reward
+
+    seen = []
+    by_hand = Reward("by-hand", lambda texts, contexts: seen.append(contexts) or [1.0] * len(texts))
+    assert by_hand(["a", "b"], ["p", "q"], {"answer": ["a", "c"]}).tolist() == [1.0, 1.0] and seen == [["p", "q"]]
+    with_rows = Reward("rows", lambda texts, contexts, answer=(), **kw: [float(t == a) for t, a in zip(texts, answer)])
+    assert with_rows(["a", "b"], None, {"answer": ["a", "c"], "id": [1, 2]}).tolist() == [1.0, 0.0]

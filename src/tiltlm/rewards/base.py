@@ -76,7 +76,7 @@ class Reward:
         if not texts:
             return torch.zeros(0, dtype=torch.float64)
         try:
-            values = self.fn(texts, contexts, **columns) if columns else self.fn(texts, contexts)
+            values = self.fn(texts, contexts, **columns) if columns and _takes_keywords(self.fn) else self.fn(texts, contexts)
         except TiltlmError:
             raise
         except Exception as e:
@@ -129,6 +129,14 @@ def _to_tensor(name: str, values: Any, n: int) -> torch.Tensor:
             )
         out.append(v)
     return torch.tensor(out, dtype=torch.float64)
+
+
+def _takes_keywords(fn: Callable) -> bool:
+    """Whether a scorer accepts the rows' columns (``**columns``); a Reward built by hand as fn(texts, contexts) does not."""
+    try:
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
 
 
 def _as_str_list(texts: Sequence[str], what: str) -> list[str]:
