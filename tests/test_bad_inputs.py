@@ -110,6 +110,20 @@ def _set(key: str, value):
     return edit
 
 
+def _data(name: str, content: str | None, **section):
+    """A data: section over the file ``name``, written with ``content`` beside the catalogue's models (None: absent)."""
+    def edit(cfg, ctx):
+        path = ctx.root / name
+        if content is not None:
+            path.write_text(content)
+        cfg["data"] = {"path": str(path), **section}
+    return edit
+
+
+def _both(*edits):
+    return lambda cfg, ctx: [e(cfg, ctx) for e in edits] and None
+
+
 def _raw(text: str):
     """Replace the whole config file by this text."""
     return lambda cfg, ctx: text
@@ -192,6 +206,14 @@ CATALOGUE = {
     "out-is-a-file": (None, [], ["is a file, not a directory"]),
     "resume-without-a-run": (None, ["--resume"], ["no checkpoint in", "run without --resume"]),
     "resume-corrupt-checkpoint": (None, ["--resume"], ["is unreadable", "--resume restarts the run from step 0"]),
+    "data-file-missing": (_data("nope.jsonl", None), [], ["data file '", "nope.jsonl' not found", "JSONL, CSV or Parquet"]),
+    "data-file-empty": (_data("empty.jsonl", "\n"), [], ["empty.jsonl' has no rows", "add prompts"]),
+    "data-column-missing": (_data("q.jsonl", '{"question": "ab", "answer": "a"}\n'), [], ["has no column 'prompt'; its columns: question, answer", "data.prompt_column"]),
+    "data-prompt-not-text": (_data("n.jsonl", '{"prompt": "ab"}\n{"prompt": 5}\n'), [], ["n.jsonl' line 2: the prompt in 'prompt' is int, not text"]),
+    "data-jsonl-malformed": (_data("m.jsonl", '{"prompt": "ab"}\n{"prompt": "b"\n'), [], ["m.jsonl' line 2 is not valid JSON", "fix that line"]),
+    "data-format-unknown": (_data("p.txt", "ab\n"), [], ["unknown data format '.txt'", "set data.format"]),
+    "data-with-contexts": (_both(_data("ok.jsonl", '{"prompt": "ab"}\n'), _set("sampling.contexts", ["a"])), [], ["sets both 'data' and 'sampling.contexts'", "drop sampling.contexts"]),
+    "eval-without-split": (_both(_data("ok.jsonl", '{"prompt": "ab"}\n'), _set("eval", {"n": 4})), [], ["'eval' evaluates on held-out prompts", "set data.eval_size or data.eval_fraction"]),
 }
 
 
@@ -230,7 +252,7 @@ def test_bad_input_ends_in_one_line_and_exit_2(row, ctx, tmp_path, monkeypatch, 
 
 def test_catalogue_size():
     """docs/reliability.md quotes this number; keep the two in step."""
-    assert len(CATALOGUE) == 51
+    assert len(CATALOGUE) == 59
     doc = (Path(__file__).resolve().parent.parent / "docs" / "reliability.md").read_text()
     for row in CATALOGUE:
         assert f"`{row}`" in doc, f"row {row} is missing from docs/reliability.md"

@@ -197,6 +197,53 @@ def sample(
     console.print(table)
 
 
+@app.command(name="eval")
+def eval_(
+    model: str = typer.Option(..., help="The policy: 'default' (embedded) or a save_pretrained directory."),
+    data: Path = typer.Option(..., help="Prompts: a .jsonl / .csv / .parquet file or a datasets.save_to_disk directory."),
+    reward: str = typer.Option(..., help="Reward spec (any that train accepts); a file.py:function gets the rows' other columns as keyword lists."),
+    n: int = typer.Option(8, "-n", help="Completions per prompt (pass@k for k = 1, 2, 4, … and N)."),
+    seed: int = typer.Option(0),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(1.0),
+    prompt_column: str = typer.Option("prompt", help="The column holding the prompts (text or chat messages)."),
+    prior: Optional[str] = typer.Option(None, help="Also estimate KL(pi||pi0) against this prior (a model directory)."),
+    chat: bool = typer.Option(False, "--chat", help="Render each prompt with the tokenizer's chat template."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Sample N completions per held-out prompt and report mean reward, pass@k and distinct correct answers."""
+    import inspect
+
+    from tiltlm.data import load_prompts
+    from tiltlm.evaluate import evaluate
+    from tiltlm.policies import HFPolicy
+    from tiltlm.rewards import get_reward
+
+    if n < 1:
+        raise TiltlmError(f"-n must be >= 1 (got {n}); pass@k needs at least one completion per prompt")
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature)
+    if chat:
+        if "chat_template" not in inspect.signature(HFPolicy.__init__).parameters:
+            raise TiltlmError("--chat needs HFPolicy's chat_template option, which this version of tiltlm lacks; "
+                              "drop --chat and write the prompts already formatted")
+        options["chat_template"] = True
+    _quiet_transformers()
+    prompts = load_prompts(data, prompt_column=prompt_column)
+    scorer = get_reward(reward)
+    policy = HFPolicy.from_pretrained(model, **options)
+    pi0 = HFPolicy.from_pretrained(prior, **options) if prior else None
+    result = evaluate(policy, prompts, scorer, n=n, seed=seed, prior=pi0).to_json()
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table("quantity", "value", title=f"{model} on {data} ({result['n_prompts']} prompts × {n}), r = {reward}")
+    for key in ("n_prompts", "n_samples", "mean_reward", "distinct_correct", *(["kl_prior"] if pi0 else [])):
+        table.add_row(key, _fmt(result[key]))
+    for k, v in result["pass_at_k"].items():
+        table.add_row(f"pass@{k}", _fmt(v))
+    console.print(table)
+
+
 @app.command()
 def exact(
     prior: str = typer.Option(..., help="Prior: a small-vocabulary save_pretrained directory."),

@@ -63,6 +63,8 @@ class Samples:
     # the interactive case (tiltlm.envs): the turn of each token (-1 on padding) and each episode's record
     turn: torch.Tensor | None = tokens(-1, None)  # (B, T) long
     trajectories: list | None = rows(None)  # (B,) tiltlm.envs.Trajectory
+    # a prompt dataset's other columns (tiltlm.data): name -> one value per entry of ``contexts``; rewards get them per row
+    columns: dict[str, list] | None = shared(None)
 
     @property
     def env_return(self) -> torch.Tensor:

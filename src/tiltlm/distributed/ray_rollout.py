@@ -120,8 +120,8 @@ class _RewardWorker:
 
         self.reward = get_reward(spec)
 
-    def score(self, texts, contexts):
-        return self.reward(texts, contexts)
+    def score(self, texts, contexts, columns=None):
+        return self.reward(texts, contexts, columns)
 
 
 def ray_reward(spec, *, num_workers: int = 2, address: str | None = None, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0):
@@ -135,10 +135,10 @@ def ray_reward(spec, *, num_workers: int = 2, address: str | None = None, cpus_p
     actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_RewardWorker)
     workers = [actor.remote(spec) for _ in range(num_workers)]
 
-    def score(texts: list[str], contexts: list[str] | None):
+    def score(texts: list[str], contexts: list[str] | None, **columns):
         n = len(texts)
         cuts = [k * n // len(workers) for k in range(len(workers) + 1)]
-        refs = [w.score.remote(texts[a:b], None if contexts is None else contexts[a:b])
+        refs = [w.score.remote(texts[a:b], None if contexts is None else contexts[a:b], {k: v[a:b] for k, v in columns.items()})
                 for w, a, b in zip(workers, cuts, cuts[1:]) if b > a]
         return [float(v) for part in ray.get(refs) for v in part.tolist()]
 

@@ -9,6 +9,10 @@ A reward r(x) scores generated texts; a target tilts the prior by it, p*(x) ∝ 
 - any Python callable ``f(texts, **kwargs) -> list[float]``, including TRL reward functions
   ``f(completions, **kwargs)`` and ``f(prompts, completions, **kwargs)`` unchanged.
 
+Samples drawn after the prompts of a dataset (tiltlm.data) carry the rows' other columns; a reward is then
+called with them as keyword lists, one value per text, TRL's convention ``f(prompts, completions, **columns)``
+(``def accuracy(completions, answer, **kwargs)`` gets the ``answer`` column).
+
 exp(r/beta) multiplies probabilities, so a single NaN or a result of the wrong length would quietly
 corrupt a whole run. That is why `Reward.__call__` checks every result and raises a one-line
 `TiltlmError` that names the reward and the fix.
@@ -34,6 +38,9 @@ from tiltlm.registry import describe as _describe
 
 Scorer = Callable[[list[str]], Sequence[float]]
 """What a built-in factory returns: texts -> one number per text (checked by `Reward`)."""
+RowScorer = Callable[[list[str], "list[str] | None", "dict[str, list]"], Sequence[float]]
+"""What a built-in registered with ``row=True`` returns: (texts, prompts, the rows' columns) -> one number per text."""
+_RESERVED = ("prompts", "completions")  # keywords a reward gets from tiltlm itself, never from a data column
 
 _CALLABLE_FORMS = ("<module>:<function>", "<file.py>:<function>")
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
@@ -43,26 +50,33 @@ _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 class Reward:
     """A named batched reward r(x). Calling it returns a checked float64 tensor of shape (B,).
 
-    Build one with `get_reward`. ``fn(texts, contexts)`` is the unchecked scorer; contexts are the
-    prompts the texts continue, or None for unconditional samples.
+    Build one with `get_reward`. ``fn(texts, contexts, **columns)`` is the unchecked scorer; contexts are
+    the prompts the texts continue, or None for unconditional samples; columns (only when the samples
+    carry data rows) are the rows' other columns, one value per text.
     """
 
     name: str
     """The spec string (``"contains:dog"``) or the callable's qualified name (``"mymod:f"``)."""
-    fn: Callable[[list[str], list[str] | None], Any] = field(repr=False)
-    """Unchecked scorer: (texts, contexts or None) -> one number per text, in any sequence type."""
+    fn: Callable[..., Any] = field(repr=False)
+    """Unchecked scorer: (texts, contexts or None, **columns) -> one number per text, in any sequence type."""
 
-    def __call__(self, texts: Sequence[str], contexts: Sequence[str] | None = None) -> torch.Tensor:
-        """Score `texts` (B,) given their prompts `contexts` (B,) or None; returns float64 (B,)."""
+    def __call__(self, texts: Sequence[str], contexts: Sequence[str] | None = None,
+                 columns: Mapping[str, Sequence] | None = None) -> torch.Tensor:
+        """Score `texts` (B,) given their prompts `contexts` (B,) or None and their data rows' other
+        `columns` (name -> B values) or None; returns float64 (B,)."""
         texts = _as_str_list(texts, "texts")
         if contexts is not None:
             contexts = _as_str_list(contexts, "contexts")
             if len(contexts) != len(texts):
                 raise ValueError(f"got {len(texts)} texts but {len(contexts)} contexts")
+        columns = {k: list(v) for k, v in (columns or {}).items()}
+        for k, v in columns.items():
+            if len(v) != len(texts):
+                raise ValueError(f"got {len(texts)} texts but {len(v)} values of column {k!r}")
         if not texts:
             return torch.zeros(0, dtype=torch.float64)
         try:
-            values = self.fn(texts, contexts)
+            values = self.fn(texts, contexts, **columns) if columns and _takes_keywords(self.fn) else self.fn(texts, contexts)
         except TiltlmError:
             raise
         except Exception as e:
@@ -117,6 +131,14 @@ def _to_tensor(name: str, values: Any, n: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
+def _takes_keywords(fn: Callable) -> bool:
+    """Whether a scorer accepts the rows' columns (``**columns``); a Reward built by hand as fn(texts, contexts) does not."""
+    try:
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+
+
 def _as_str_list(texts: Sequence[str], what: str) -> list[str]:
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise TypeError(f"{what} must be a list of strings")
@@ -132,45 +154,54 @@ def _callable_name(fn: Callable) -> str:
     return f"{module}:{qualname}" if module else qualname
 
 
-def _adapt(fn: Callable, name: str) -> Callable[[list[str], list[str] | None], Any]:
+def _adapt(fn: Callable, name: str) -> Callable[..., Any]:
     """Call `fn` the way its signature asks: TRL style by keyword, otherwise texts positionally.
 
     TRL calls ``reward_func(prompts=..., completions=..., **kwargs)``, so a function with a parameter
     named ``completions`` gets the texts as ``completions=``; any other function gets them as its
     first positional argument. ``prompts=`` is passed only when the function accepts it (by name or
     through ``**kwargs``); an unconditional sample's prompt is the empty string, so TRL functions that
-    zip prompts with completions work unchanged.
+    zip prompts with completions work unchanged. A data row's other columns (``answer=[...]``) are
+    passed by keyword to a function that names them or takes ``**kwargs``; a required parameter that
+    is neither the texts nor ``prompts`` is a column the samples must carry.
     """
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some C callables have no signature: just pass the texts
-        return lambda texts, contexts: fn(texts)
+        return lambda texts, contexts, **columns: fn(texts)
     params = signature.parameters
     by_name = {p.name for p in params.values() if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
-    takes_prompts = "prompts" in by_name or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
-    )
+    var_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    takes_prompts = "prompts" in by_name or var_keyword
     trl_style = "completions" in by_name
 
-    def arguments(texts: list[str], contexts: list[str] | None) -> tuple[tuple, dict]:
-        kwargs: dict[str, Any] = {}
+    def arguments(texts: list[str], contexts: list[str] | None, columns: dict) -> tuple[tuple, dict]:
+        kwargs: dict[str, Any] = {k: v for k, v in columns.items() if k not in _RESERVED and (var_keyword or k in by_name)}
         if takes_prompts:
             kwargs["prompts"] = contexts if contexts is not None else [""] * len(texts)
         if trl_style:
-            return (), {"completions": texts, **kwargs}
+            return (), {**kwargs, "completions": texts}
         return (texts,), kwargs
 
-    args, kwargs = arguments([""], None)
+    args, kwargs = arguments([""], None, {})
     try:  # fail when the reward is built, not in the middle of a run
-        signature.bind(*args, **kwargs)
+        bound = signature.bind_partial(*args, **kwargs)
+        required = [p.name for p in params.values() if p.name not in bound.arguments and p.default is inspect.Parameter.empty
+                    and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        signature.bind(*args, **kwargs, **dict.fromkeys(required))  # the rest must be columns the data brings
     except TypeError as e:
         raise TiltlmError(
             f"reward {name!r} cannot be called with a list of texts ({e}); "
             "write it as def f(texts, **kwargs) -> list[float] or TRL-style def f(completions, **kwargs)"
         ) from e
 
-    def call(texts: list[str], contexts: list[str] | None) -> Any:
-        args, kwargs = arguments(texts, contexts)
+    def call(texts: list[str], contexts: list[str] | None, **columns) -> Any:
+        missing = [c for c in required if c not in columns]
+        if missing:
+            have = f"the samples' data columns are: {', '.join(columns)}" if columns else "the samples carry no data columns"
+            raise TiltlmError(f"reward {name!r} takes {', '.join(map(repr, missing))}, but {have}; add that column to the "
+                              "prompt data (data: in the config, --data for tiltlm eval) or give the parameter a default")
+        args, kwargs = arguments(texts, contexts, columns)
         return fn(*args, **kwargs)
 
     return call
@@ -182,13 +213,16 @@ def _adapt(fn: Callable, name: str) -> Callable[[list[str], list[str] | None], A
 @dataclass(frozen=True)
 class _Entry:
     name: str
-    takes_argument: bool
+    takes_argument: bool | str  # True, False or "optional"
     help: str
     metavar: str
     factory: Callable[..., Scorer]
+    row: bool = False  # the factory returns a RowScorer: it reads the data rows' columns
 
     @property
     def usage(self) -> str:
+        if self.takes_argument == "optional":
+            return f"{self.name}[:<{self.metavar}>]"
         return f"{self.name}:<{self.metavar}>" if self.takes_argument else self.name
 
 
@@ -196,20 +230,22 @@ _REGISTRY: Registry[_Entry] = Registry("reward")
 
 
 def register_reward(
-    name: str, takes_argument: bool, help: str, *, metavar: str = "text"
+    name: str, takes_argument: bool | str, help: str, *, metavar: str = "text", row: bool = False
 ) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
     """Decorator adding a built-in reward to the registry under `name`.
 
     The decorated factory receives the spec's argument (``"dog"`` in ``"contains:dog"``) when
-    `takes_argument`, nothing otherwise, and returns a `Scorer` (texts -> one float per text). It
-    runs when the reward is built, so it should reject a bad argument with a `TiltlmError` and leave
-    loading models to the first call. `metavar` names the argument in `available_rewards`.
+    `takes_argument`, nothing otherwise (``"optional"``: the argument when the spec has one), and
+    returns a `Scorer` (texts -> one float per text), or with ``row=True`` a `RowScorer` (texts,
+    prompts, the data rows' columns -> one float per text: a verifier comparing with an ``answer``
+    column). It runs when the reward is built, so it should reject a bad argument with a `TiltlmError`
+    and leave loading models to the first call. `metavar` names the argument in `available_rewards`.
     """
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
         raise ValueError(f"reward name {name!r} must be lower-case letters, digits, '_' or '-'")
 
     def decorator(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
-        _REGISTRY.register(name, _Entry(name, takes_argument, help, metavar, factory))
+        _REGISTRY.register(name, _Entry(name, takes_argument, help, metavar, factory, row))
         return factory
 
     return decorator
@@ -262,12 +298,14 @@ def _from_spec(spec: str) -> Reward:
 
 
 def _from_entry(entry: _Entry, spec: str, colon: str, argument: str) -> Reward:
-    if entry.takes_argument and not argument:
+    if entry.takes_argument and not argument and (colon or entry.takes_argument is True):
         raise TiltlmError(f"reward {spec!r} needs an argument; write {entry.usage} ({entry.help})")
     if not entry.takes_argument and colon:
         raise TiltlmError(f"reward {entry.name!r} takes no argument, got {spec!r}; write {entry.name}")
-    scorer = entry.factory(argument) if entry.takes_argument else entry.factory()
-    return Reward(spec, lambda texts, contexts: scorer(texts))
+    scorer = entry.factory(argument) if entry.takes_argument and argument else entry.factory()
+    if entry.row:
+        return Reward(spec, lambda texts, contexts, **columns: scorer(texts, contexts, columns))
+    return Reward(spec, lambda texts, contexts, **columns: scorer(texts))
 
 
 def _unknown(spec: str, head: str, note: str = "") -> str:

@@ -1,16 +1,22 @@
-"""Built-in text rewards: substring counts, regular expressions, lengths.
+"""Built-in text rewards: substring counts, regular expressions, lengths, and verifiers.
 
 Each is a factory registered under its spec name: it receives the spec's argument and returns a
 scorer texts -> list[float]. They are deterministic and cheap, so they double as the rewards whose
 values (and hence whose tilted targets) can be worked out by hand in tests and toy experiments.
+
+The verifiers (``exact_match``, ``numeric_match``, ``math_verify``, ``reasoning_gym``) score 1.0 or 0.0
+against a column of the prompt data's rows (``answer`` unless the spec names another), so they need
+samples drawn after a dataset's prompts (tiltlm.data).
 """
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 
 from tiltlm.errors import TiltlmError
-from tiltlm.rewards.base import Scorer, register_reward
+from tiltlm.rewards.base import RowScorer, Scorer, register_reward
 
 
 @register_reward("count", takes_argument=True, help="number of non-overlapping occurrences of <text> (case-sensitive)")
@@ -57,5 +63,139 @@ def env_return() -> Scorer:
 
     def scorer(texts):
         raise TiltlmError("reward 'env' reads environment returns, but these samples are plain texts; add an env: section or pick a text reward")
+
+    return scorer
+
+
+# ---- verifiers: compare a completion's final answer with a column of its prompt's row -----------------
+
+
+def final_answer(text: str) -> str:
+    """The answer a completion ends with: the last ``\\boxed{…}``, else the last ``<answer>…</answer>``, else what
+    follows the last ``####`` (GSM8K) or ``answer is`` / ``answer:``, else the last non-empty line; stripped of
+    spaces, ``$`` and a final period."""
+    text = str(text)
+    boxed = last_boxed(text)
+    if boxed is not None:
+        found = boxed
+    elif (tags := re.findall(r"<answer>(.*?)</answer>", text, re.S)):
+        found = tags[-1]
+    elif "####" in text:
+        found = text.rsplit("####", 1)[1]
+    elif (said := re.findall(r"answer(?: is|:)\s*(.+)", text, re.I)):
+        found = said[-1]
+    else:
+        lines = [line for line in text.splitlines() if line.strip()]
+        found = lines[-1] if lines else ""
+    return found.strip().strip("$").strip().rstrip(".").strip()
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{…}`` (nested braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+
+
+def parse_number(text: str) -> float | None:
+    """The last number in ``text`` (the ``\\boxed{}`` content when there is one): integers, decimals, ``1,234``,
+    ``3/4``, ``1e-3``; None when there is none."""
+    text = str(text)
+    boxed = last_boxed(text)
+    found = _NUMBER.findall(boxed if boxed is not None else text)
+    if not found:
+        return None
+    number = found[-1].replace(",", "").replace(" ", "")
+    try:
+        return float(Fraction(number)) if "/" in number and "e" not in number.lower() else float(number)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _normalise(answer: str) -> str:
+    return " ".join(str(answer).split()).casefold()
+
+
+def _column(spec: str, columns: dict, name: str) -> list:
+    if name not in columns:
+        have = f"the samples' data columns are: {', '.join(columns)}" if columns else "the samples carry no data columns"
+        raise TiltlmError(f"reward {spec!r} compares with the column {name!r}, but {have}; add that column to the prompt data "
+                          f"or write {spec.split(':')[0]}:<column>")
+    return columns[name]
+
+
+@register_reward("exact_match", takes_argument="optional", metavar="column", row=True,
+                 help="1 if the completion's final answer (\\boxed{}, <answer>, ####, last line) equals the row's <column> (default answer), else 0")
+def exact_match(column: str = "answer") -> RowScorer:
+    """r = 1[final_answer(x) == final_answer(row[column])], compared after collapsing whitespace and case."""
+    spec = f"exact_match:{column}"
+    return lambda texts, prompts, columns: [
+        float(_normalise(final_answer(t)) == _normalise(final_answer(a))) for t, a in zip(texts, _column(spec, columns, column))
+    ]
+
+
+@register_reward("numeric_match", takes_argument="optional", metavar="column", row=True,
+                 help="1 if the completion's last number (or \\boxed{} content) equals the row's <column> (default answer) within 1e-6 relative, else 0")
+def numeric_match(column: str = "answer") -> RowScorer:
+    """r = 1[|a - b| <= 1e-6 · max(1, |b|)] for a the completion's last number (``\\boxed{}`` first) and b the row's."""
+    spec = f"numeric_match:{column}"
+
+    def same(text: str, gold) -> float:
+        a, b = parse_number(text), (float(gold) if isinstance(gold, (int, float)) and not isinstance(gold, bool) else parse_number(str(gold)))
+        return float(a is not None and b is not None and math.isfinite(a) and abs(a - b) <= 1e-6 * max(1.0, abs(b)))
+
+    return lambda texts, prompts, columns: [same(t, g) for t, g in zip(texts, _column(spec, columns, column))]
+
+
+@register_reward("math_verify", takes_argument="optional", metavar="column", row=True,
+                 help="1 if Hugging Face math-verify finds the completion equal to the row's <column> (default answer); needs math-verify")
+def math_verify(column: str = "answer") -> RowScorer:
+    """math_verify.verify(parse(row[column]), parse(x)): LaTeX and symbolic equivalence (package math-verify)."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise TiltlmError("reward 'math_verify' needs the package math-verify; pip install math-verify (or use numeric_match)") from None
+    spec = f"math_verify:{column}"
+
+    def one(text: str, gold) -> float:
+        gold = str(gold)
+        return float(bool(verify(parse(gold if "$" in gold or "\\" in gold else f"${gold}$"), parse(text))))
+
+    return lambda texts, prompts, columns: [one(t, g) for t, g in zip(texts, _column(spec, columns, column))]
+
+
+@register_reward("reasoning_gym", takes_argument=False, row=True,
+                 help="the score_answer of the reasoning-gym task a row came from (data: {reasoning_gym: …}); needs reasoning-gym")
+def reasoning_gym_score() -> RowScorer:
+    """score_answer(answer, entry) of the row's task (its ``metadata.source_dataset``); the answer is the
+    completion's last ``<answer>…</answer>``, else its `final_answer`."""
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise TiltlmError("reward 'reasoning_gym' needs the package reasoning-gym; pip install reasoning-gym") from None
+    scorers: dict = {}
+
+    def scorer(texts, prompts, columns):
+        metadata, answers = _column("reasoning_gym", columns, "metadata"), _column("reasoning_gym", columns, "answer")
+        out = []
+        for i, text in enumerate(texts):
+            task = (metadata[i] or {}).get("source_dataset") if isinstance(metadata[i], dict) else None
+            if task is None:
+                raise TiltlmError("reward 'reasoning_gym' scores rows made by data: {reasoning_gym: …} (their metadata names "
+                                  "the task); these rows have none")
+            if task not in scorers:
+                scorers[task] = reasoning_gym.get_score_answer_fn(task)
+            entry = {"question": prompts[i] if prompts else "", "answer": answers[i], "metadata": metadata[i]}
+            out.append(float(scorers[task](final_answer(text), entry)))
+        return out
 
     return scorer

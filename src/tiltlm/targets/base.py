@@ -30,11 +30,13 @@ def _as_reward(spec):
 
 def rewards_of(reward, samples: Samples) -> torch.Tensor:
     """r(x) for each sample, (B,) float64. The reward ``env`` is the return R(tau) of an environment
-    rollout (the sum of its per-turn rewards); any other reward scores the policy's text."""
+    rollout (the sum of its per-turn rewards); any other reward scores the policy's text, given its prompt
+    and, for samples of a prompt dataset, its row's other columns (one value per sample)."""
     if reward.name == "env":
         return samples.env_return
-    contexts = [samples.contexts[g] for g in samples.group.tolist()]
-    return reward(samples.texts, contexts)
+    group = samples.group.tolist()
+    columns = {k: [v[g] for g in group] for k, v in (getattr(samples, "columns", None) or {}).items()}
+    return reward(samples.texts, [samples.contexts[g] for g in group], columns)
 
 
 class Factor:

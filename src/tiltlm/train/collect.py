@@ -1,7 +1,8 @@
 """One step's data: sample (or roll out) -> score with the target -> gather -> Batch.
 
 Randomness: step t draws with seed ``seed * 1_000_003 + t`` (``step_seed``), so a resumed run draws exactly
-what the uninterrupted run would have drawn. Data parallel: each rank draws and scores only its rows of the
+what the uninterrupted run would have drawn — with a prompt dataset (``data:``, tiltlm.data) that includes the
+step's ``prompts_per_step`` prompts, whose rows' other columns travel with the samples to the reward. Data parallel: each rank draws and scores only its rows of the
 global batch (``strategy.rows``), each exactly as one process would, and ``strategy.gather`` hands every rank
 the whole Batch (tiltlm.distributed.strategy).
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from tiltlm.data import load_data
 from tiltlm.envs import rollout
 from tiltlm.errors import TiltlmError
+from tiltlm.evaluate import build_evaluator
 from tiltlm.records import Batch
 from tiltlm.targets.base import Target
 from tiltlm.train.config import TrainConfig
@@ -28,6 +31,8 @@ class Collector:
         self.config, self.policy, self.target, self.algorithm = config, policy, target, algorithm
         self.strategy, self.env, self.runner, self.generator = strategy, env, runner, generator
         self.env_counts = {"episodes": 0, "failures": 0}
+        self.data, self.eval_data = load_data(config.data) if config.data is not None else (None, None)
+        self.evaluator = build_evaluator(config, self.eval_data, target, active=strategy.joins_io)  # held-out pass@k (tiltlm.evaluate)
 
     def sampler(self):
         """Whom this step samples from: the policy (or the vLLM engine drawing for it) on-policy, else the
@@ -42,9 +47,12 @@ class Collector:
             samples = self._rollout(sampler, step)
         else:
             s = self.config.sampling
-            rows = self.strategy.rows(len(s.contexts) * s.n_per_context)
-            samples = sampler.sample(list(s.contexts), s.n_per_context, seed=step_seed(self.config, step),
+            prompts = self.data.draw(self.config.data.prompts_per_step, step_seed(self.config, step)) if self.data else None
+            contexts = prompts.prompts if prompts is not None else list(s.contexts)
+            rows = self.strategy.rows(len(contexts) * s.n_per_context)
+            samples = sampler.sample(contexts, s.n_per_context, seed=step_seed(self.config, step),
                                      **({} if rows is None else {"rows": rows}))
+            samples.columns = prompts.columns if prompts is not None else None
         logq = samples.logp.double()
         is_prior = sampler is self.target.prior
         token_logp_prior = None

@@ -119,6 +119,46 @@ class DistributedConfig(_Strict):
                                                           "keeps them until the backward, so decoding gathers once, not per token")
 
 
+class ReasoningGymConfig(_Strict):
+    task: str = Field(..., description="a reasoning-gym task name, e.g. basic_arithmetic (offline, procedural)")
+    size: int = Field(200, ge=1, description="problems generated")
+    seed: int = Field(0, description="the generator's seed")
+    config: dict[str, Any] = Field(default_factory=dict, description="the task's own options, e.g. {min_terms: 2}")
+
+
+class DataConfig(_Strict):
+    """A prompt dataset (tiltlm.data): each step samples n_per_context completions after each of
+    ``prompts_per_step`` prompts drawn by the step's seed; the rows' other columns reach the reward."""
+
+    path: str | None = Field(None, description="a .jsonl / .csv / .parquet file or a datasets.save_to_disk directory")
+    prompt_column: str = Field("prompt", description="the column holding the prompts (text or chat messages)")
+    format: Literal["auto", "jsonl", "csv", "parquet", "hf"] = Field("auto", description="auto: by suffix / directory contents")
+    split: str | None = Field(None, description="which split of a saved DatasetDict (default: train)")
+    reasoning_gym: ReasoningGymConfig | None = Field(None, description="generate a reasoning-gym task instead of reading a file")
+    prompts_per_step: int | None = Field(None, ge=1, description="prompts per step, drawn by the step's seed; null = every prompt")
+    eval_size: int | None = Field(None, ge=1, description="rows held out for evaluation (eval:)")
+    eval_fraction: float | None = Field(None, gt=0, lt=1, description="fraction of rows held out (instead of eval_size)")
+    split_seed: int = Field(0, description="seed of the train/eval split")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if (self.path is None) == (self.reasoning_gym is None):
+            raise ValueError("give data.path (a prompt file) or data.reasoning_gym (a task), exactly one")
+        if self.eval_size is not None and self.eval_fraction is not None:
+            raise ValueError("give data.eval_size or data.eval_fraction, not both")
+        return self
+
+
+class EvalConfig(_Strict):
+    """Evaluation on the data's held-out prompts (tiltlm.evaluate): pass@k, reward, distinct correct answers
+    and KL(pi‖pi0), logged as eval/… rows; pi0 at step 0 for comparison."""
+
+    every: int = Field(0, ge=0, description="evaluate every N steps (0: only at step 0 and at the end)")
+    n: int = Field(8, ge=1, description="completions per held-out prompt (pass@k for k = 1, 2, 4, … up to n)")
+    seed: int | None = Field(None, description="sampling seed, the same at every evaluation; null = the run's seed")
+    at_start: bool = Field(True, description="evaluate the prior pi0 at step 0")
+
+
 class CheckpointConfig(_Strict):
     every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
 
@@ -134,6 +174,8 @@ class TrainConfig(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     env: EnvConfig | None = Field(None, description="play episodes in an environment (the interactive case)")
+    data: DataConfig | None = Field(None, description="a prompt dataset: each step's contexts are drawn from it")
+    eval: EvalConfig | None = Field(None, description="evaluate on the data's held-out prompts (pass@k, reward, KL)")
     rollout: RolloutConfig = Field(RolloutConfig(), description="where episodes and rewards run: this process or Ray actors")
     distributed: DistributedConfig = Field(DistributedConfig(), description="replicated or fully sharded weights under torchrun")
     seed: int = Field(0, description="every random draw derives from this seed and the step number")
@@ -147,12 +189,18 @@ class TrainConfig(_Strict):
             target = data.get("target")
             if target is None or (isinstance(target, dict) and "reward" not in target):
                 data = {**data, "target": {**(target or {}), "reward": "env"}}
+        section = data.get("data") if isinstance(data, dict) else None
+        if isinstance(section, dict) and section.get("reasoning_gym") is not None:  # the task's own score_answer
+            target = data.get("target")
+            if target is None or (isinstance(target, dict) and "reward" not in target):
+                data = {**data, "target": {**(target or {}), "reward": "reasoning_gym"}}
         target = data.get("target") if isinstance(data, dict) else None
         if target is not None and not isinstance(target, (dict, TargetConfig)):
             raise TiltlmError(f"config 'target' must be a mapping (reward, beta, constraints), not {type(target).__name__}; fix that value")
         if isinstance(target, dict) and "beta" in target and not _positive_finite(target["beta"]):
             raise TiltlmError(f"config 'target.beta' must be a finite number > 0 (got {target['beta']!r}); "
                               "small beta follows the reward closely, large beta stays near the prior")
+        _check_data(data)
         if isinstance(data, dict) and isinstance(data.get("algorithm"), str):
             data = {**data, "algorithm": {"name": data["algorithm"]}}
         if isinstance(data, dict) and isinstance(data.get("algorithm"), dict):
@@ -175,6 +223,30 @@ class TrainConfig(_Strict):
             raise ValueError("algorithm must be a mapping with a name")
         value = dict(value)
         return make_config(value.pop("name"), **value)
+
+
+def _check_data(data: Any) -> None:
+    """With ``data:`` the step's contexts are its drawn prompts: no sampling.contexts, env or exact metrics
+    (which enumerate fixed contexts); ``eval:`` needs the data's held-out split."""
+    if not isinstance(data, dict):
+        return
+    section = data.get("data")
+    if section is None:
+        if data.get("eval") is not None:
+            raise TiltlmError("config 'eval' evaluates on held-out prompts; add a data: section with eval_size or eval_fraction")
+        return
+    sampling, metrics = data.get("sampling") or {}, data.get("metrics") or {}
+    contexts = sampling.get("contexts") if isinstance(sampling, dict) else None
+    if contexts is not None and list(contexts) != [""]:
+        raise TiltlmError("config sets both 'data' and 'sampling.contexts': with data: each step's contexts are its drawn "
+                          "prompts; drop sampling.contexts (or data:)")
+    if data.get("env") is not None:
+        raise TiltlmError("config sets both 'data' and 'env': environment tasks are the prompts of the interactive case; drop one")
+    if isinstance(metrics, dict) and metrics.get("exact_every"):
+        raise TiltlmError("config 'metrics.exact_every' enumerates fixed contexts, but with data: the contexts are drawn prompts; "
+                          "set it to 0 and use eval: for held-out pass@k")
+    if data.get("eval") is not None and isinstance(section, dict) and section.get("eval_size") is None and section.get("eval_fraction") is None:
+        raise TiltlmError("config 'eval' evaluates on held-out prompts; set data.eval_size or data.eval_fraction")
 
 
 def _check_algorithm_beta(beta: Any, target: Any) -> None:

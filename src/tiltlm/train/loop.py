@@ -94,6 +94,8 @@ class Trainer:
             raise guards.out_of_memory_error(self.config, self.step) from None
 
     def _train_step(self) -> dict:
+        if self.step == 0 and (first := self.collect.evaluator(self.target.prior, 0)):  # pi0 on held-out prompts
+            self._log({"step": 0, **first})
         step, batch = self.step, self.collect(self.step)
         self.algorithm.observe(batch)
         self.module.train(False)
@@ -139,6 +141,7 @@ class Trainer:
         if self.exact and self.strategy.joins_io and (self.step % m.exact_every == 0 or self.step == self.config.optim.steps):
             row.update(self.exact_metrics())
         row["samples/seen"] = self.step * len(batch)
+        row.update(self.collect.evaluator(self.policy, self.step))  # held-out pass@k when due (tiltlm.evaluate)
         return row
 
     def exact_metrics(self) -> dict[str, float]:

@@ -103,7 +103,7 @@ class RunDir:
             if self.has_checkpoint():
                 return load_checkpoint(self.checkpoint)
             if (out / "config.yaml").is_file():  # killed before its first checkpoint: restart from step 0
-                self.truncate_metrics(0)
+                self.truncate_metrics(-1)  # the step-0 evaluation of pi0 too (tiltlm.evaluate)
                 return None
             raise TiltlmError(f"no checkpoint in '{out}' to resume; run without --resume")
         if self._others():  # another process wrote here between the check above and the lock
