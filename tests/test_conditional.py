@@ -10,6 +10,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -277,3 +278,23 @@ def test_exact_metrics_are_per_prompt_conditionals():
     assert out["kl/target_exact_max"] == pytest.approx(-math.log(pass_rate(prior, "c3")), abs=1e-5)
     assert out["log_z/exact"] == pytest.approx(sum(r["log_z/exact"] for r in rows) / 4)
     assert "kl/target_exact_max" not in average_over_contexts(rows[:1])  # one context: the keys as before
+
+
+def test_the_config_says_constraint_only_with_a_null_reward():
+    """`target: {reward: null, constraints: [...]}` builds Prior * Constraint (no tilt); the mistakes get one line."""
+    from tiltlm.train.build import target_from_config
+
+    prior, _ = single_prompt()
+    cfg = parse_config({"algorithm": "dpg", "target": {"reward": None, "constraints": ["contains:b"]}})
+    target = target_from_config(cfg, prior)
+    assert target.tilt is None and target.beta is None and [c.predicate.name for c in target.constraints] == ["contains:b"]
+    cases = {
+        "neither a reward nor a constraint": {"algorithm": "dpg", "target": {"reward": None}},
+        "so there is no beta; drop target.beta": {"algorithm": "dpg", "target": {"reward": None, "beta": 1.0, "constraints": ["contains:b"]}},
+        "algorithm 'kl-pg' weighs the KL by the target's beta, but target.reward is null":
+            {"algorithm": "kl-pg", "target": {"reward": None, "constraints": ["contains:b"]}},
+    }
+    for needle, data in cases.items():
+        with pytest.raises(TiltlmError, match=re.escape(needle)) as e:
+            parse_config(data)
+        assert "\n" not in str(e.value)

@@ -212,8 +212,6 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Sample N completions per held-out prompt and report mean reward, pass@k and distinct correct answers."""
-    import inspect
-
     from tiltlm.data import load_prompts
     from tiltlm.evaluate import evaluate
     from tiltlm.policies import HFPolicy
@@ -221,12 +219,8 @@ def eval_(
 
     if n < 1:
         raise TiltlmError(f"-n must be >= 1 (got {n}); pass@k needs at least one completion per prompt")
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature)
-    if chat:
-        if "chat_template" not in inspect.signature(HFPolicy.__init__).parameters:
-            raise TiltlmError("--chat needs HFPolicy's chat_template option, which this version of tiltlm lacks; "
-                              "drop --chat and write the prompts already formatted")
-        options["chat_template"] = True
+    # the prompt as-is (BOS prepended) unless --chat: then the tokenizer's chat template renders it as the user's turn
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, chat_template=chat)
     _quiet_transformers()
     prompts = load_prompts(data, prompt_column=prompt_column)
     scorer = get_reward(reward)

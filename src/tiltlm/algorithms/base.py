@@ -59,6 +59,7 @@ class Algorithm:
     name: ClassVar[str]
     Config: ClassVar[type[AlgorithmConfig]]
     on_policy: bool = True  # False: samples come from ``self.proposal`` (off-policy DPG)
+    needs_tilt: ClassVar[bool] = False  # True: the KL coefficient is the target's beta (kl_coefficient)
 
     def __init__(self, config: AlgorithmConfig):
         self.config = config

@@ -69,6 +69,7 @@ class KlPgConfig(AlgorithmConfig):
 @register_algorithm
 class KlPg(Algorithm):
     name = "kl-pg"
+    needs_tilt = True
     Config = KlPgConfig
 
     def loss(self, batch: Batch, logp: torch.Tensor, token_logp: torch.Tensor):

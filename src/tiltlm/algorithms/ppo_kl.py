@@ -61,6 +61,7 @@ class PpoKlConfig(AlgorithmConfig):
 @register_algorithm
 class PpoKl(Algorithm):
     name = "ppo-kl"
+    needs_tilt = True
     Config = PpoKlConfig
 
     def __init__(self, config: PpoKlConfig):

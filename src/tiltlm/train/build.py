@@ -11,7 +11,7 @@ import torch
 
 from tiltlm.errors import TiltlmError
 from tiltlm.policies.hf import HFPolicy, load_model_and_tokenizer
-from tiltlm.targets.base import Target, Tilt
+from tiltlm.targets.base import Target
 from tiltlm.train.config import TrainConfig
 
 
@@ -83,19 +83,17 @@ def build_tabular_env_policies(config: TrainConfig):
 
 
 def target_from_config(config: TrainConfig, prior) -> Target:
-    """Prior(pi0) * Tilt(reward, beta) * Constraint(c) for each constraint of the config."""
-    from tiltlm.targets import Constraint, Prior
+    """Prior(pi0) [* Tilt(reward, beta)] * Constraint(c) for each constraint of the config (no tilt when
+    target.reward is null: the prior conditioned on the constraints)."""
+    from tiltlm.targets import make_target
 
     reward = config.target.reward
     r = config.rollout
-    if r.backend == "ray" and r.rewards and reward != "env":  # an expensive reward model: score on Ray actors
+    if reward is not None and r.backend == "ray" and r.rewards and reward != "env":  # an expensive reward model: on Ray actors
         from tiltlm.distributed.ray_rollout import ray_reward
 
         reward = ray_reward(reward, num_workers=r.num_workers, address=r.address, cpus_per_worker=r.cpus_per_worker)
-    target = Prior(prior) * Tilt(reward, config.target.beta)
-    for c in config.target.constraints:
-        target = target * Constraint(c)
-    return target
+    return make_target(prior, reward=reward, beta=config.target.beta, constraints=config.target.constraints)
 
 
 def trainable_module(policy) -> torch.nn.Module:

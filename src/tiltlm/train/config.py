@@ -28,7 +28,8 @@ class _Strict(BaseModel):
 
 
 class TargetConfig(_Strict):
-    reward: str = Field("sentiment", description="reward spec: sentiment, contains:dog, mymod:f, …")
+    reward: str | None = Field("sentiment", description="reward spec: sentiment, contains:dog, mymod:f, …; null: no tilt, "
+                                                        "p* ∝ pi0·1[constraints] (the prior conditioned on the constraints)")
     beta: float = Field(0.1, gt=0, allow_inf_nan=False, description="tilt temperature: p* ∝ pi0·exp(r/beta)")
     constraints: tuple[str, ...] = Field((), description="pointwise constraints b(x) (reward specs; > 0 means satisfied)")
 
@@ -39,6 +40,8 @@ class SamplingConfig(_Strict):
     max_new_tokens: int = Field(32, ge=1, description="length limit of a sequence")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs account for it")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass; log-probs account for it")
+    chat_template: bool | None = Field(None, description="contexts are the user's turn of a chat, rendered by the tokenizer's "
+                                                         "chat template (the sample space is the reply); null = when the tokenizer has one")
 
 
 class OptimConfig(_Strict):
@@ -200,6 +203,8 @@ class TrainConfig(_Strict):
         if isinstance(target, dict) and "beta" in target and not _positive_finite(target["beta"]):
             raise TiltlmError(f"config 'target.beta' must be a finite number > 0 (got {target['beta']!r}); "
                               "small beta follows the reward closely, large beta stays near the prior")
+        if isinstance(target, dict) and "reward" in target and target["reward"] is None and "beta" in target:
+            raise TiltlmError("config 'target.reward' is null (no tilt, p* ∝ pi0·1[constraints]), so there is no beta; drop target.beta")
         _check_data(data)
         if isinstance(data, dict) and isinstance(data.get("algorithm"), str):
             data = {**data, "algorithm": {"name": data["algorithm"]}}
@@ -211,6 +216,17 @@ class TrainConfig(_Strict):
                 _check_algorithm_beta(algo.pop("beta"), data.get("target"))
             data = {**data, "algorithm": algo}
         return data
+
+    @model_validator(mode="after")
+    def _target_fits_algorithm(self) -> "TrainConfig":
+        t = self.target
+        if t.reward is None and not t.constraints:
+            raise TiltlmError("config 'target' has neither a reward nor a constraint (p* would be the prior itself); "
+                              "set target.reward or target.constraints")
+        if t.reward is None and algorithm_class(self.algorithm.name).needs_tilt:
+            raise TiltlmError(f"algorithm '{self.algorithm.name}' weighs the KL by the target's beta, but target.reward is null "
+                              "(no tilt); use dpg, gdc++, f-dpg or reinforce for p* ∝ pi0·1[constraints], or set target.reward")
+        return self
 
     @field_validator("algorithm", mode="before")
     @classmethod
