@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TILTLM_THREADS")}
-    settings = {"tiltlm's choice": base, f"{cores} threads (torch default)": {**base, "TILTLM_THREADS": str(cores)}}
+    settings = {"tiltlm's choice": base, f"{cores} threads (torch default)": {**base, "TILTLM_THREADS": str(cores)},
+                "1 thread": {**base, "TILTLM_THREADS": "1"}}
     config = {"prior": "default", "algorithm": "kl-pg", "target": {"reward": "count:e", "beta": 1.0},
               "sampling": {"n_per_context": 16, "max_new_tokens": 32}, "optim": {"steps": 2 if args.quick else 8, "lr": 1e-4},
               "metrics": {"diversity": False}}

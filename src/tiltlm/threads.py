@@ -7,7 +7,8 @@ that oversubscribes: the OpenMP workers spin and wait for each other, and small 
 log-softmax) become milliseconds each — the main job ran 3–4× slower beside one busy process on 2 cores.
 
 Order of precedence: ``TILTLM_THREADS``, then ``OMP_NUM_THREADS`` (torch honours it itself; left alone),
-then min(CPU affinity, cgroup quota) minus the whole cores the 1-minute load average says others use,
+then min(CPU affinity, cgroup quota) minus the whole cores other processes are keeping busy right now
+(/proc/stat sampled over 0.2 s while this process sleeps; the 1-minute load average where /proc is missing),
 at least 1. Only the CLI calls ``configure_threads`` (the library never changes torch's global state).
 """
 
@@ -43,6 +44,27 @@ def _cgroup_quota() -> float | None:
     return None
 
 
+def busy_cores(interval: float = 0.2) -> float:
+    """Cores other processes keep busy now: the machine's non-idle CPU time over ``interval`` seconds while
+    this process sleeps (from /proc/stat), else the 1-minute load average."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if total1 <= total0:
+        return 0.0
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def choose_threads(cores: int, load: float) -> int:
     """Threads for ``cores`` usable cores when other processes keep ``load`` cores busy (load average)."""
     return max(1, min(cores, cores - int(load)))
@@ -64,7 +86,6 @@ def configure_threads() -> int | None:
     elif os.environ.get("OMP_NUM_THREADS"):
         return None
     else:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        n = choose_threads(available_cores(), load)
+        n = choose_threads(available_cores(), busy_cores() + 0.2)  # a core ≥ 80% busy counts as taken
     torch.set_num_threads(n)
     return n
