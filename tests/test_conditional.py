@@ -298,3 +298,32 @@ def test_the_config_says_constraint_only_with_a_null_reward():
         with pytest.raises(TiltlmError, match=re.escape(needle)) as e:
             parse_config(data)
         assert "\n" not in str(e.value)
+
+
+def test_held_out_evaluation_scores_a_constraint_only_target_by_its_constraints(tmp_path):
+    """eval: with target.reward null: a completion is correct when every constraint holds (Target.verifier),
+    the rows' columns reaching a TRL-style constraint; pi0 at step 0, the policy later."""
+    from tiltlm.data import load_prompts
+    from tiltlm.evaluate import evaluate
+    from tiltlm.policies import HFPolicy
+    from tiltlm.testbed import make_testbed
+
+    tb = make_testbed(tmp_path / "tb", vocab_size=4, n_layer=1, n_embd=16, n_head=2, seed=0)
+    rows = [{"prompt": p, "answer": a} for p, a in [("a", "b"), ("b", "c"), ("c", "b"), ("ab", "a"), ("ba", "c"), ("cc", "b")]]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "v.py").write_text("def has(completions, answer, **kw):\n    return [float(a in c) for c, a in zip(completions, answer)]\n")
+    spec = f"{tmp_path / 'v.py'}:has"
+    cfg = parse_config({"prior": str(tb), "algorithm": "dpg", "target": {"reward": None, "constraints": [spec]},
+                        "data": {"path": str(tmp_path / "d.jsonl"), "prompts_per_step": 2, "eval_size": 3}, "eval": {"every": 2, "n": 4},
+                        "sampling": {"n_per_context": 4, "max_new_tokens": 3}, "optim": {"steps": 2, "lr": 0.01}})
+    from tiltlm.train.build import build
+
+    policy, target = build(cfg)
+    assert target.verifier.name == f"1[{spec}]"
+    rows_out = Trainer(cfg, policy=policy, target=target).run()
+    first = [r for r in rows_out if "eval/pass@1" in r]
+    assert [r["step"] for r in first] == [2]  # (step 0's pi0 row goes to the log, not the returned rows)
+    # the same numbers as evaluating the trained policy with the constraint itself as the reward
+    held_out = load_prompts(tmp_path / "d.jsonl").split(eval_size=3, seed=cfg.data.split_seed)[1]
+    direct = evaluate(policy, held_out, spec, n=4, seed=cfg.seed).metrics()
+    assert first[0]["eval/pass@1"] == pytest.approx(direct["eval/pass@1"]) and 0 < direct["eval/reward"] <= 1

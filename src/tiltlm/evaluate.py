@@ -165,8 +165,8 @@ def build_evaluator(config, eval_data: PromptData | None, target, *, active: boo
     """The Evaluator a training config describes (one that never evaluates without ``eval:`` or when this
     process takes no part in metrics, ``active`` False)."""
     e = config.eval
-    tilt = target.tilt if target is not None else None
-    if e is None or eval_data is None or tilt is None or not active:
+    verifier = target.verifier if target is not None else None  # the tilt's reward, or 1[constraints]
+    if e is None or eval_data is None or verifier is None or not active:
         return Evaluator(None, None, n=1, seed=0, every=0, last=0, at_start=False)
-    return Evaluator(eval_data, tilt.reward, n=e.n, seed=config.seed if e.seed is None else e.seed, every=e.every,
+    return Evaluator(eval_data, verifier, n=e.n, seed=config.seed if e.seed is None else e.seed, every=e.every,
                      last=config.optim.steps, at_start=e.at_start, prior=target.prior)

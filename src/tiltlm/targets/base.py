@@ -181,6 +181,25 @@ class Target:
         return next((f for f in self.factors if isinstance(f, Tilt)), None)
 
     @property
+    def verifier(self):
+        """The reward a held-out evaluation scores with: the tilt's reward, or for a constraint-only target the
+        indicator that every constraint holds (a Reward; None for the prior alone)."""
+        if self.tilt is not None:
+            return self.tilt.reward
+        constraints = self.constraints
+        if not constraints:
+            return None
+        from tiltlm.rewards.base import Reward
+
+        def indicator(texts, contexts=None, **columns):
+            ok = torch.ones(len(texts), dtype=torch.bool)
+            for c in constraints:
+                ok &= c.predicate(texts, contexts, columns or None) > 0
+            return ok.double().tolist()
+
+        return Reward("1[" + " and ".join(c.predicate.name for c in constraints) + "]", indicator)
+
+    @property
     def beta(self) -> float | None:
         """The tilt's temperature (p* ∝ pi0·exp(r/beta)): also the KL coefficient of the KL-regularised
         algorithms, which read it from here (via Batch.beta) so that training and metrics aim at one p*.
