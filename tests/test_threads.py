@@ -34,3 +34,16 @@ def test_explicit_settings_win():
     auto = _probe()
     chosen, actual = auto.stdout.split()
     assert chosen == actual and 1 <= int(chosen) <= available_cores()
+
+
+def test_a_caller_that_set_fewer_threads_keeps_them():
+    import torch
+
+    from tiltlm.threads import configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert configure_threads() in (None, 1) and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

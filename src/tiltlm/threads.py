@@ -9,7 +9,7 @@ log-softmax) become milliseconds each — the main job ran 3–4× slower beside
 Order of precedence: ``TILTLM_THREADS``, then ``OMP_NUM_THREADS`` (torch honours it itself; left alone),
 then min(CPU affinity, cgroup quota) minus the whole cores other processes are keeping busy right now
 (/proc/stat sampled over 0.2 s while this process sleeps; the 1-minute load average where /proc is missing),
-at least 1. Only the CLI calls ``configure_threads`` (the library never changes torch's global state).
+at least 1, and never more than torch already uses. Only the CLI calls ``configure_threads`` (the library never changes torch's global state).
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def configure_threads() -> int | None:
     elif os.environ.get("OMP_NUM_THREADS"):
         return None
     else:
-        n = choose_threads(available_cores(), busy_cores() + 0.2)  # a core ≥ 80% busy counts as taken
+        # a core ≥ 80% busy counts as taken; never more than torch already uses (a caller that set fewer, e.g. a
+        # test harness calling the CLI in-process with one thread, keeps its setting)
+        n = min(torch.get_num_threads(), choose_threads(available_cores(), busy_cores() + 0.2))
     torch.set_num_threads(n)
     return n
