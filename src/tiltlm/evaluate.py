@@ -16,7 +16,16 @@ For each prompt, n completions are sampled (seeded) and scored by the reward wit
 Each is averaged over prompts. On an enumerable space pass@k is also known exactly,
 1 - (1 - p)^k with p = pi's mass on correct completions (`exact_pass_at_k`), which is what the estimator's
 expectation equals. In training, an ``eval:`` section (`Evaluator`) logs these as ``eval/…`` rows of
-metrics.jsonl at step 0 (pi0), every ``eval.every`` steps and at the end.
+metrics.jsonl at step 0 (pi0), every ``eval.every`` steps and at the end; when pi0's space after a prompt is
+enumerable (≤ ``metrics.exact_max_sequences`` sequences) `ExactEvaluation` adds their exact values and the exact
+divergences to the training target p*(·|x), each averaged over the held-out prompts:
+
+- eval/pass@k_exact = 1 - (1 - p_x)^k, p_x = pi's mass on the correct completions of x;
+- eval/distinct_correct_exact = Σ_t 1 - (1 - pi(t|x))^n over the distinct correct texts t (the expectation of
+  distinct correct among n samples);
+- eval/reward_exact = E_pi[r]; eval/kl_prior_exact = KL(pi‖pi0); eval/kl_target_exact = KL(p*(·|x)‖pi(·|x)) and
+  eval/kl_policy_target_exact = KL(pi(·|x)‖p*(·|x)), p* the training target conditioned on x (its row's columns
+  reach the reward exactly as in training).
 """
 
 from __future__ import annotations
@@ -137,14 +146,61 @@ def exact_pass_at_k(policy, reward, k: int, **kwargs) -> float:
     return 1.0 - (1.0 - exact_p_correct(policy, reward, **kwargs)) ** int(k)
 
 
+class ExactEvaluation:
+    """The exact eval/…_exact metrics (module docstring) of any policy on the held-out ``prompts``: pi0's space
+    after each prompt is enumerated once, here (tiltlm.metrics.batch.exact_for_context), and each evaluation
+    scores the policy on those spaces. ``reward`` decides correctness (> ``threshold``), as in `evaluate`."""
+
+    def __init__(self, prompts: PromptData, target, reward, *, n: int, max_new_tokens: int | None = None,
+                 max_sequences: int | None = None, threshold: float = CORRECT_THRESHOLD):
+        from tiltlm.metrics.batch import exact_for_context
+        from tiltlm.targets.base import rewards_of
+
+        self.ks, self.n, self.prior = ks_for(n), int(n), target.prior
+        self.parts = []  # (ExactMetrics, correct (N,) bool, index of each correct sequence's distinct text)
+        for i, prompt in enumerate(prompts.prompts):
+            try:
+                exact = exact_for_context(target, prompt, row=prompts.row(i), max_new_tokens=max_new_tokens,
+                                          max_sequences=max_sequences)
+            except TiltlmError as e:
+                raise TiltlmError(f"held-out prompt {i + 1} ({prompt[:40]!r}): {e}") from None
+            correct = rewards_of(reward, exact.space.samples) > threshold
+            texts = [t.strip() for t, ok in zip(exact.space.samples.texts, correct.tolist()) if ok]
+            index = {t: j for j, t in enumerate(dict.fromkeys(texts))}
+            self.parts.append((exact, correct, torch.tensor([index[t] for t in texts], dtype=torch.long)))
+
+    def per_prompt(self, policy) -> list[dict[str, float]]:
+        """One row of eval/…_exact values per held-out prompt."""
+        rows = []
+        for exact, correct, text_index in self.parts:
+            log_pi = exact.log_prior if policy is self.prior else exact.space.log_prob(policy)
+            pi = log_pi.exp()
+            p = float(pi[correct].sum().clamp(max=1.0))
+            per_text = torch.zeros(int(text_index.max()) + 1 if len(text_index) else 0, dtype=torch.float64)
+            per_text.index_add_(0, text_index, pi[correct])
+            m = exact.of(log_pi)
+            rows.append({**{f"eval/pass@{k}_exact": 1.0 - (1.0 - p) ** k for k in self.ks},
+                         "eval/distinct_correct_exact": float((1 - (1 - per_text.clamp(max=1.0)) ** self.n).sum()),
+                         "eval/reward_exact": m["reward/exact"], "eval/kl_prior_exact": m["kl/prior_exact"],
+                         "eval/kl_target_exact": m["kl/target_exact"], "eval/kl_policy_target_exact": m["kl/policy_target_exact"]})
+        return rows
+
+    def __call__(self, policy) -> dict[str, float]:
+        """The eval/…_exact metrics, each the mean over the held-out prompts."""
+        rows = self.per_prompt(policy)
+        return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
 class Evaluator:
     """The ``eval:`` section in training: ``evaluator(policy, step)`` -> the eval/… metrics when step is due
     (0 with ``at_start``, every ``every`` steps, the last step), else {}. The seed is the same at every
-    evaluation, so successive evaluations differ by the policy only."""
+    evaluation, so successive evaluations differ by the policy only. With ``exact`` (an ExactEvaluation) the
+    exact values join each evaluation."""
 
-    def __init__(self, prompts: PromptData | None, reward, *, n: int, seed: int, every: int, last: int, at_start: bool, prior=None):
+    def __init__(self, prompts: PromptData | None, reward, *, n: int, seed: int, every: int, last: int, at_start: bool, prior=None,
+                 exact: ExactEvaluation | None = None):
         self.prompts, self.reward, self.n, self.seed = prompts, reward, n, seed
-        self.every, self.last, self.at_start, self.prior = every, last, at_start, prior
+        self.every, self.last, self.at_start, self.prior, self.exact = every, last, at_start, prior, exact
 
     def due(self, step: int) -> bool:
         if self.prompts is None:
@@ -158,7 +214,7 @@ class Evaluator:
             return {}
         with torch.no_grad():
             result = evaluate(policy, self.prompts, self.reward, n=self.n, seed=self.seed, prior=self.prior)
-        return result.metrics()
+            return {**result.metrics(), **(self.exact(policy) if self.exact is not None else {})}
 
 
 def build_evaluator(config, eval_data: PromptData | None, target, *, active: bool = True) -> Evaluator:
@@ -169,4 +225,16 @@ def build_evaluator(config, eval_data: PromptData | None, target, *, active: boo
     if e is None or eval_data is None or verifier is None or not active:
         return Evaluator(None, None, n=1, seed=0, every=0, last=0, at_start=False)
     return Evaluator(eval_data, verifier, n=e.n, seed=config.seed if e.seed is None else e.seed, every=e.every,
-                     last=config.optim.steps, at_start=e.at_start, prior=target.prior)
+                     last=config.optim.steps, at_start=e.at_start, prior=target.prior,
+                     exact=build_exact_evaluation(config, eval_data, target, verifier))
+
+
+def build_exact_evaluation(config, eval_data: PromptData, target, verifier) -> ExactEvaluation | None:
+    """Exact held-out metrics when ``eval.exact`` is on and pi0's space after a prompt has at most
+    ``metrics.exact_max_sequences`` sequences (else None: estimates only)."""
+    from tiltlm.exact import count_sequences
+
+    m, length = config.metrics, config.sampling.max_new_tokens
+    if not config.eval.exact or count_sequences(target.prior.vocab_size, length) > m.exact_max_sequences:
+        return None
+    return ExactEvaluation(eval_data, target, verifier, n=config.eval.n, max_new_tokens=length, max_sequences=m.exact_max_sequences)

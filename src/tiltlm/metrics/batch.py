@@ -14,7 +14,8 @@ and every N steps on enumerable spaces the exact values: kl/target_exact, kl/pol
 tv/target_exact, kl/prior_exact, entropy/exact, reward/exact, log_z/exact. With several contexts each is
 the per-prompt conditional quantity (p*(y|x) = P(x, y)/Z(x), one ExactMetrics per context) averaged over
 the contexts (``average_over_contexts``), plus the worst context's kl/target_exact_max and
-kl/policy_target_exact_max.
+kl/policy_target_exact_max. With a prompt dataset (``data:``) the contexts are the training prompts, each
+enumerated once with its row's columns (``exact_for_context``), so the rewards that read a column score it.
 """
 
 from __future__ import annotations
@@ -133,3 +134,16 @@ class ExactMetrics:
             "reward/exact": expectation(log_pi, self.rewards),
             "log_z/exact": self.log_z,
         }
+
+
+def exact_for_context(target, context: str, *, row: dict | None = None, max_new_tokens: int | None = None,
+                      max_sequences: int | None = None) -> ExactMetrics:
+    """ExactMetrics of one context x (a prompt, with its dataset ``row``'s other columns): pi0's whole space after x,
+    enumerated once, scored by the target as training scores a sample of x, so p* is the conditional p*(.|x)."""
+    from tiltlm.exact import enumerate_space
+
+    options = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("max_sequences", max_sequences)) if v is not None}
+    space = enumerate_space(target.prior, context=context, **options)
+    space.samples.columns = {k: [v] for k, v in row.items()} if row else None
+    scores = target.score(space.samples, prior_logp=space.logp)
+    return ExactMetrics(space, scores.log_target - space.logp, scores.reward)

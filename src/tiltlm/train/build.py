@@ -144,13 +144,15 @@ def build_optimizer(config: TrainConfig, module: torch.nn.Module) -> torch.optim
     return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def build_exact(config: TrainConfig, target: Target, env) -> list | None:
+def build_exact(config: TrainConfig, target: Target, env, data=None) -> list | None:
     """Exact metrics of the policy, one per context (None when off or the space is not enumerable): over the
-    enumerated sequence space, or over a tabular environment's trajectories when the target is Prior * Tilt(env)."""
+    enumerated sequence space, or over a tabular environment's trajectories when the target is Prior * Tilt(env).
+    With a prompt dataset (``data``, tiltlm.data.PromptData: the training prompts) the contexts are its prompts,
+    each scored with its row's columns: the metrics average the conditional p*(.|x) over the training prompts."""
     from tiltlm.envs.tabular import TabularEnv
-    from tiltlm.exact import count_sequences, enumerate_space
+    from tiltlm.exact import count_sequences
     from tiltlm.exact.mdp import ExactEnvMetrics
-    from tiltlm.metrics.batch import ExactMetrics
+    from tiltlm.metrics.batch import exact_for_context
 
     m = config.metrics
     prior = target.prior
@@ -163,13 +165,9 @@ def build_exact(config: TrainConfig, target: Target, env) -> list | None:
         return [ExactEnvMetrics(env, prior.log_action_probs(), tilt.beta)]
     if count_sequences(prior.vocab_size, config.sampling.max_new_tokens) > m.exact_max_sequences:
         return None  # not enumerable: estimates only
-    out = []
-    for context in config.sampling.contexts:
-        space = enumerate_space(prior, context=context, max_new_tokens=config.sampling.max_new_tokens,
-                                max_sequences=m.exact_max_sequences)
-        scores = target.score(space.samples, prior_logp=space.logp)
-        out.append(ExactMetrics(space, scores.log_target - space.logp, scores.reward))
-    return out
+    contexts = [(c, None) for c in config.sampling.contexts] if data is None else [(p, data.row(i)) for i, p in enumerate(data.prompts)]
+    return [exact_for_context(target, context, row=row, max_new_tokens=config.sampling.max_new_tokens,
+                              max_sequences=m.exact_max_sequences) for context, row in contexts]
 
 
 def fit(config: TrainConfig, out_dir, *, resume: bool = False, log: str | None = None, progress: bool = False):

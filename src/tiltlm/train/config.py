@@ -160,6 +160,8 @@ class EvalConfig(_Strict):
     n: int = Field(8, ge=1, description="completions per held-out prompt (pass@k for k = 1, 2, 4, … up to n)")
     seed: int | None = Field(None, description="sampling seed, the same at every evaluation; null = the run's seed")
     at_start: bool = Field(True, description="evaluate the prior pi0 at step 0")
+    exact: bool = Field(True, description="also the exact pass@k, distinct correct and KLs to p*(.|x) when pi0's space "
+                                          "after a prompt has <= metrics.exact_max_sequences sequences (enumerated once per prompt)")
 
 
 class CheckpointConfig(_Strict):
@@ -242,8 +244,8 @@ class TrainConfig(_Strict):
 
 
 def _check_data(data: Any) -> None:
-    """With ``data:`` the step's contexts are its drawn prompts: no sampling.contexts, env or exact metrics
-    (which enumerate fixed contexts); ``eval:`` needs the data's held-out split."""
+    """With ``data:`` the step's contexts are its drawn prompts: no sampling.contexts or env (``metrics.exact_every``
+    then averages the exact metrics over the training prompts); ``eval:`` needs the data's held-out split."""
     if not isinstance(data, dict):
         return
     section = data.get("data")
@@ -251,16 +253,13 @@ def _check_data(data: Any) -> None:
         if data.get("eval") is not None:
             raise TiltlmError("config 'eval' evaluates on held-out prompts; add a data: section with eval_size or eval_fraction")
         return
-    sampling, metrics = data.get("sampling") or {}, data.get("metrics") or {}
+    sampling = data.get("sampling") or {}
     contexts = sampling.get("contexts") if isinstance(sampling, dict) else None
     if contexts is not None and list(contexts) != [""]:
         raise TiltlmError("config sets both 'data' and 'sampling.contexts': with data: each step's contexts are its drawn "
                           "prompts; drop sampling.contexts (or data:)")
     if data.get("env") is not None:
         raise TiltlmError("config sets both 'data' and 'env': environment tasks are the prompts of the interactive case; drop one")
-    if isinstance(metrics, dict) and metrics.get("exact_every"):
-        raise TiltlmError("config 'metrics.exact_every' enumerates fixed contexts, but with data: the contexts are drawn prompts; "
-                          "set it to 0 and use eval: for held-out pass@k")
     if data.get("eval") is not None and isinstance(section, dict) and section.get("eval_size") is None and section.get("eval_fraction") is None:
         raise TiltlmError("config 'eval' evaluates on held-out prompts; set data.eval_size or data.eval_fraction")
 
