@@ -139,8 +139,8 @@ def test_config_errors_of_the_data_section(tmp_path):
     parse_config({**base, "sampling": {"contexts": [""]}})  # the default, as a resolved config.yaml writes it
     with pytest.raises(TiltlmError, match="sets both 'data' and 'env'"):
         parse_config({**base, "env": {"name": "tabular"}})
-    with pytest.raises(TiltlmError, match="'metrics.exact_every' enumerates fixed contexts"):
-        parse_config({**base, "metrics": {"exact_every": 5}})
+    # exact metrics with data: average over the training prompts (tests/test_eval_exact.py checks the numbers)
+    assert parse_config({**base, "metrics": {"exact_every": 5}}).metrics.exact_every == 5
     with pytest.raises(TiltlmError, match="exactly one"):
         parse_config({"algorithm": "kl-pg", "data": {"prompt_column": "q"}})
     with pytest.raises(TiltlmError, match="set data.eval_size or data.eval_fraction"):

@@ -159,8 +159,11 @@ def test_training_logs_held_out_evaluations(tmp_path, testbed_dir):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2, 3]
     keys = {"eval/reward", "eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/distinct_correct", "eval/kl_prior"}
-    assert [keys <= set(row) for row in rows] == [True, False, True, True]
-    assert rows[0]["eval/kl_prior"] == 0.0 and set(rows[0]) == keys | {"step"}
+    # the testbed's space (4 letters, 3 new tokens: 85 completions per prompt) is enumerable: exact values too
+    exact = {"eval/pass@1_exact", "eval/pass@2_exact", "eval/pass@4_exact", "eval/distinct_correct_exact", "eval/reward_exact",
+             "eval/kl_prior_exact", "eval/kl_target_exact", "eval/kl_policy_target_exact"}
+    assert [keys | exact <= set(row) for row in rows] == [True, False, True, True]
+    assert rows[0]["eval/kl_prior"] == 0.0 and rows[0]["eval/kl_prior_exact"] == 0.0 and set(rows[0]) == keys | exact | {"step"}
     assert all(0 <= rows[i][k] <= 1 for i in (0, 2, 3) for k in keys - {"eval/kl_prior", "eval/distinct_correct"})
     assert rows[1]["samples/seen"] == 8  # 2 prompts × 4 samples per step
 
