@@ -300,3 +300,204 @@ def test_page_renders_in_headless_chromium(real_sweep, tmp_path):
     path = render_in_chromium(write_report(run), tmp_path, FIGURES)
     if os.environ.get("TILTLM_REPORT_SCREENSHOT"):  # keep it to look at: TILTLM_REPORT_SCREENSHOT=shot.png pytest ...
         shutil.copy(path, os.environ["TILTLM_REPORT_SCREENSHOT"])
+
+
+# ---- pass@k: held-out evaluations (eval/… rows) ----------------------------------------------------------------
+PASSK = "pass_at_k.png"
+KS = (1, 2, 4, 8)
+
+
+def run_cli(argv, monkeypatch, capsys) -> tuple[int, str, str]:
+    """`tiltlm ARGV` in-process, on a wide console: (exit code, stdout, stderr)."""
+    import sys
+
+    from tiltlm.cli import main
+
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.setattr(sys, "argv", ["tiltlm", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_drawn_png(path: Path) -> None:
+    """A valid PNG with real content: curves in several colours, not a blank canvas."""
+    from PIL import Image
+
+    assert_valid_png(path)
+    with Image.open(path) as im:
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50, path
+    assert path.stat().st_size > 15_000
+
+
+def passk_rows(page: Path) -> dict[str, dict]:
+    """The pass@k table: method -> {"runs": int, key: data-mean, ..., "crossover": text}."""
+    out = {}
+    for cls, cells in parse(page).rows:
+        if cls == "passk":
+            row = {"runs": int(cells[1][1]), "crossover": cells[-1][1]}
+            row |= {attrs["data-key"]: float(attrs["data-mean"]) for attrs, _ in cells[2:-1] if attrs.get("data-mean") != "None"}
+            out[cells[0][1]] = row
+    return out
+
+
+def eval_row(pass_at, exact=None, **extra) -> dict:
+    row = {f"eval/pass@{k}": v for k, v in zip(KS, pass_at)}
+    row |= {f"eval/pass@{k}_exact": v for k, v in zip(KS, exact or [])}
+    return row | {"eval/reward": pass_at[0], **extra}
+
+
+def synthetic_eval_sweep(root: Path) -> Path:
+    """Two configurations × two seeds with held-out evaluations at steps 0, 2 and 4. pi0: pass@k = 1 - 0.8^k.
+    reinforce is ahead at k = 1, 2 and behind from k = 4 (exact curves for both: the crossover is read from them);
+    kl-pg, estimates only, stays ahead up to k = 8."""
+    results = []
+    for alg in ("reinforce", "kl-pg"):
+        for seed in (0, 1):
+            w = 0.01 * (seed + 1)
+            pi0 = [1 - 0.8 ** k + w for k in KS]
+            rows = [{"step": 0, **eval_row(pi0, [1 - 0.8 ** k for k in KS], **{"eval/distinct_correct": 1.5 + w, "eval/kl_prior": 0.0})}]
+            for step in range(1, 5):
+                row = {"step": step, "samples/seen": 8 * step, "reward/mean": 0.1 * step, "kl/prior_seq": 0.2 * step}
+                if step % 2 == 0:
+                    t = step / 4
+                    if alg == "reinforce":
+                        curve, exact = [0.45 + w + 0.02 * i * t for i in range(4)], [0.44 + 0.02 * i * t for i in range(4)]
+                    else:
+                        curve, exact = [1 - (0.7 - 0.1 * t) ** k - w for k in KS], None
+                    row |= eval_row(curve, exact, **{"eval/distinct_correct": 1.2 - 0.3 * t + w, "eval/kl_prior": t + w,
+                                                     **({"eval/kl_target_exact": 0.3 + w} if exact else {})})
+                rows.append(row)
+            cell = f"{alg}_beta1_seed{seed}"
+            write_jsonl(root / "cells" / cell / "metrics.jsonl", rows)
+            results.append({"cell": cell, "algorithm": alg, "beta": 1.0, "seed": seed, "final": rows[-1]})
+    write_jsonl(root / "results.jsonl", results)
+    return root
+
+
+def test_pass_at_k_figure_and_table_of_a_sweep(tmp_path, monkeypatch, capsys):
+    """The table's numbers are the means over seeds of the metrics files' rows (pi0: step 0; a policy: its last
+    evaluation), the crossover is where pi0 overtakes, and `tiltlm report` prints the same table."""
+    run = synthetic_eval_sweep(tmp_path / "sweep")
+    page = write_report(run)
+    assert sorted(p.name for p in page.parent.iterdir()) == ["frontier.png", PASSK, "report.html"]  # no KL(p*‖π) or diversity curves
+    assert_drawn_png(page.parent / PASSK)
+    assert [i["src"] for i in parse(page).images] == ["frontier.png", PASSK]
+    assert "eval/pass@k / eval/pass@k_exact" in page.read_text(encoding="utf-8")
+    table = passk_rows(page)
+    assert list(table) == ["π0 (step 0)", "reinforce β=1", "kl-pg β=1"]
+    curves = {c: [json.loads(line) for line in (run / "cells" / c / "metrics.jsonl").read_text().splitlines()]
+              for c in (p.name for p in (run / "cells").iterdir())}
+    groups = {"π0 (step 0)": [rows[0] for rows in curves.values()],
+              "reinforce β=1": [curves[f"reinforce_beta1_seed{s}"][-1] for s in (0, 1)],
+              "kl-pg β=1": [curves[f"kl-pg_beta1_seed{s}"][-1] for s in (0, 1)]}
+    checked = 0
+    for name, rows in groups.items():
+        assert table[name]["runs"] == len(rows)
+        for key in ("eval/pass@1", "eval/pass@8", "eval/distinct_correct", "eval/kl_prior", "eval/pass@1_exact", "eval/pass@8_exact",
+                    "eval/kl_target_exact"):
+            if all(key in r for r in rows):
+                assert table[name][key] == pytest.approx(statistics.fmean(r[key] for r in rows), rel=1e-12), (name, key)
+                checked += 1
+            else:
+                assert key not in table[name], (name, key)
+    assert checked == 6 + 7 + 4  # pi0 has no KL to p*; kl-pg no exact values
+    assert table["reinforce β=1"]["crossover"] == "4 (exact)"
+    assert table["kl-pg β=1"]["crossover"] == "none up to k=8" and table["π0 (step 0)"]["crossover"] == "—"
+    code, out, err = run_cli(["report", str(run)], monkeypatch, capsys)
+    assert code == 0, err
+    assert "pass@k on held-out prompts" in out and "crossover k" in out
+    lines = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]] for line in out.splitlines()
+             if line.count("│") > 3 and "method" not in line}
+    assert set(lines) == set(table)
+    for name, cells in lines.items():  # the console's numbers are the page's, to the 4 digits shown
+        assert cells[-1] == table[name]["crossover"]
+        assert numbers(cells[1])[0] == pytest.approx(table[name]["eval/pass@1"], rel=1e-3)
+        assert numbers(cells[2])[0] == pytest.approx(table[name]["eval/pass@8"], rel=1e-3)
+
+
+def test_a_sweep_without_held_out_evaluations_has_no_pass_at_k_section(tmp_path, monkeypatch, capsys):
+    run = synthetic_sweep(tmp_path / "sweep", algorithms=("kl-pg",), betas=(1.0,), seeds=(0,))
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "pass@k" not in text and not (run / "report" / PASSK).exists()
+    code, out, _ = run_cli(["report", str(run)], monkeypatch, capsys)
+    assert code == 0 and "pass@k" not in out
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory):
+    """`tiltlm train` on a tiny enumerable GPT-2 testbed with a prompt dataset and held-out evaluation (exact too)."""
+    import yaml
+
+    from tiltlm.testbed import make_testbed
+
+    root = tmp_path_factory.mktemp("trainrun")
+    testbed = make_testbed(root / "testbed", vocab_size=5, n_layer=1, n_embd=16, n_head=2, seed=0)
+    (root / "verifier.py").write_text("def contains_answer(completions, answer, **kwargs):\n"
+                                      "    return [float(a in c) for c, a in zip(completions, answer)]\n")
+    prompts = [("ab", "a"), ("ba", "b"), ("c", "ca"), ("dd", "d"), ("a", "ab"), ("bc", "c"), ("cd", "dc"), ("b", "bb")]
+    write_jsonl(root / "p.jsonl", [{"prompt": p, "answer": a} for p, a in prompts])
+    config = {"prior": str(testbed), "target": {"reward": f"{root}/verifier.py:contains_answer", "beta": 0.2},
+              "algorithm": {"name": "kl-pg"}, "sampling": {"n_per_context": 4, "max_new_tokens": 3},
+              "optim": {"steps": 4, "lr": 0.05}, "metrics": {"exact_every": 2, "diversity": False},
+              "data": {"path": str(root / "p.jsonl"), "prompts_per_step": 3, "eval_size": 3}, "eval": {"n": 8, "every": 2}}
+    (root / "cfg.yaml").write_text(yaml.safe_dump(config))
+    return root, root / "cfg.yaml"
+
+
+def test_report_on_a_training_run_directory(train_run, monkeypatch, capsys):
+    root, cfg = train_run
+    run = root / "run"
+    code, _, err = run_cli(["train", str(cfg), "--out", str(run)], monkeypatch, capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["report", str(run)], monkeypatch, capsys)
+    assert code == 0, err
+    page = run / "report" / "report.html"
+    assert f"report: {page}" in out.replace("\n", "")
+    assert sorted(p.name for p in page.parent.iterdir()) == sorted(FIGURES + [PASSK, "report.html"])
+    assert_drawn_png(page.parent / PASSK)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    assert first["step"] == 0 and last["step"] == 4 and "eval/pass@8_exact" in last
+    table = passk_rows(page)
+    assert list(table) == ["π0 (step 0)", "kl-pg β=0.2"]
+    for name, row in (("π0 (step 0)", first), ("kl-pg β=0.2", last)):
+        shown = {k: v for k, v in table[name].items() if k.startswith("eval/")}
+        assert set(shown) == {"eval/pass@1", "eval/pass@8", "eval/distinct_correct", "eval/kl_prior", "eval/reward",
+                              "eval/pass@1_exact", "eval/pass@8_exact", "eval/distinct_correct_exact", "eval/kl_prior_exact",
+                              "eval/kl_target_exact", "eval/kl_policy_target_exact"}
+        assert shown == {k: row[k] for k in shown}  # exactly the numbers of metrics.jsonl
+    # the crossover, recomputed from the metrics file: exact curves, pi0 overtakes where it first beats the policy
+    a, b = ([r[f"eval/pass@{k}_exact"] for k in KS] for r in (first, last))
+    want = ("π0 ahead from k=1" if a[0] > b[0] else next((f"{k} (exact)" for k, x, y in zip(KS, a, b) if x > y), "none up to k=8"))
+    assert table["kl-pg β=0.2"]["crossover"] == want
+    lines = [line for line in out.splitlines() if line.count("│") > 3 and "method" not in line]
+    assert [line.split("│")[1].strip() for line in lines] == ["π0 (step 0)", "kl-pg β=0.2"]
+    assert numbers(lines[1].split("│")[3])[0] == pytest.approx(last["eval/pass@1"], rel=1e-3, abs=1e-9)
+    # the training curve and the final row feed the other figures as a one-cell sweep
+    text = page.read_text(encoding="utf-8")
+    assert "No figure" not in text and "metrics.jsonl" in text
+
+
+def test_report_directories_that_are_neither_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.yaml").write_text("algorithm: {name: kl-pg}\n")
+    only_metrics = tmp_path / "only_metrics"
+    write_jsonl(only_metrics / "metrics.jsonl", [{"step": 1}])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for path, needle in ((half, "has config.yaml but no metrics.jsonl"), (only_metrics, "has metrics.jsonl but no config.yaml"),
+                         (empty, "has no results.jsonl; pass a directory written by tiltlm sweep or tiltlm run, or the --out of tiltlm train"),
+                         (tmp_path / "nope", "does not exist")):
+        code, out, err = run_cli(["report", str(path)], monkeypatch, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    (half / "metrics.jsonl").write_text("")
+    with pytest.raises(TiltlmError, match="has no rows yet"):
+        write_report(half)

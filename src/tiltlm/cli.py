@@ -154,15 +154,34 @@ def sweep(
     _quiet_transformers()
     run_sweep(config, out, progress=sys.stderr.isatty(), on_cell=lambda name: console.print(f"finished {name}"), log=log)
     console.print(f"report: {write_report(out)}")
+    _print_pass_at_k(out)
     console.print(f"results: {out / 'results.jsonl'}, summary: {out / 'summary.csv'}")
 
 
+def _print_pass_at_k(run_dir: Path) -> None:
+    """The report's held-out pass@k table (pi0 at step 0, each configuration's last evaluation), when there is one."""
+    from tiltlm.experiments.report import pass_at_k_table
+
+    found = pass_at_k_table(run_dir)
+    if found is None:
+        return
+    headers, rows = found
+    table = Table(*headers, title="pass@k on held-out prompts (π0 = step 0; mean over seeds)")
+    for column in table.columns[1:]:
+        column.justify, column.overflow = "right", "fold"
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A sweep directory (or lm/ or testbed/ of a run).")) -> None:
-    """Write DIR/report/report.html with the frontier, divergence and diversity figures and the final table."""
+def report(run_dir: Path = typer.Argument(..., help="A sweep directory, lm/ or testbed/ of a run, or the --out of tiltlm train.")) -> None:
+    """Write DIR/report/report.html (frontier, divergence, diversity and, with held-out evaluations, pass@k figures and tables)
+    and print the pass@k table."""
     from tiltlm.experiments.report import write_report
 
     console.print(f"report: {write_report(run_dir)}")
+    _print_pass_at_k(run_dir)
 
 
 @app.command()

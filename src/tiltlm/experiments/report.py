@@ -1,13 +1,15 @@
-"""`tiltlm report DIR`: one self-contained HTML page and three PNG figures for a sweep directory.
+"""`tiltlm report DIR`: one self-contained HTML page and PNG figures for a sweep or a training run directory.
 
-Input (what `tiltlm sweep` writes):
+Input (what `tiltlm sweep` writes; or the --out directory of `tiltlm train`, config.yaml + metrics.jsonl, read as
+one cell named after the directory, its algorithm, beta and seed from config.yaml, its final row metrics.jsonl's last):
   DIR/results.jsonl               one object per finished cell: cell, algorithm, beta, seed, final {metric key: value}
   DIR/cells/<cell>/metrics.jsonl  the cell's training curve (keys of tiltlm/metrics/batch.py); none for inference baselines
   DIR/samples.json                optional: {"prior": [texts], "posterior": [texts], "<cell>": [texts], ...}
   DIR/exact.json                  optional, p*'s exact numbers (keys of `tiltlm exact --json`): one object,
                                   or {"<beta>": object, ...}, or a list of objects each with a "beta"
 Output, replaced atomically (written into a temp directory beside it, then renamed):
-  DIR/report/report.html, frontier.png, divergence.png, diversity.png.
+  DIR/report/report.html, frontier.png, divergence.png, diversity.png, and where metrics.jsonl has held-out
+  evaluations (eval/pass@k rows) pass_at_k.png with a pass@k table (tiltlm.experiments.passk).
 
 Exact keys win over estimates wherever a cell has them; every caption names the keys it plotted.
 Means and standard deviations (n - 1) are over the seeds of one configuration: algorithm, beta and the
@@ -173,8 +175,10 @@ def load_cells(run_dir: Path) -> list[Cell]:
         raise TiltlmError(f"report directory '{run_dir}' does not exist; pass the --out directory of tiltlm sweep or tiltlm run")
     path = run_dir / "results.jsonl"
     if not path.is_file():
-        raise TiltlmError(f"'{run_dir}' has no results.jsonl; pass a directory written by tiltlm sweep or tiltlm run "
-                          "(or wait until its first cell finishes)")
+        if (run_dir / "config.yaml").is_file() or (run_dir / "metrics.jsonl").is_file():
+            return [_run_cell(run_dir)]
+        raise TiltlmError(f"'{run_dir}' has no results.jsonl; pass a directory written by tiltlm sweep or tiltlm run, or the --out "
+                          "of tiltlm train (config.yaml and metrics.jsonl), or wait until its first cell finishes")
     cells: dict[str, Cell] = {}
     for i, row in enumerate(_read_jsonl(path, strict=True), 1):
         if not isinstance(row.get("cell"), str) or not isinstance(row.get("final", {}), dict):
@@ -187,6 +191,39 @@ def load_cells(run_dir: Path) -> list[Cell]:
     if not cells:
         raise TiltlmError(f"'{path}' lists no finished cell; rerun tiltlm sweep (or wait until a cell finishes)")
     return list(cells.values())
+
+
+def _run_cell(run_dir: Path) -> Cell:
+    """A `tiltlm train` directory as one cell: its name, config.yaml's algorithm, beta and seed, metrics.jsonl's rows."""
+    import yaml
+
+    config_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise TiltlmError(f"'{run_dir}' has config.yaml but no metrics.jsonl: a training run before its first step; wait for it "
+                          "(or pass a sweep directory)")
+    if not config_path.is_file():
+        raise TiltlmError(f"'{run_dir}' has metrics.jsonl but no config.yaml; pass the --out directory of tiltlm train as it was written")
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError:
+        raise TiltlmError(f"'{config_path}' is not valid YAML; restore the config.yaml tiltlm train wrote") from None
+    config = config if isinstance(config, dict) else {}
+    rows = _read_jsonl(metrics_path, strict=True)
+    if not rows:
+        raise TiltlmError(f"'{metrics_path}' has no rows yet; wait until the run logs its first step")
+    algorithm = config.get("algorithm")
+    algorithm = str(algorithm.get("name") if isinstance(algorithm, dict) else algorithm or run_dir.resolve().name)
+    target = config.get("target") if isinstance(config.get("target"), dict) else {}
+    beta = _num(target, "beta") if target.get("reward") is not None else None
+    return Cell(run_dir.resolve().name, Config(algorithm, beta), config.get("seed"), rows[-1], rows)
+
+
+def pass_at_k_table(run_dir: Path) -> tuple[list[str], list[list[str]]] | None:
+    """(headers, rows) of the report's pass@k table for the console (None when no cell has held-out evaluations)."""
+    from tiltlm.experiments import passk
+
+    pi0, others = passk.lines(_groups(load_cells(Path(run_dir))))
+    return passk.console_rows(pi0, others) if pi0 is not None or others else None
 
 
 def _groups(cells: list[Cell]) -> dict[Config, list[Cell]]:
@@ -482,9 +519,12 @@ def _samples_html(samples, groups: dict, limit: int = 8) -> str:
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write DIR/report/ (report.html + PNG figures) for a sweep directory; returns the path of report.html."""
+    """Write DIR/report/ (report.html + PNG figures) for a sweep or training run directory; returns the path of report.html."""
+    from tiltlm.experiments import passk
+
     run_dir = Path(run_dir)
     cells = load_cells(run_dir)
+    source = "results.jsonl" if (run_dir / "results.jsonl").is_file() else "metrics.jsonl"
     groups = _groups(cells)
     notes: list[str] = []
     targets = _targets(_load_optional(run_dir / "exact.json", notes))
@@ -495,6 +535,9 @@ def write_report(run_dir: Path) -> Path:
         used = {"frontier.png": frontier_figure(groups, targets, tmp / "frontier.png"),
                 "divergence.png": divergence_figure(groups, tmp / "divergence.png"),
                 "diversity.png": diversity_figure(groups, tmp / "diversity.png")}
+        pi0, evaluated = passk.lines(groups)  # held-out pass@k, where metrics.jsonl has eval/ rows
+        evaluations = ([passk.section_html(pi0, evaluated, passk.figure(pi0, evaluated, tmp / passk.FIGURE))]
+                       if pi0 is not None or evaluated else [])
         algorithms = ", ".join(dict.fromkeys(c.algorithm for c in cells))
         betas = ", ".join(f"{b:g}" for b in sorted({c.beta for c in cells if c.beta is not None})) or "—"
         seeds = ", ".join(str(s) for s in sorted({c.seed for c in cells if c.seed is not None}, key=_sortable)) or "—"
@@ -509,6 +552,7 @@ def write_report(run_dir: Path) -> Path:
             "and keeps its diversity. The figures and table below show which happened.</p>"),
             *(f'<p class="note">{html.escape(n)}</p>' for n in notes),
             *(_figure_html(name, used[name], MISSING[name]) for name in used),
+            *evaluations,
             "<h2>Final metrics</h2>",
             ("<p>The last metrics row of each cell: exact (enumerated) values where the space was small enough, estimates "
             "from the last training batch otherwise (hover a number for its metric key). Entropies are in nats. "
@@ -516,7 +560,7 @@ def write_report(run_dir: Path) -> Path:
             _table_html(cells, groups, targets),
             "<h2>Samples</h2>", "<p>Texts drawn from the prior, each trained policy and the posterior, side by side.</p>",
             _samples_html(samples, groups),
-            f'<p class="meta">Generated by tiltlm report from <code>{html.escape(str(run_dir / "results.jsonl"))}</code>.</p>',
+            f'<p class="meta">Generated by tiltlm report from <code>{html.escape(str(run_dir / source))}</code>.</p>',
             "</body></html>",
         ]
         (tmp / "report.html").write_text("\n".join(page) + "\n", encoding="utf-8")
