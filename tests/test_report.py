@@ -501,3 +501,32 @@ def test_report_directories_that_are_neither_are_one_line_errors(tmp_path, monke
     (half / "metrics.jsonl").write_text("")
     with pytest.raises(TiltlmError, match="has no rows yet"):
         write_report(half)
+
+
+def test_tiltlm_sweep_prints_the_pass_at_k_table(train_run, monkeypatch, capsys):
+    """After `tiltlm sweep`, the table: pi0 (one step-0 row per cell, averaged) and each cell's last evaluation."""
+    import yaml
+
+    root, cfg = train_run
+    base = yaml.safe_load(cfg.read_text())
+    del base["algorithm"]
+    base["optim"]["steps"] = 2
+    (root / "sweep.yaml").write_text(yaml.safe_dump({"base": base, "grid": {"algorithms": ["kl-pg", "reinforce"], "betas": [0.2],
+                                                                             "seeds": [0]}}))
+    out = root / "sweep"
+    code, stdout, err = run_cli(["sweep", str(root / "sweep.yaml"), "--out", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    lines = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]] for line in stdout.splitlines()
+             if line.count("│") > 3 and "method" not in line}
+    assert list(lines) == ["π0 (step 0)", "kl-pg β=0.2", "reinforce β=0.2"]
+    firsts, lasts = [], {}
+    for cell in ("kl-pg_beta0.2_seed0", "reinforce_beta0.2_seed0"):
+        rows = [json.loads(line) for line in (out / "cells" / cell / "metrics.jsonl").read_text().splitlines()]
+        firsts.append(rows[0])
+        lasts[cell.split("_")[0] + " β=0.2"] = rows[-1]
+    assert lines["π0 (step 0)"][0] == "2"
+    assert numbers(lines["π0 (step 0)"][1])[0] == pytest.approx(statistics.fmean(r["eval/pass@1"] for r in firsts), rel=1e-3, abs=1e-9)
+    for name, row in lasts.items():
+        assert numbers(lines[name][1])[0] == pytest.approx(row["eval/pass@1"], rel=1e-3, abs=1e-9)
+        assert numbers(lines[name][2])[0] == pytest.approx(row["eval/pass@8"], rel=1e-3, abs=1e-9)
+    assert_drawn_png(out / "report" / PASSK)
