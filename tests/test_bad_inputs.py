@@ -213,7 +213,7 @@ CATALOGUE = {
     "data-jsonl-malformed": (_data("m.jsonl", '{"prompt": "ab"}\n{"prompt": "b"\n'), [], ["m.jsonl' line 2 is not valid JSON", "fix that line"]),
     "data-format-unknown": (_data("p.txt", "ab\n"), [], ["unknown data format '.txt'", "set data.format"]),
     "data-with-contexts": (_both(_data("ok.jsonl", '{"prompt": "ab"}\n'), _set("sampling.contexts", ["a"])), [], ["sets both 'data' and 'sampling.contexts'", "drop sampling.contexts"]),
-    "eval-without-split": (_both(_data("ok.jsonl", '{"prompt": "ab"}\n'), _set("eval", {"n": 4})), [], ["'eval' evaluates on held-out prompts", "set data.eval_size or data.eval_fraction"]),
+    "eval-without-split": (_both(_data("ok.jsonl", '{"prompt": "ab"}\n'), _set("eval", {"n": 4})), [], ["'eval' evaluates on held-out prompts", "set data.eval_size, data.eval_fraction or data.eval_path"]),
 }
 
 

@@ -143,7 +143,7 @@ def test_config_errors_of_the_data_section(tmp_path):
     assert parse_config({**base, "metrics": {"exact_every": 5}}).metrics.exact_every == 5
     with pytest.raises(TiltlmError, match="exactly one"):
         parse_config({"algorithm": "kl-pg", "data": {"prompt_column": "q"}})
-    with pytest.raises(TiltlmError, match="set data.eval_size or data.eval_fraction"):
+    with pytest.raises(TiltlmError, match="set data.eval_size, data.eval_fraction or data.eval_path"):
         parse_config({**base, "eval": {"n": 4}})
     with pytest.raises(TiltlmError, match="unknown config key 'data.prompts_per_stp'; did you mean 'prompts_per_step'"):
         parse_config({"algorithm": "kl-pg", "data": {"path": "p.jsonl", "prompts_per_stp": 2}})
@@ -167,6 +167,25 @@ def test_split_is_seeded_deterministic_disjoint_and_keeps_order():
     assert data.split()[1] is None
     with pytest.raises(TiltlmError, match="leaves no training prompts"):
         data.split(eval_size=10)
+
+
+def test_eval_path_is_a_separate_held_out_file(tmp_path):
+    train_path = write_jsonl(tmp_path / "train.jsonl", ROWS[:6])
+    held_path = write_jsonl(tmp_path / "held.jsonl", ROWS[6:])
+    cfg = parse_config({"algorithm": "kl-pg", "target": {"reward": "exact_match", "beta": 1.0},
+                        "data": {"path": str(train_path), "eval_path": str(held_path)}, "eval": {"n": 4}})
+    train, held = load_data(cfg.data)
+    assert train.prompts == [r["prompt"] for r in ROWS[:6]]  # nothing split off the training file
+    assert held.prompts == [r["prompt"] for r in ROWS[6:]] and held.columns["answer"] == [r["answer"] for r in ROWS[6:]]
+    with pytest.raises(TiltlmError, match="one of data.eval_size, data.eval_fraction, data.eval_path"):
+        parse_config({"algorithm": "kl-pg", "data": {"path": str(train_path), "eval_path": str(held_path), "eval_size": 2}})
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "x", "solution": "y"}])
+    cfg = parse_config({"algorithm": "kl-pg", "data": {"path": str(train_path), "eval_path": str(other)}, "eval": {"n": 4}})
+    with pytest.raises(TiltlmError, match="the same columns"):
+        load_data(cfg.data)
+    cfg = parse_config({"algorithm": "kl-pg", "data": {"path": str(train_path), "eval_path": str(tmp_path / "nope.jsonl")}})
+    with pytest.raises(TiltlmError, match="nope.jsonl"):
+        load_data(cfg.data)
 
 
 def test_the_steps_prompts_are_drawn_by_the_steps_seed(tmp_path):

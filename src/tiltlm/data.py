@@ -277,4 +277,10 @@ def load_data(data) -> tuple[PromptData, PromptData | None]:
         prompts = reasoning_gym_prompts(g.task, size=g.size, seed=g.seed, config=dict(g.config))
     else:
         prompts = load_prompts(data.path, prompt_column=data.prompt_column, format=data.format, split=data.split)
+    if data.eval_path is not None:
+        held = load_prompts(data.eval_path, prompt_column=data.prompt_column, format=data.format, split=data.split)
+        if set(held.columns) != set(prompts.columns):
+            raise TiltlmError(f"data.eval_path {held.source} has columns {sorted(held.columns)} but the training prompts have "
+                              f"{sorted(prompts.columns)}; the verifier reads the same columns in both, so give both files the same columns")
+        return prompts, held
     return prompts.split(eval_size=data.eval_size, eval_fraction=data.eval_fraction, seed=data.split_seed)

@@ -141,14 +141,16 @@ class DataConfig(_Strict):
     prompts_per_step: int | None = Field(None, ge=1, description="prompts per step, drawn by the step's seed; null = every prompt")
     eval_size: int | None = Field(None, ge=1, description="rows held out for evaluation (eval:)")
     eval_fraction: float | None = Field(None, gt=0, lt=1, description="fraction of rows held out (instead of eval_size)")
+    eval_path: str | None = Field(None, description="a separate file of held-out prompts (same prompt_column and format; "
+                                                    "instead of eval_size / eval_fraction)")
     split_seed: int = Field(0, description="seed of the train/eval split")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
         if (self.path is None) == (self.reasoning_gym is None):
             raise ValueError("give data.path (a prompt file) or data.reasoning_gym (a task), exactly one")
-        if self.eval_size is not None and self.eval_fraction is not None:
-            raise ValueError("give data.eval_size or data.eval_fraction, not both")
+        if sum(x is not None for x in (self.eval_size, self.eval_fraction, self.eval_path)) > 1:
+            raise ValueError("give one of data.eval_size, data.eval_fraction, data.eval_path")
         return self
 
 
@@ -251,7 +253,7 @@ def _check_data(data: Any) -> None:
     section = data.get("data")
     if section is None:
         if data.get("eval") is not None:
-            raise TiltlmError("config 'eval' evaluates on held-out prompts; add a data: section with eval_size or eval_fraction")
+            raise TiltlmError("config 'eval' evaluates on held-out prompts; add a data: section with eval_size, eval_fraction or eval_path")
         return
     sampling = data.get("sampling") or {}
     contexts = sampling.get("contexts") if isinstance(sampling, dict) else None
@@ -260,8 +262,8 @@ def _check_data(data: Any) -> None:
                           "prompts; drop sampling.contexts (or data:)")
     if data.get("env") is not None:
         raise TiltlmError("config sets both 'data' and 'env': environment tasks are the prompts of the interactive case; drop one")
-    if data.get("eval") is not None and isinstance(section, dict) and section.get("eval_size") is None and section.get("eval_fraction") is None:
-        raise TiltlmError("config 'eval' evaluates on held-out prompts; set data.eval_size or data.eval_fraction")
+    if data.get("eval") is not None and isinstance(section, dict) and all(section.get(k) is None for k in ("eval_size", "eval_fraction", "eval_path")):
+        raise TiltlmError("config 'eval' evaluates on held-out prompts; set data.eval_size, data.eval_fraction or data.eval_path")
 
 
 def _check_algorithm_beta(beta: Any, target: Any) -> None:
