@@ -23,7 +23,7 @@ from typing import Callable
 import yaml
 
 from tiltlm.errors import TiltlmError
-from tiltlm.io import replace_dir
+from tiltlm.io import atomic_write_text, replace_dir
 
 
 def lm_sweep(prior: str, reward: str, betas: list[float], main_beta: float, steps: int, seed: int) -> dict:
@@ -207,67 +207,136 @@ def exact_targets(sweep_dir: Path, prior: str, betas: list[float], max_new_token
     (sweep_dir / "exact.json").write_text(json.dumps(reports, indent=1))
 
 
+TASKS = ("quiz", "sentiment")  # besides reasoning-gym:<task> and a prompt file
+
+
 def run_main(
     out: str | Path,
     *,
+    task: str = "quiz",
     prior: str = "default",
-    reward: str = "sentiment",
-    betas: tuple[float, ...] = (0.05, 0.2, 1.0),
+    reward: str | None = None,
+    betas: tuple[float, ...] | None = None,
     main_beta: float = 0.2,
     budget: float = 1.0,
-    seed: int = 0,
+    seeds: tuple[int, ...] = (0,),
     overwrite: bool = False,
     interactive: bool = False,
+    progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run both parts (and with ``interactive`` the third) into ``out`` (atomically: a temporary directory renamed at the end)."""
-    from tiltlm.experiments.report import write_report
-    from tiltlm.experiments.sweep import run_sweep
-    from tiltlm.testbed import make_testbed
+    """The main job into ``out`` (atomically: a temporary directory renamed at the end).
+
+    ``task`` "quiz" (default): the RLVR study (tiltlm.experiments.rlvr) on ``prior`` and its exact twin on a testbed;
+    "reasoning-gym:<name>" or a prompt file: the same study on that task (``reward`` the verifier); "sentiment": the
+    reward–KL comparison on the story prior and an exact testbed (``reward`` default sentiment, kl-pg at ``betas``,
+    the rest at ``main_beta``). ``interactive`` adds the interactive part. ``budget`` scales every part's steps."""
+    from tiltlm.experiments import rlvr
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TiltlmError(f"output directory '{out}' is not empty; pass --overwrite or choose another --out")
-    if main_beta not in betas:
-        raise TiltlmError(f"the main beta {main_beta} must be one of the betas {list(betas)}")
-    if budget <= 0:
-        raise TiltlmError(f"--budget must be > 0 (got {budget}); 1.0 is the default run")
+    if not (budget > 0 and math.isfinite(budget)):
+        raise TiltlmError(f"--budget must be a positive number (got {budget}); 1.0 is the default run")
+    if not seeds:
+        raise TiltlmError("--seeds needs at least one seed, e.g. --seeds 0 or --seeds 0,1,2")
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    parts: list[dict] = []
+
+    def part(name: str, title: str, fn: Callable[[], None]) -> None:
+        t = time.time()
+        log(f"part {len(parts) + 1}: {title}")
+        fn()
+        parts.append({"dir": name, "title": title, "seconds": round(time.time() - t, 1)})
+        log(f"  part {len(parts)} finished in {time.time() - t:.0f} s")
+
     try:
-        lm_steps, tb_steps = max(2, round(60 * budget)), max(2, round(100 * budget))
-        lm_cfg = lm_sweep(prior, reward, list(betas), main_beta, lm_steps, seed)
-        (work / "lm").mkdir()
-        (work / "lm" / "sweep_config.yaml").write_text(yaml.safe_dump(lm_cfg))
-        log(f"part 1: {prior} prior, reward {reward}, {lm_steps} steps × 16 samples per cell")
-        run_sweep(work / "lm" / "sweep_config.yaml", work / "lm", on_cell=lambda n: log(f"  finished {n}"))
-        inference_baselines(work / "lm", lm_cfg, main_beta, lm_steps * 16, seed)
-        policy_samples(work / "lm", seed=seed)
-        write_report(work / "lm")
-
-        log(f"part 2: exact testbed, {tb_steps} steps × 32 samples per cell")
-        testbed_dir = make_testbed(work / "testbed_model", vocab_size=5, n_layer=2, seed=seed, train_steps=100)
-        tb_betas = [1.0, 3.0]
-        tb_cfg = testbed_sweep(str(testbed_dir), tb_betas, 1.0, tb_steps, seed)
-        (work / "testbed").mkdir()
-        (work / "testbed" / "sweep_config.yaml").write_text(yaml.safe_dump(tb_cfg))
-        run_sweep(work / "testbed" / "sweep_config.yaml", work / "testbed", on_cell=lambda n: log(f"  finished {n}"))
-        exact_targets(work / "testbed", str(testbed_dir), tb_betas, 4)
-        policy_samples(work / "testbed", seed=seed)
-        write_report(work / "testbed")
-
+        if task == "sentiment":
+            betas = betas or (0.05, 0.2, 1.0)
+            if main_beta not in betas:
+                raise TiltlmError(f"the main beta {main_beta} must be one of the betas {list(betas)}")
+            part("lm", f"{prior} prior, reward {reward or 'sentiment'}: reward–KL at matched samples",
+                 lambda: lm_part(work / "lm", prior, reward or "sentiment", betas, main_beta, budget, seeds[0], log))
+            part("testbed", "exact testbed, reward count:a", lambda: testbed_part(work / "testbed", budget, seeds[0], log))
+        else:
+            betas = betas or (0.1, 1.0)
+            steps = max(2, round(60 * budget))
+            the_task = rlvr.quiz_task(work / "rlvr", prior) if task == "quiz" else rlvr.user_task(task, work / "rlvr", prior, reward)
+            part("rlvr", f"RLVR on {the_task.name} with {prior}: reinforce, kl-pg β={','.join(f'{b:g}' for b in betas)}, dpg; "
+                         f"{steps} steps, seeds {','.join(map(str, seeds))}",
+                 lambda: rlvr.run_study(work / "rlvr", the_task, betas=betas, steps=steps, seeds=seeds, log=log, progress=progress))
+            exact_task = rlvr.letters_task(work / "exact", seeds[0])
+            part("exact", "the same study on an enumerable testbed (exact pass@k and KL to p*(·|x))",
+                 lambda: rlvr.run_study(work / "exact", exact_task, betas=betas, steps=max(2, round(80 * budget)), seeds=seeds,
+                                        log=log, progress=progress))
         if interactive:
-            interactive_part(work / "interactive", prior, budget, seed, log)
-        summary = {"prior": prior, "reward": reward, "betas": list(betas), "main_beta": main_beta, "budget": budget,
-                   "seed": seed, "interactive": interactive, "seconds": time.time() - start}
+            part("interactive", "the interactive case: tabular environments (exact) and twenty questions",
+                 lambda: interactive_part(work / "interactive", prior, budget, seeds[0], log))
+        summary = {"task": task, "prior": prior, "reward": reward, "betas": list(betas), "main_beta": main_beta,
+                   "budget": budget, "seeds": list(seeds), "interactive": interactive, "parts": parts,
+                   "seconds": round(time.time() - start, 1)}
         (work / "run.json").write_text(json.dumps(summary, indent=1))
-        (work / "report.html").write_text(_index(summary))
+        relocate(work, out)
+        write_index(work)
         replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out
+
+
+def relocate(work: Path, out: Path) -> None:
+    """Configs written inside the temporary directory name it; point them at ``out``, where they will live."""
+    old, new = str(work.resolve()), str(out.resolve())
+    for path in work.rglob("*"):
+        if path.suffix in (".yaml", ".json", ".jsonl", ".csv") and path.is_file():
+            text = path.read_text()
+            if old in text:
+                path.write_text(text.replace(old, new))
+
+
+def lm_part(root: Path, prior: str, reward: str, betas, main_beta: float, budget: float, seed: int, log) -> None:
+    from tiltlm.experiments.report import write_report
+    from tiltlm.experiments.sweep import run_sweep
+
+    steps = max(2, round(60 * budget))
+    cfg = lm_sweep(prior, reward, list(betas), main_beta, steps, seed)
+    root.mkdir(parents=True)
+    (root / "sweep_config.yaml").write_text(yaml.safe_dump(cfg))
+    log(f"  {steps} steps × 16 samples per cell")
+    run_sweep(root / "sweep_config.yaml", root, on_cell=_cell_logger(log))
+    inference_baselines(root, cfg, main_beta, steps * 16, seed)
+    policy_samples(root, seed=seed)
+    write_report(root)
+
+
+def testbed_part(root: Path, budget: float, seed: int, log) -> None:
+    from tiltlm.experiments.report import write_report
+    from tiltlm.experiments.sweep import run_sweep
+    from tiltlm.testbed import make_testbed
+
+    steps = max(2, round(100 * budget))
+    model = make_testbed(root / "model", vocab_size=5, n_layer=2, seed=seed, train_steps=100)
+    betas = [1.0, 3.0]
+    cfg = testbed_sweep(str(model), betas, 1.0, steps, seed)
+    (root / "sweep_config.yaml").write_text(yaml.safe_dump(cfg))
+    log(f"  {steps} steps × 32 samples per cell")
+    run_sweep(root / "sweep_config.yaml", root, on_cell=_cell_logger(log))
+    exact_targets(root, str(model), betas, 4)
+    policy_samples(root, seed=seed)
+    write_report(root)
+
+
+def _cell_logger(log):
+    started = [time.time()]
+
+    def on_cell(name: str) -> None:
+        log(f"  finished {name} ({time.time() - started[0]:.0f} s)")
+        started[0] = time.time()
+
+    return on_cell
 
 
 def interactive_part(root: Path, prior: str, budget: float, seed: int, log: Callable[[str], None]) -> None:
@@ -294,17 +363,128 @@ def interactive_part(root: Path, prior: str, budget: float, seed: int, log: Call
     write_report(root / "dialogue")
 
 
-def _index(summary: dict) -> str:
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>tiltlm run</title>
-<style>body{{font-family:sans-serif;max-width:52rem;margin:2rem auto;line-height:1.5}}</style></head><body>
-<h1>tiltlm run</h1>
-<p>Prior <code>{summary['prior']}</code>, reward <code>{summary['reward']}</code>, betas {summary['betas']}
-(main {summary['main_beta']}), budget ×{summary['budget']}, seed {summary['seed']}; {summary['seconds']:.0f} s.</p>
-<ul>
-<li><a href="lm/report/report.html">Part 1: the language model</a> — reinforce vs kl-pg vs dpg/gdc++ vs inference baselines, estimated divergences.</li>
-<li><a href="testbed/report/report.html">Part 2: the exact testbed</a> — the same comparison where every divergence to p* is exact.</li>
-{_interactive_links() if summary.get("interactive") else ""}</ul></body></html>
+PART_LINKS = {
+    "rlvr": "per-cell curves, the pass@k section and the samples of each trained policy",
+    "exact": "the same comparison where pass@k and every divergence to p*(·|x) are exact",
+    "lm": "reinforce vs kl-pg vs dpg/gdc++ vs inference baselines, estimated divergences",
+    "testbed": "the same comparison where every divergence to p* is exact",
+}
+
+
+def write_index(run_dir: str | Path) -> Path:
+    """The top-level report.html of a `tiltlm run` directory (from run.json and the parts' files; `tiltlm report DIR`
+    rewrites it): for the RLVR study the pass@k figure and the computed verdict first, then the summary tables, the
+    per-question numbers and links to each part's own report."""
+    import html
+
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise TiltlmError(f"'{run_dir}' has no readable run.json; pass the --out directory of a finished tiltlm run") from None
+    body = []
+    for p in summary.get("parts", []):
+        if p["dir"] in ("rlvr", "exact"):
+            body.append(_study_section(run_dir, p, headline=p["dir"] == "rlvr"))
+    if not body and summary.get("task", "sentiment") == "sentiment":
+        body.append("<p>The reward–KL comparison: reinforce vs kl-pg at several β vs dpg/gdc++ vs inference baselines, at "
+                    "matched samples (the parts' reports below have the frontier figures).</p>")
+    links = "".join(f'<li><a href="{html.escape(p["dir"])}/report/report.html">Part {i}: {html.escape(p["title"])}</a> — '
+                    f'{PART_LINKS.get(p["dir"], "")} ({p["seconds"]:.0f} s)</li>'
+                    for i, p in enumerate(summary.get("parts", []), 1) if p["dir"] != "interactive")
+    if summary.get("interactive"):
+        links += _interactive_links()
+    seeds = summary.get("seeds", [summary.get("seed", 0)])
+    settings = (f"task <code>{html.escape(str(summary.get('task', 'sentiment')))}</code>, prior <code>{html.escape(str(summary['prior']))}</code>, "
+                f"kl-pg β {', '.join(f'{b:g}' for b in summary['betas'])}, budget ×{summary['budget']:g}, seeds "
+                f"{', '.join(map(str, seeds))}; {summary['seconds']:.0f} s in all")
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>tiltlm run</title>
+<style>body{{font-family:sans-serif;max-width:64rem;margin:1.5rem auto;line-height:1.45;padding:0 1rem}}
+table{{border-collapse:collapse;font-size:.9rem}}td,th{{border:1px solid #ccc;padding:.2rem .45rem}}td.num{{text-align:right}}
+figure{{margin:.5rem 0}}img{{max-width:100%}}.verdict{{font-size:1.08rem;background:#f4f7fb;border-left:4px solid #1f77b4;padding:.5rem .8rem}}
+.scroll{{overflow-x:auto}}</style></head><body>
+<h1>tiltlm run: does RL with a verifier narrow the model?</h1>
+{''.join(body)}
+<h2>Details</h2>
+<ul>{links}</ul>
+<p>Settings: {settings}. Reproduce: <code>{html.escape(_command(summary))}</code></p>
+</body></html>
 """
+    path = run_dir / "report.html"
+    atomic_write_text(path, page)
+    return path
+
+
+def _command(summary: dict) -> str:
+    parts = ["tiltlm run"]
+    if summary.get("task", "quiz") != "quiz":
+        parts.append(f"--task {summary['task']}")
+    if summary.get("prior", "default") != "default":
+        parts.append(f"--prior {summary['prior']}")
+    if summary.get("budget", 1.0) != 1.0:
+        parts.append(f"--budget {summary['budget']:g}")
+    if summary.get("seeds", [0]) != [0]:
+        parts.append(f"--seeds {','.join(map(str, summary['seeds']))}")
+    if summary.get("interactive"):
+        parts.append("--interactive")
+    return " ".join(parts)
+
+
+def _study_section(run_dir: Path, part: dict, *, headline: bool) -> str:
+    """One RLVR study: figure (pass@k, best-of-n baseline included), verdict, table, per-question numbers."""
+    import html
+
+    from tiltlm.experiments import passk, rlvr
+    from tiltlm.experiments.report import _fmt
+
+    root = run_dir / part["dir"]
+    pi0, trained, baselines = rlvr.study_lines(root)
+    figure = f"report/{part['dir']}_pass_at_k.png"
+    (run_dir / "report").mkdir(exist_ok=True)
+    used = passk.figure(pi0, trained + baselines, run_dir / figure)
+    sentences = rlvr.verdict(pi0, trained)
+    headers, rows = passk.table(pi0, trained + baselines)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    trs = []
+    for line, values, cross in rows:
+        tds = "".join(f'<td class="num" data-key="{k}" data-mean="{v!r}">{_fmt(v)}</td>' for k, v in values)
+        trs.append(f'<tr class="passk"><td>{html.escape(line.name)}</td><td class="num">{len(line.rows)}</td>{tds}'
+                   f'<td class="num">{html.escape(cross)}</td></tr>')
+    title = "pass@k on held-out questions" if headline else "The same study, exact: an enumerable testbed"
+    caption = (f"{passk.CAPTION} best-of-{rlvr.BEST_OF} trains nothing: it draws {rlvr.BEST_OF} π0 samples per answer and keeps a "
+               f"correct one, so its pass@k is π0's pass@{rlvr.BEST_OF}k at {rlvr.BEST_OF}× the samples.")
+    out = [f"<h2>{html.escape(title)}</h2>",
+           f'<p class="verdict" id="verdict-{part["dir"]}">{html.escape(" ".join(sentences))}</p>']
+    if used is not None:
+        out.append(f'<figure><img src="{figure}" alt="pass@k against k, {html.escape(part["dir"])}"><figcaption>{html.escape(caption)}'
+                   f"</figcaption></figure>")
+    out.append(f'<div class="scroll"><table id="table-{part["dir"]}"><caption>π0 at step 0, each method\'s final policy (mean over seeds), '
+               f"held-out questions; KL in nats per question</caption><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody>"
+               "</table></div>")
+    out.append(_per_question_html(root))
+    return "\n".join(out)
+
+
+def _per_question_html(root: Path, limit: int = 40) -> str:
+    import html
+
+    from tiltlm.experiments.report import _fmt
+
+    path = root / "per_question.json"
+    if not path.is_file():
+        return ""
+    data = json.loads(path.read_text())
+    methods = list(data["methods"])
+    keys = [k for k in ("pass@1", "pass@64", "distinct_correct", "kl_target_exact") if any(k in r for r in data["methods"][methods[0]])]
+    head = "<th>question</th>" + "".join(f"<th>{html.escape(m)}<br>{html.escape(k)}</th>" for k in keys for m in methods)
+    trs = []
+    for i, prompt in enumerate(data["prompts"][:limit]):
+        tds = "".join(f'<td class="num">{_fmt(data["methods"][m][i].get(k), 3)}</td>' for k in keys for m in methods)
+        trs.append(f"<tr><td>{html.escape(prompt)}</td>{tds}</tr>")
+    more = f" (first {limit} of {len(data['prompts'])})" if len(data["prompts"]) > limit else ""
+    return (f"<details><summary>Per question{more}: pass@1, pass@64, distinct correct answers"
+            f"{', exact KL(p*(·|x)‖π(·|x))' if 'kl_target_exact' in keys else ''} of each method (first seed)</summary>"
+            f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(trs)}</tbody></table></div></details>')
 
 
 def _interactive_links() -> str:

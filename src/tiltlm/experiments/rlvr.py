@@ -1,0 +1,292 @@
+"""The RLVR study, `tiltlm run`'s main part: does RL with a verifier narrow the model, and does the posterior keep
+the base model's breadth?
+
+A task is a prompt dataset with a verifier v(x, y) ∈ {0, 1}. The target is the base model conditioned on being
+right, p*(y|x) = pi0(y|x)·v(x, y) / Z(x), Z(x) = pi0's pass rate on x (docs/math.md, "Conditional targets"). Every
+method trains from pi0 with the same samples per step (prompts_per_step × n_per_context) and the same steps:
+
+- ``reinforce`` maximises v (the beta → 0 limit; RLOO leave-one-out baseline within each prompt's group, GRPO-style);
+- ``kl-pg`` at each beta maximises E[v] − beta·KL(pi‖pi0): reverse KL to p_beta ∝ pi0·exp(v/beta);
+- ``dpg`` matches p* = pi0·1[correct]/Z itself (forward KL, importance weights p*/pi, a log Z per prompt);
+- ``best-of-n`` with the verifier trains nothing: it draws n pi0 samples per answer and returns a correct one when
+  there is one, so its pass@k is pi0's pass@(n·k) at n times the samples.
+
+Each trained policy and pi0 are evaluated on held-out prompts never trained on (``eval:``): pass@k for k = 1 … 64
+(the unbiased estimator over 64 completions per prompt), distinct correct answers per prompt and KL(pi‖pi0); on an
+enumerable space also their exact values and the exact KL(p*(·|x)‖pi(·|x)) per prompt. The cells are laid out like a
+sweep (``cells/<name>/``, ``results.jsonl``), so `tiltlm report` draws them; ``per_question.json`` keeps every
+held-out prompt's numbers, and `verdict` turns the numbers into the two sentences on the report's first screen.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tiltlm.errors import TiltlmError
+from tiltlm.io import atomic_write_text
+
+EVAL_N = 64  # completions per held-out prompt: pass@k up to k = 64
+BEST_OF = 4  # the training-free baseline's n
+
+
+@dataclass
+class Task:
+    """What a study trains on: the prior, the verifier (a reward spec scoring 1 correct / 0 wrong, reading the rows'
+    columns), the training config's ``data:`` section (training prompts and held-out prompts) and the sampling length."""
+
+    name: str
+    prior: str
+    verifier: str
+    data: dict
+    max_new_tokens: int
+    lr: float
+    prompts_per_step: int = 8
+    n_per_context: int = 8
+    exact: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Method:
+    label: str
+    beta: float | None  # None: the target is pi0·1[correct] itself
+    algorithm: dict
+
+    @property
+    def title(self) -> str:
+        """The name reports give this method (tiltlm.experiments.passk.lines: label and beta)."""
+        return self.label + (f" β={self.beta:g}" if self.beta is not None else "")
+
+
+def methods(betas: tuple[float, ...]) -> list[Method]:
+    """reinforce, kl-pg at each beta, dpg (in this order)."""
+    return [Method("reinforce", None, {"name": "reinforce"}),
+            *[Method("kl-pg", b, {"name": "kl-pg"}) for b in betas],
+            Method("dpg", None, {"name": "dpg"})]
+
+
+def cell_config(task: Task, method: Method, *, steps: int, seed: int, eval_at_start: bool) -> dict:
+    """The training config of one cell (validated by the caller through parse_config)."""
+    target = ({"reward": None, "constraints": [task.verifier]} if method.beta is None
+              else {"reward": task.verifier, "beta": method.beta})
+    return {
+        "prior": task.prior, "seed": seed, "target": target, "algorithm": dict(method.algorithm),
+        "sampling": {"n_per_context": task.n_per_context, "max_new_tokens": task.max_new_tokens},
+        "data": {**task.data, "prompts_per_step": task.prompts_per_step},
+        "eval": {"n": EVAL_N, "every": 0, "at_start": eval_at_start, "seed": 10_000 + seed, "exact": task.exact},
+        "optim": {"steps": steps, "lr": task.lr},
+        "metrics": {"diversity": False},
+        "checkpoint": {"every": 0},
+    }
+
+
+def cell_name(method: Method, seed: int) -> str:
+    return f"{method.label}" + (f"_beta{method.beta:g}" if method.beta is not None else "") + f"_seed{seed}"
+
+
+def run_study(root: Path, task: Task, *, betas: tuple[float, ...], steps: int, seeds: tuple[int, ...],
+              log: Callable[[str], None] = print, progress: bool = False) -> Path:
+    """Train every method × seed into ``root/cells``, then results.jsonl, per_question.json and the part's report."""
+    from tiltlm.experiments.report import write_report
+    from tiltlm.experiments.sweep import collect
+    from tiltlm.train.build import fit
+    from tiltlm.train.config import parse_config
+
+    root = Path(root)
+    grid = [(m, s) for s in seeds for m in methods(betas)]
+    configs = {cell_name(m, s): (m, s, parse_config(cell_config(task, m, steps=steps, seed=s, eval_at_start=(i == 0))))
+               for i, (m, s) in enumerate(grid)}  # every config validated before anything trains
+    for i, (name, (method, seed, config)) in enumerate(configs.items(), 1):
+        start = time.perf_counter()
+        log(f"  [{i}/{len(configs)}] {name}: {steps} steps × {task.prompts_per_step * task.n_per_context} samples, "
+            f"then {EVAL_N} completions per held-out prompt")
+        _, rows = fit(config, root / "cells" / name, progress=progress)
+        final = rows[-1]
+        record = {"cell": name, "algorithm": method.label, "beta": method.beta, "seed": seed, "final": final}
+        atomic_write_text(root / "cells" / name / "done.json", json.dumps(record))
+        log(f"        done in {time.perf_counter() - start:.0f} s: pass@1 {final.get('eval/pass@1', float('nan')):.3f}, "
+            f"pass@{EVAL_N} {final.get(f'eval/pass@{EVAL_N}', float('nan')):.3f}, KL(pi||pi0) {final.get('eval/kl_prior', float('nan')):.3f}")
+    collect(root, list(configs))
+    per_question(root, task, configs)
+    write_report(root)
+    return root
+
+
+def per_question(root: Path, task: Task, configs: dict) -> None:
+    """per_question.json: for pi0 and each cell's final policy (the first seed's), every held-out prompt's pass@1,
+    pass@64, distinct correct answers and KL(pi‖pi0) with the training evaluation's seed (so their means are the
+    metrics' values) and, on an enumerable space, the exact pass rate and KL(p*(·|x)‖pi(·|x))."""
+    from tiltlm.data import load_data
+    from tiltlm.evaluate import ExactEvaluation, evaluate
+    from tiltlm.policies import HFPolicy
+    from tiltlm.rewards import get_reward
+    from tiltlm.targets import make_target
+
+    _, seed, first = next(iter(configs.values()))
+    _, held = load_data(first.data)
+    prior = HFPolicy.from_pretrained(task.prior, max_new_tokens=task.max_new_tokens)
+    verifier = get_reward(task.verifier)
+    exact = None
+    if task.exact:
+        target = make_target(prior, reward=None, constraints=[task.verifier])
+        exact = ExactEvaluation(held, target, target.verifier, n=EVAL_N, max_new_tokens=task.max_new_tokens)
+    out: dict = {"prompts": held.prompts, "methods": {}}
+    for name, (method, s, config) in [("pi0", (None, seed, first)), *configs.items()]:
+        if s != seed:
+            continue  # the first seed's policies: the table compares methods, not seeds
+        policy = prior if method is None else HFPolicy.from_pretrained(root / "cells" / name / "policy", max_new_tokens=task.max_new_tokens)
+        result = evaluate(policy, held, verifier, n=EVAL_N, seed=config.eval.seed, prior=prior)
+        rows = [{"pass@1": r["pass_at_k"][1], f"pass@{EVAL_N}": r["pass_at_k"][EVAL_N], "distinct_correct": r["distinct_correct"],
+                 "kl_prior": r.get("kl_prior")} for r in result.per_prompt]
+        if exact is not None:
+            for r, e in zip(rows, exact.per_prompt(policy)):
+                r.update({"pass@1_exact": e["eval/pass@1_exact"], "kl_target_exact": e["eval/kl_target_exact"]})
+        out["methods"]["π0" if method is None else method.title] = rows
+    atomic_write_text(root / "per_question.json", json.dumps(out, indent=1))
+
+
+# ---- tasks -------------------------------------------------------------------------------------------------
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def quiz_task(root: Path, prior: str = "default") -> Task:
+    """The embedded default's verifiable task (tiltlm.quiz): short questions with many correct answers; training and
+    held-out questions written to ``root/data``."""
+    from tiltlm import quiz
+
+    train = _write_jsonl(root / "data" / "train.jsonl", quiz.questions("train"))
+    held = _write_jsonl(root / "data" / "heldout.jsonl", quiz.questions("heldout"))
+    return Task("quiz", prior, "quiz", {"path": str(train), "eval_path": str(held)}, max_new_tokens=8, lr=1e-3)
+
+
+LETTERS = "abcd"
+
+
+def letters(completions: list[str], letter: list[str], times: list[int], **kwargs) -> list[float]:
+    """The exact testbed's verifier: 1 if the completion contains the row's ``letter`` at least ``times`` times."""
+    return [float(c.count(a) >= int(t)) for c, a, t in zip(completions, letter, times)]
+
+
+def letters_task(root: Path, seed: int = 0) -> Task:
+    """The enumerable testbed: a 5-token GPT-2 fitted to a random Markov chain (tiltlm.testbed). A prompt is a noise
+    letter, then a letter written t times: "contain that letter at least t times" in ≤ 4 tokens ("bcc": two c's). Every
+    completion can be enumerated (341 per prompt), so pass@k, distinct correct answers and KL(p*(·|x)‖pi(·|x)) are
+    exact. 36 prompts train, 12 are held out (each requirement is trained after other noise letters)."""
+    import itertools
+    import random
+
+    from tiltlm.testbed import make_testbed
+
+    model = make_testbed(root / "model", vocab_size=5, n_layer=2, seed=seed, train_steps=100)
+    rows = [{"prompt": noise + letter * times, "letter": letter, "times": times}
+            for letter, times, noise in itertools.product(LETTERS, (1, 2, 3), LETTERS)]
+    random.Random(seed).shuffle(rows)
+    held_keys = {(r["letter"], r["times"]) for r in rows[:12]}
+    held = [next(r for r in rows if (r["letter"], r["times"]) == key) for key in sorted(held_keys)]
+    train = [r for r in rows if r not in held]
+    return Task("letters (exact testbed)", str(model), "tiltlm.experiments.rlvr:letters",
+                {"path": str(_write_jsonl(root / "data" / "train.jsonl", train)),
+                 "eval_path": str(_write_jsonl(root / "data" / "heldout.jsonl", held))}, max_new_tokens=4, lr=3e-3, exact=True)
+
+
+def user_task(spec: str, root: Path, prior: str, verifier: str | None) -> Task:
+    """``--task``: ``reasoning-gym:<name>`` (offline, the task's own scorer) or a prompt file (.jsonl/.csv/.parquet,
+    20% held out, ``verifier`` default exact_match against its ``answer`` column)."""
+    if spec.startswith("reasoning-gym:"):
+        name = spec.split(":", 1)[1]
+        return Task(spec, prior, verifier or "reasoning_gym", {"reasoning_gym": {"task": name, "size": 240}, "eval_size": 40},
+                    max_new_tokens=64, lr=2e-5, prompts_per_step=4)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise TiltlmError(f"--task '{spec}' is neither quiz, sentiment, reasoning-gym:<task> nor an existing prompt file; "
+                          "pass one of those")
+    return Task(path.name, prior, verifier or "exact_match", {"path": str(path.resolve()), "eval_fraction": 0.2},
+                max_new_tokens=64, lr=2e-5, prompts_per_step=4)
+
+
+# ---- reading a study back: lines, the baseline, the verdict ------------------------------------------------
+
+
+def study_lines(root: Path):
+    """(pi0, [trained lines], [training-free lines]) of a study directory (tiltlm.experiments.passk.Line)."""
+    from tiltlm.experiments import passk
+    from tiltlm.experiments.report import _groups, load_cells
+
+    pi0, trained = passk.lines(_groups(load_cells(root)))
+    return pi0, trained, ([best_of_n_line(pi0, BEST_OF)] if pi0 is not None else [])
+
+
+def best_of_n_line(pi0, n: int):
+    """Best-of-n with the verifier from pi0's own evaluation: pass@k(BoN_n) = pass@(n·k)(pi0) (one correct among n·k
+    pi0 samples), for the k with n·k evaluated."""
+    from tiltlm.experiments.passk import Line
+
+    values = pi0.values
+    row = {f"eval/pass@{k}": values[f"eval/pass@{n * k}"] for k in (1, 2, 4, 8, 16, 32, 64) if f"eval/pass@{n * k}" in values}
+    row.update({f"eval/pass@{k}_exact": values[f"eval/pass@{n * k}_exact"] for k in (1, 2, 4, 8, 16, 32, 64)
+                if f"eval/pass@{n * k}_exact" in values})
+    return Line(f"best-of-{n} (verifier, {n}× samples)", None, [row])
+
+
+def _get(line, key: str) -> float | None:
+    return line.values.get(key) if line is not None else None
+
+
+def verdict(pi0, trained: list) -> list[str]:
+    """Two sentences computed from the numbers: did RL (reinforce, else the smallest-beta kl-pg) narrow the model —
+    pi0 overtakes it at some k, or its pass@K is below pi0's —, and did dpg (the posterior) keep the breadth — pass@K
+    within 0.02 of pi0's or above and at least pi0's distinct correct answers per prompt? K is the largest k."""
+    from tiltlm.experiments.passk import crossover
+
+    if pi0 is None or not trained:
+        return ["No held-out evaluation to compare: the study has no π0 row or no trained policy."]
+    exact = "eval/pass@1_exact" in pi0.values and all("eval/pass@1_exact" in line.values for line in trained)
+    sfx = "_exact" if exact else ""  # the exact values where every line has them, as the crossover uses
+    big = max(pi0.curve(exact), default=1)
+    kk, k1, kd = f"eval/pass@{big}{sfx}", f"eval/pass@1{sfx}", f"eval/distinct_correct{sfx}"
+    p1, pk, dc = _get(pi0, k1), _get(pi0, kk), _get(pi0, kd)
+    if None in (p1, pk, dc):
+        return [f"The π0 row lacks {k1}, {kk} or {kd}: no verdict."]
+    rl = next((l for l in trained if l.name == "reinforce"), None) or min(
+        (l for l in trained if l.name.startswith("kl-pg")), key=lambda l: l.beta or 0.0, default=None)
+    post = next((l for l in trained if l.name == "dpg"), None)
+    out = []
+    if rl is not None:
+        r1, rk, rdc = _get(rl, k1), _get(rl, kk), _get(rl, kd)
+        k, _ = crossover(pi0, rl)
+        if None in (r1, rk, rdc):
+            out.append(f"{rl.name} lacks {k1}, {kk} or {kd}: no verdict on narrowing.")
+        elif k is not None or (rk is not None and pk is not None and rk < pk - 0.02):
+            where = f"π0 overtakes it at k = {k}" if k is not None else f"its pass@{big} is below π0's"
+            out.append(f"RL with the verifier narrowed the model: {rl.name} moved pass@1 from {p1:.2f} to {r1:.2f}, but {where} "
+                       f"(pass@{big} {rk:.2f} against π0's {pk:.2f}) and it finds {rdc:.1f} distinct correct answers per "
+                       f"question against π0's {dc:.1f}.")
+        else:
+            out.append(f"RL with the verifier did not narrow the model at this budget: {rl.name} moved pass@1 from {p1:.2f} to "
+                       f"{r1:.2f} and stayed at or above π0 up to k = {big} (pass@{big} {rk:.2f} against {pk:.2f}; distinct correct "
+                       f"{rdc:.1f} against {dc:.1f}).")
+    if post is not None:
+        q1, qk, qdc = _get(post, k1), _get(post, kk), _get(post, kd)
+        lost = [] if None in (q1, qk, qdc) else (([f"pass@{big}"] if qk < pk - 0.02 else []) +
+                                                 (["distinct correct answers"] if qdc < dc else []))
+        how = "" if None in (q1, qk, qdc) else (f"pass@1 {p1:.2f} → {q1:.2f}, pass@{big} {qk:.2f} against π0's {pk:.2f}, "
+                                                f"{qdc:.1f} distinct correct answers against π0's {dc:.1f}")
+        if not how:
+            out.append(f"dpg lacks {k1}, {kk} or {kd}: no verdict on the posterior.")
+        elif not lost:
+            out.append(f"The posterior kept the breadth: dpg, trained toward π0·1[correct], gained accuracy without losing "
+                       f"coverage ({how}).")
+        else:
+            out.append(f"The posterior did not keep the breadth here: dpg, trained toward π0·1[correct], fell below π0 in "
+                       f"{' and '.join(lost)} ({how}).")
+    return out if not exact else [*out, "(Exact values: every completion was enumerated.)"]
