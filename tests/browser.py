@@ -14,8 +14,9 @@ needs_chromium = pytest.mark.skipif(
 )
 
 
-def render_in_chromium(page: Path, tmp_path: Path, figures: list[str]) -> Path:
-    """Load ``page`` in headless Chromium, assert it is whole, and return the path of a screenshot PNG."""
+def render_in_chromium(page: Path, tmp_path: Path, figures: list[str], on_page=None) -> Path:
+    """Load ``page`` in headless Chromium, assert it is whole, and return the path of a screenshot PNG;
+    ``on_page(driver)`` runs more checks on the loaded page (1280×900 window) before the screenshot."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
     from selenium.webdriver.chrome.service import Service
 
@@ -35,10 +36,12 @@ def render_in_chromium(page: Path, tmp_path: Path, figures: list[str]) -> Path:
         assert all(complete and width > 0 and alt for _, complete, width, alt in images), images
         events = [json.loads(e["message"])["message"] for e in driver.get_log("performance")]
         requested = [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
-        assert {Path(u).name for u in requested} >= {"report.html", *figures}
+        assert {Path(u).name for u in requested} >= {"report.html", *(Path(f).name for f in figures)}
         assert not [u for u in requested if u.split(":")[0] in ("http", "https", "ws", "wss")], requested  # nothing from the network
         errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
         assert not errors, errors
+        if on_page is not None:
+            on_page(driver)
         shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
     finally:
         driver.quit()

@@ -46,26 +46,57 @@ def _fmt(x: float) -> str:
 @app.command()
 def run(
     out: Path = typer.Option(Path("runs/run"), help="Results directory (written atomically)."),
-    prior: str = typer.Option("default", help="Prior LM: 'default' (embedded) or a save_pretrained directory."),
-    reward: str = typer.Option("sentiment", help="Reward spec, e.g. sentiment, contains:dog, mymod:f."),
-    betas: str = typer.Option("0.05,0.2,1.0", help="Comma-separated betas for kl-pg (the frontier)."),
-    beta: float = typer.Option(0.2, help="Main beta: the p* that reinforce, dpg, gdc++ and the baselines are measured against."),
-    budget: float = typer.Option(1.0, help="Scales the number of steps (1.0 ≈ 5–10 minutes on 2 CPU cores)."),
-    seed: int = typer.Option(0),
+    task: str = typer.Option("quiz", help="quiz (the RLVR study on the embedded default's questions), letters (its exact "
+                                          "testbed alone), reasoning-gym:<task>, "
+                                          "a prompt file (.jsonl/.csv/.parquet; 20% held out), or sentiment (the reward–KL comparison)."),
+    prior: str = typer.Option("default", help="Prior LM: 'default' (embedded), smollm2-135m, or a save_pretrained directory."),
+    reward: str = typer.Option(None, help="The verifier of a prompt-file task (default exact_match), or sentiment's reward (default sentiment)."),
+    betas: str = typer.Option(None, help="Comma-separated kl-pg betas (default 0.1,1 for RLVR tasks; 0.05,0.2,1 for sentiment)."),
+    beta: float = typer.Option(0.2, help="sentiment only: the p* that reinforce, dpg, gdc++ and the baselines are measured against."),
+    budget: float = typer.Option(1.0, help="Scales every part's steps (1.0: the README's run, under 10 minutes on 2 CPU cores)."),
+    seeds: str = typer.Option("0", help="Comma-separated training seeds of the RLVR study (each adds one run per method)."),
     overwrite: bool = typer.Option(False, help="Replace an existing results directory."),
-    interactive: bool = typer.Option(False, help="Add part 3, the interactive case: DPG vs KL-PG on tabular envs (exact) and twenty questions."),
+    interactive: bool = typer.Option(False, help="Add the interactive case: DPG vs KL-PG on tabular envs (exact) and twenty questions."),
 ) -> None:
-    """The main job: collapse vs posterior on the default LM and on an exact testbed, with a report."""
+    """The main job: does RL with a verifier narrow the model (pass@k), does the posterior keep the breadth? With a report."""
     from tiltlm.experiments.run import run_main
 
     _quiet_transformers()
-    try:
-        beta_list = tuple(float(b) for b in betas.split(","))
-    except ValueError:
-        raise TiltlmError(f"--betas must be comma-separated numbers (got {betas!r})") from None
-    path = run_main(out, prior=prior, reward=reward, betas=beta_list, main_beta=beta, budget=budget, seed=seed,
-                    overwrite=overwrite, interactive=interactive, log=console.print)
+    beta_list = _numbers(betas, "--betas", float) if betas is not None else None
+    seed_list = _numbers(seeds, "--seeds", int)
+    path = run_main(out, task=task, prior=prior, reward=reward, betas=beta_list, main_beta=beta, budget=budget, seeds=seed_list,
+                    overwrite=overwrite, interactive=interactive, progress=console.is_terminal, log=console.print)
     summary = json.loads((path / "run.json").read_text())
+    if task == "sentiment":
+        _print_sentiment(path, prior, reward or "sentiment")
+    else:
+        from tiltlm.experiments import rlvr
+
+        for part in summary["parts"]:
+            if part["dir"] in ("rlvr", "exact"):
+                pi0, trained, baselines = rlvr.study_lines(path / part["dir"])
+                headers, rows = rlvr.console_table(pi0, trained + baselines)
+                table = Table(*headers, title=part["title"], title_justify="left")
+                for row in rows:
+                    table.add_row(*row)
+                console.print(table, width=max(console.width, 120), markup=False)
+                console.print(" ".join(rlvr.verdict(pi0, trained)), markup=False, highlight=False)
+    if interactive:
+        _print_interactive(path / "interactive")
+    console.print(f"report: {path / 'report.html'}  ({summary['seconds']:.0f} s)")
+
+
+def _numbers(text: str, flag: str, kind):
+    try:
+        values = tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise TiltlmError(f"{flag} must be comma-separated {'numbers' if kind is float else 'integers'} (got {text!r})") from None
+    if not values:
+        raise TiltlmError(f"{flag} needs at least one value (got {text!r})")
+    return values
+
+
+def _print_sentiment(path: Path, prior: str, reward: str) -> None:
     for part, title in (("lm", f"{prior} prior, r = {reward}"), ("testbed", "exact testbed, r = count:a")):
         table = Table("algorithm", "beta", "reward", "KL(pi||pi0)", "KL(p*||pi)", "entropy", "distinct-2", title=title)
         for line in (path / part / "results.jsonl").read_text().splitlines():
@@ -76,9 +107,6 @@ def run(
                           pick("kl/target_exact", "kl/target_is"), pick("entropy/exact", "entropy/seq"),
                           pick("diversity/distinct_2" if part == "lm" else "diversity/distinct_2_tokens"))
         console.print(table)
-    if interactive:
-        _print_interactive(path / "interactive")
-    console.print(f"report: {path / 'report.html'}  ({summary['seconds']:.0f} s)")
 
 
 def _print_interactive(root: Path) -> None:

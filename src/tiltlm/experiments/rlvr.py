@@ -181,18 +181,19 @@ def letters_task(root: Path, seed: int = 0) -> Task:
     """The enumerable testbed: a 5-token GPT-2 fitted to a random Markov chain (tiltlm.testbed). A prompt is a noise
     letter, then a letter written t times: "contain that letter at least t times" in ≤ 4 tokens ("bcc": two c's). Every
     completion can be enumerated (341 per prompt), so pass@k, distinct correct answers and KL(p*(·|x)‖pi(·|x)) are
-    exact. 36 prompts train, 12 are held out (each requirement is trained after other noise letters)."""
+    exact. Each of the 12 requirements is held out after one noise letter (12 held-out prompts) and trained after the
+    other three (36 training prompts)."""
     import itertools
     import random
 
     from tiltlm.testbed import make_testbed
 
     model = make_testbed(root / "model", vocab_size=5, n_layer=2, seed=seed, train_steps=100)
+    rng = random.Random(seed)
     rows = [{"prompt": noise + letter * times, "letter": letter, "times": times}
             for letter, times, noise in itertools.product(LETTERS, (1, 2, 3), LETTERS)]
-    random.Random(seed).shuffle(rows)
-    held_keys = {(r["letter"], r["times"]) for r in rows[:12]}
-    held = [next(r for r in rows if (r["letter"], r["times"]) == key) for key in sorted(held_keys)]
+    held_noise = {(letter, times): rng.choice(LETTERS) for letter, times in itertools.product(LETTERS, (1, 2, 3))}
+    held = [r for r in rows if held_noise[r["letter"], r["times"]] == r["prompt"][0]]
     train = [r for r in rows if r not in held]
     return Task("letters (exact testbed)", str(model), "tiltlm.experiments.rlvr:letters",
                 {"path": str(_write_jsonl(root / "data" / "train.jsonl", train)),
@@ -208,8 +209,8 @@ def user_task(spec: str, root: Path, prior: str, verifier: str | None) -> Task:
                     max_new_tokens=64, lr=2e-5, prompts_per_step=4)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise TiltlmError(f"--task '{spec}' is neither quiz, sentiment, reasoning-gym:<task> nor an existing prompt file; "
-                          "pass one of those")
+        raise TiltlmError(f"--task '{spec}' is neither quiz, letters, sentiment, reasoning-gym:<task> nor an existing prompt "
+                          "file; pass one of those")
     return Task(path.name, prior, verifier or "exact_match", {"path": str(path.resolve()), "eval_fraction": 0.2},
                 max_new_tokens=64, lr=2e-5, prompts_per_step=4)
 
@@ -236,6 +237,26 @@ def best_of_n_line(pi0, n: int):
     row.update({f"eval/pass@{k}_exact": values[f"eval/pass@{n * k}_exact"] for k in (1, 2, 4, 8, 16, 32, 64)
                 if f"eval/pass@{n * k}_exact" in values})
     return Line(f"best-of-{n} (verifier, {n}× samples)", None, [row])
+
+
+CONSOLE_COLUMNS = (("pass@1", "eval/pass@1"), ("pass@64", "eval/pass@64"), ("distinct correct", "eval/distinct_correct"),
+                   ("KL(pi||pi0)", "eval/kl_prior"), ("KL(p*||pi) exact", "eval/kl_target_exact"))
+
+
+def console_table(pi0, lines: list) -> tuple[list[str], list[list[str]]]:
+    """The few columns `tiltlm run` prints (the report has them all), crossover last; exact pass@k where enumerated."""
+    from tiltlm.experiments.passk import _crossover_text, crossover
+    from tiltlm.experiments.report import _fmt
+
+    every = ([pi0] if pi0 is not None else []) + lines
+    cols = [(h, k) for h, k in CONSOLE_COLUMNS if any(k in line.values for line in every)]
+    exact = [(h + " exact", k + "_exact") for h, k in cols[:3] if any(k + "_exact" in line.values for line in every)]
+    cols = cols[:3] + exact + cols[3:]
+    rows = []
+    for line in every:
+        cross = "—" if line is pi0 or pi0 is None else _crossover_text(*crossover(pi0, line))
+        rows.append([line.name, *[_fmt(line.values.get(k), 3) for _, k in cols], cross])
+    return ["method", *[h for h, _ in cols], "π0 overtakes at k"], rows
 
 
 def _get(line, key: str) -> float | None:

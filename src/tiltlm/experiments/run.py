@@ -207,7 +207,7 @@ def exact_targets(sweep_dir: Path, prior: str, betas: list[float], max_new_token
     (sweep_dir / "exact.json").write_text(json.dumps(reports, indent=1))
 
 
-TASKS = ("quiz", "sentiment")  # besides reasoning-gym:<task> and a prompt file
+TASKS = ("quiz", "letters", "sentiment")  # besides reasoning-gym:<task> and a prompt file
 
 
 def run_main(
@@ -228,6 +228,7 @@ def run_main(
     """The main job into ``out`` (atomically: a temporary directory renamed at the end).
 
     ``task`` "quiz" (default): the RLVR study (tiltlm.experiments.rlvr) on ``prior`` and its exact twin on a testbed;
+    "letters": the exact twin alone;
     "reasoning-gym:<name>" or a prompt file: the same study on that task (``reward`` the verifier); "sentiment": the
     reward–KL comparison on the story prior and an exact testbed (``reward`` default sentiment, kl-pg at ``betas``,
     the rest at ``main_beta``). ``interactive`` adds the interactive part. ``budget`` scales every part's steps."""
@@ -260,6 +261,12 @@ def run_main(
             part("lm", f"{prior} prior, reward {reward or 'sentiment'}: reward–KL at matched samples",
                  lambda: lm_part(work / "lm", prior, reward or "sentiment", betas, main_beta, budget, seeds[0], log))
             part("testbed", "exact testbed, reward count:a", lambda: testbed_part(work / "testbed", budget, seeds[0], log))
+        elif task == "letters":
+            betas = betas or (0.1, 1.0)
+            exact_task = rlvr.letters_task(work / "exact", seeds[0])
+            part("exact", "RLVR on an enumerable testbed (exact pass@k and KL to p*(·|x))",
+                 lambda: rlvr.run_study(work / "exact", exact_task, betas=betas, steps=max(2, round(80 * budget)), seeds=seeds,
+                                        log=log, progress=progress))
         else:
             betas = betas or (0.1, 1.0)
             steps = max(2, round(60 * budget))
@@ -279,7 +286,7 @@ def run_main(
                    "seconds": round(time.time() - start, 1)}
         (work / "run.json").write_text(json.dumps(summary, indent=1))
         relocate(work, out)
-        write_index(work)
+        write_index(work, name=out.name)
         replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -371,7 +378,7 @@ PART_LINKS = {
 }
 
 
-def write_index(run_dir: str | Path) -> Path:
+def write_index(run_dir: str | Path, name: str | None = None) -> Path:
     """The top-level report.html of a `tiltlm run` directory (from run.json and the parts' files; `tiltlm report DIR`
     rewrites it): for the RLVR study the pass@k figure and the computed verdict first, then the summary tables, the
     per-question numbers and links to each part's own report."""
@@ -385,7 +392,7 @@ def write_index(run_dir: str | Path) -> Path:
     body = []
     for p in summary.get("parts", []):
         if p["dir"] in ("rlvr", "exact"):
-            body.append(_study_section(run_dir, p, headline=p["dir"] == "rlvr"))
+            body.append(_study_section(run_dir, p, headline=not body))
     if not body and summary.get("task", "sentiment") == "sentiment":
         body.append("<p>The reward–KL comparison: reinforce vs kl-pg at several β vs dpg/gdc++ vs inference baselines, at "
                     "matched samples (the parts' reports below have the frontier figures).</p>")
@@ -398,7 +405,7 @@ def write_index(run_dir: str | Path) -> Path:
     settings = (f"task <code>{html.escape(str(summary.get('task', 'sentiment')))}</code>, prior <code>{html.escape(str(summary['prior']))}</code>, "
                 f"kl-pg β {', '.join(f'{b:g}' for b in summary['betas'])}, budget ×{summary['budget']:g}, seeds "
                 f"{', '.join(map(str, seeds))}; {summary['seconds']:.0f} s in all")
-    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>tiltlm run</title>
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>tiltlm report: run {html.escape(name or run_dir.resolve().name)}</title>
 <style>body{{font-family:sans-serif;max-width:64rem;margin:1.5rem auto;line-height:1.45;padding:0 1rem}}
 table{{border-collapse:collapse;font-size:.9rem}}td,th{{border:1px solid #ccc;padding:.2rem .45rem}}td.num{{text-align:right}}
 figure{{margin:.5rem 0}}img{{max-width:100%}}.verdict{{font-size:1.08rem;background:#f4f7fb;border-left:4px solid #1f77b4;padding:.5rem .8rem}}
@@ -447,10 +454,12 @@ def _study_section(run_dir: Path, part: dict, *, headline: bool) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     trs = []
     for line, values, cross in rows:
-        tds = "".join(f'<td class="num" data-key="{k}" data-mean="{v!r}">{_fmt(v)}</td>' for k, v in values)
+        tds = "".join(f'<td class="num" data-key="{k}" data-mean="{v!r}">{_fmt(v)}</td>' if v is not None else '<td class="num">—</td>'
+                      for k, v in values)
         trs.append(f'<tr class="passk"><td>{html.escape(line.name)}</td><td class="num">{len(line.rows)}</td>{tds}'
                    f'<td class="num">{html.escape(cross)}</td></tr>')
-    title = "pass@k on held-out questions" if headline else "The same study, exact: an enumerable testbed"
+    title = ("pass@k on held-out questions" if headline else "The same study, exact") + (
+        ": an enumerable testbed" if part["dir"] == "exact" else "")
     caption = (f"{passk.CAPTION} best-of-{rlvr.BEST_OF} trains nothing: it draws {rlvr.BEST_OF} π0 samples per answer and keeps a "
                f"correct one, so its pass@k is π0's pass@{rlvr.BEST_OF}k at {rlvr.BEST_OF}× the samples.")
     out = [f"<h2>{html.escape(title)}</h2>",

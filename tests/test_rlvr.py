@@ -1,0 +1,133 @@
+"""The RLVR study (tiltlm.experiments.rlvr) and `tiltlm run`'s page: the exact testbed task end to end with a small
+budget, the verdict against hand-made numbers, and the report's numbers against the metrics files."""
+
+import json
+
+import pytest
+from browser import needs_chromium, render_in_chromium
+from test_report import parse
+
+from tiltlm.errors import TiltlmError
+from tiltlm.experiments import rlvr
+from tiltlm.experiments.passk import Line
+from tiltlm.experiments.run import run_main, write_index
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rlvr") / "run"
+    messages = []
+    run_main(out, task="letters", budget=0.25, log=messages.append)
+    (out / "log.txt").write_text("\n".join(messages))
+    return out
+
+
+def _last(metrics_path, step0=False):
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    return rows[0] if step0 else rows[-1]
+
+
+def test_study_trains_every_method_and_logs_progress_per_cell(run_dir):
+    names = sorted(p.name for p in (run_dir / "exact" / "cells").iterdir())
+    assert names == ["dpg_seed0", "kl-pg_beta0.1_seed0", "kl-pg_beta1_seed0", "reinforce_seed0"]
+    log = (run_dir / "log.txt").read_text()
+    assert log.count("done in") == 4 and "part 1:" in log and "[4/4]" in log
+    first = _last(run_dir / "exact" / "cells" / "reinforce_seed0" / "metrics.jsonl", step0=True)
+    assert first["step"] == 0 and "eval/pass@64_exact" in first  # pi0's evaluation, exact on this space
+    assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")], "no temporary directory left behind"
+    config = (run_dir / "exact" / "cells" / "dpg_seed0" / "config.yaml").read_text()
+    assert str(run_dir.resolve()) in config and ".run." not in config  # paths point at the final directory
+
+
+def test_index_numbers_equal_the_metrics_files(run_dir):
+    """Every number of the first table: pi0's is the step-0 evaluation row, each method's its last row."""
+    doc = parse(run_dir / "report.html")
+    cells = run_dir / "exact" / "cells"
+    source = {"π0 (step 0)": _last(cells / "reinforce_seed0" / "metrics.jsonl", step0=True),
+              "reinforce": _last(cells / "reinforce_seed0" / "metrics.jsonl"), "dpg": _last(cells / "dpg_seed0" / "metrics.jsonl"),
+              "kl-pg β=0.1": _last(cells / "kl-pg_beta0.1_seed0" / "metrics.jsonl"),
+              "kl-pg β=1": _last(cells / "kl-pg_beta1_seed0" / "metrics.jsonl")}
+    checked = set()
+    for cls, row in doc.rows:
+        if cls == "passk" and row[0][1] in source:
+            for attrs, _ in row[2:]:
+                if "data-key" in attrs:
+                    assert float(attrs["data-mean"]) == pytest.approx(source[row[0][1]][attrs["data-key"]], rel=1e-12, abs=1e-15)
+                    checked.add((row[0][1], attrs["data-key"]))
+    assert {name for name, _ in checked} == set(source)
+    assert {"eval/pass@1", "eval/pass@64", "eval/pass@64_exact", "eval/kl_target_exact"} <= {k for _, k in checked}
+    # best-of-4 is pi0's pass@(4k)
+    bon = next(row for cls, row in doc.rows if cls == "passk" and row[0][1].startswith("best-of-4"))
+    values = {a["data-key"]: float(a["data-mean"]) for a, _ in bon[2:] if "data-key" in a}
+    assert values["eval/pass@1"] == pytest.approx(source["π0 (step 0)"]["eval/pass@4"], rel=1e-12)
+
+
+def test_per_question_means_are_the_metrics_values(run_dir):
+    """per_question.json re-evaluates each final policy with the training evaluation's seed: its means are the metrics'."""
+    data = json.loads((run_dir / "exact" / "per_question.json").read_text())
+    assert len(data["prompts"]) == 12 and set(data["methods"]) == {"π0", "reinforce", "kl-pg β=0.1", "kl-pg β=1", "dpg"}
+    final = _last(run_dir / "exact" / "cells" / "dpg_seed0" / "metrics.jsonl")
+    rows = data["methods"]["dpg"]
+    for key, metric in (("pass@1", "eval/pass@1"), ("pass@64", "eval/pass@64"), ("distinct_correct", "eval/distinct_correct"),
+                        ("pass@1_exact", "eval/pass@1_exact"), ("kl_target_exact", "eval/kl_target_exact")):
+        assert sum(r[key] for r in rows) / len(rows) == pytest.approx(final[metric], rel=1e-9, abs=1e-12), key
+
+
+def test_the_page_leads_with_the_figure_and_the_computed_verdict(run_dir):
+    page = (run_dir / "report.html").read_text()
+    verdict = " ".join(rlvr.verdict(*rlvr.study_lines(run_dir / "exact")[:2]))
+    assert verdict and verdict.replace("'", "&#x27;") in page
+    assert page.index('class="verdict"') < page.index("<img") < page.index("<table")
+    assert (run_dir / "report" / "exact_pass_at_k.png").stat().st_size > 20_000
+    assert "tiltlm run --task letters --budget 0.25" in page
+
+
+def _lines(pi0_1=0.2, pi0_64=0.9, pi0_dc=5.0, rl_1=0.8, rl_64=0.6, rl_dc=1.0, dpg_1=0.5, dpg_64=0.92, dpg_dc=6.0):
+    def line(name, p1, p64, dc):
+        return Line(name, None, [{"eval/pass@1": p1, "eval/pass@8": (p1 + p64) / 2, "eval/pass@64": p64, "eval/distinct_correct": dc}])
+
+    return line("π0 (step 0)", pi0_1, pi0_64, pi0_dc), [line("reinforce", rl_1, rl_64, rl_dc), line("dpg", dpg_1, dpg_64, dpg_dc)]
+
+
+def test_the_verdict_follows_the_numbers():
+    narrowed, kept = rlvr.verdict(*_lines())
+    assert narrowed.startswith("RL with the verifier narrowed the model") and "π0 overtakes it at k = 64" in narrowed
+    assert "0.20 to 0.80" in narrowed and "pass@64 0.60 against π0's 0.90" in narrowed
+    assert kept.startswith("The posterior kept the breadth") and "6.0 distinct correct answers against π0's 5.0" in kept
+    broad, _ = rlvr.verdict(*_lines(rl_64=0.95, rl_dc=6.0))
+    assert broad.startswith("RL with the verifier did not narrow the model")
+    _, lost = rlvr.verdict(*_lines(dpg_dc=3.0))
+    assert lost.startswith("The posterior did not keep the breadth") and "distinct correct answers" in lost and "pass@64 (" not in lost
+    _, lost = rlvr.verdict(*_lines(dpg_64=0.5))
+    assert "fell below π0 in pass@64 (" in lost
+    assert rlvr.verdict(None, []) == ["No held-out evaluation to compare: the study has no π0 row or no trained policy."]
+
+
+def test_best_of_n_is_pi0_at_n_times_k():
+    pi0 = Line("π0", None, [{f"eval/pass@{k}": 1 - 0.9 ** k for k in (1, 2, 4, 8, 16, 32, 64)}])
+    bon = rlvr.best_of_n_line(pi0, 4).curve()
+    assert list(bon) == [1, 2, 4, 8, 16] and bon[2] == pytest.approx(1 - 0.9 ** 8)
+
+
+def test_index_is_rewritten_from_the_directory_and_refuses_others(run_dir, tmp_path):
+    before = (run_dir / "report.html").read_text()
+    write_index(run_dir)
+    assert (run_dir / "report.html").read_text() == before
+    with pytest.raises(TiltlmError, match="no readable run.json"):
+        write_index(tmp_path)
+
+
+def test_unknown_task_is_one_line(tmp_path):
+    with pytest.raises(TiltlmError, match="neither quiz, letters, sentiment, reasoning-gym:<task> nor an existing prompt file"):
+        run_main(tmp_path / "out", task="nosuch", log=lambda m: None)
+    assert not list(tmp_path.iterdir())
+
+
+@needs_chromium
+def test_the_first_screen_shows_the_verdict_and_the_figure(run_dir, tmp_path):
+    def first_screen(driver):
+        top = driver.execute_script("return [document.querySelector('.verdict').getBoundingClientRect().bottom, "
+                                    "document.images[0].getBoundingClientRect().top]")
+        assert top[0] < 900 and top[1] < 900, top  # both start within the 1280×900 window
+
+    render_in_chromium(run_dir / "report.html", tmp_path, ["report/exact_pass_at_k.png"], on_page=first_screen)
