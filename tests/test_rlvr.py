@@ -131,3 +131,21 @@ def test_the_first_screen_shows_the_verdict_and_the_figure(run_dir, tmp_path):
         assert top[0] < 900 and top[1] < 900, top  # both start within the 1280×900 window
 
     render_in_chromium(run_dir / "report.html", tmp_path, ["report/exact_pass_at_k.png"], on_page=first_screen)
+
+
+def test_numbers_do_not_depend_on_cores_or_workers(tmp_path):
+    """Each cell trains on one thread, so one process on 2 threads and two worker processes write the same bytes."""
+    import torch
+
+    outs = []
+    for workers, threads in ((1, 2), (2, 1)):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            root = tmp_path / f"w{workers}"
+            task = rlvr.letters_task(root, seed=1)
+            rlvr.run_study(root, task, betas=(1.0,), steps=3, seeds=(0,), log=lambda m: None, workers=workers)
+        finally:
+            torch.set_num_threads(before)
+        outs.append({p.parent.name: p.read_bytes() for p in sorted((root / "cells").glob("*/metrics.jsonl"))})
+    assert len(outs[0]) == 3 and outs[0] == outs[1]

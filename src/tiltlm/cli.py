@@ -65,7 +65,7 @@ def run(
     beta_list = _numbers(betas, "--betas", float) if betas is not None else None
     seed_list = _numbers(seeds, "--seeds", int)
     path = run_main(out, task=task, prior=prior, reward=reward, betas=beta_list, main_beta=beta, budget=budget, seeds=seed_list,
-                    overwrite=overwrite, interactive=interactive, progress=console.is_terminal, log=console.print)
+                    overwrite=overwrite, interactive=interactive, log=console.print)
     summary = json.loads((path / "run.json").read_text())
     if task == "sentiment":
         _print_sentiment(path, prior, reward or "sentiment")

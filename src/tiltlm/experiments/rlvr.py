@@ -20,8 +20,8 @@ held-out prompt's numbers, and `verdict` turns the numbers into the two sentence
 
 from __future__ import annotations
 
+import contextlib
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,31 +90,82 @@ def cell_name(method: Method, seed: int) -> str:
 
 
 def run_study(root: Path, task: Task, *, betas: tuple[float, ...], steps: int, seeds: tuple[int, ...],
-              log: Callable[[str], None] = print, progress: bool = False) -> Path:
-    """Train every method × seed into ``root/cells``, then results.jsonl, per_question.json and the part's report."""
+              log: Callable[[str], None] = print, workers: int | None = None) -> Path:
+    """Train every method × seed into ``root/cells``, then results.jsonl, per_question.json and the part's report.
+
+    Each cell trains on ONE torch thread, in ``workers`` processes at once (default: the threads torch was given, which
+    `tiltlm run` sets from the free cores, tiltlm.threads): the numbers are the same on any number of cores, a busy
+    neighbour only makes the run slower, and small models use cores better as processes than as threads."""
     from tiltlm.experiments.report import write_report
     from tiltlm.experiments.sweep import collect
-    from tiltlm.train.build import fit
     from tiltlm.train.config import parse_config
+
+    import torch
 
     root = Path(root)
     grid = [(m, s) for s in seeds for m in methods(betas)]
-    configs = {cell_name(m, s): (m, s, parse_config(cell_config(task, m, steps=steps, seed=s, eval_at_start=(i == 0))))
-               for i, (m, s) in enumerate(grid)}  # every config validated before anything trains
-    for i, (name, (method, seed, config)) in enumerate(configs.items(), 1):
-        start = time.perf_counter()
-        log(f"  [{i}/{len(configs)}] {name}: {steps} steps × {task.prompts_per_step * task.n_per_context} samples, "
-            f"then {EVAL_N} completions per held-out prompt")
-        _, rows = fit(config, root / "cells" / name, progress=progress)
-        final = rows[-1]
+    raw = {cell_name(m, s): cell_config(task, m, steps=steps, seed=s, eval_at_start=(i == 0)) for i, (m, s) in enumerate(grid)}
+    configs = {name: (m, s, parse_config(raw[name])) for name, (m, s) in zip(raw, grid)}  # all validated before anything trains
+    workers = max(1, min(len(configs), workers or torch.get_num_threads()))
+    log(f"  {len(configs)} runs of {steps} steps × {task.prompts_per_step * task.n_per_context} samples, then {EVAL_N} completions "
+        f"per held-out prompt; {workers} at a time, one thread each")
+    jobs = [(name, raw[name], str(root / "cells" / name)) for name in configs]
+    for i, (name, final, seconds) in enumerate(_map(_train_cell, jobs, workers), 1):
+        method, seed, _ = configs[name]
         record = {"cell": name, "algorithm": method.label, "beta": method.beta, "seed": seed, "final": final}
         atomic_write_text(root / "cells" / name / "done.json", json.dumps(record))
-        log(f"        done in {time.perf_counter() - start:.0f} s: pass@1 {final.get('eval/pass@1', float('nan')):.3f}, "
+        log(f"  [{i}/{len(configs)}] {name} done in {seconds:.0f} s: pass@1 {final.get('eval/pass@1', float('nan')):.3f}, "
             f"pass@{EVAL_N} {final.get(f'eval/pass@{EVAL_N}', float('nan')):.3f}, KL(pi||pi0) {final.get('eval/kl_prior', float('nan')):.3f}")
     collect(root, list(configs))
-    per_question(root, task, configs)
+    with one_thread():
+        per_question(root, task, configs)
     write_report(root)
     return root
+
+
+def _train_cell(job: tuple[str, dict, str]) -> tuple[str, dict, float]:
+    """One cell, on one thread (run in a worker process, or in this one with one_thread): (name, final row, seconds)."""
+    from tiltlm.train.build import fit
+    from tiltlm.train.config import parse_config
+
+    name, config, cell_dir = job
+    start = time.perf_counter()
+    with one_thread():
+        _, rows = fit(parse_config(config), Path(cell_dir))
+    return name, rows[-1], time.perf_counter() - start
+
+
+def _map(fn, jobs: list, workers: int):
+    """fn over jobs, yielding results as they finish: in this process with one worker, else in ``workers`` spawned
+    processes (a failing job raises here, the others are cancelled)."""
+    if workers == 1:
+        yield from map(fn, jobs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(fn, job) for job in jobs]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one intra-op thread inside the block (restored after): the study's numbers never depend on the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def per_question(root: Path, task: Task, configs: dict) -> None:
@@ -188,7 +239,8 @@ def letters_task(root: Path, seed: int = 0) -> Task:
 
     from tiltlm.testbed import make_testbed
 
-    model = make_testbed(root / "model", vocab_size=5, n_layer=2, seed=seed, train_steps=100)
+    with one_thread():  # its fit's floats depend on the thread count
+        model = make_testbed(root / "model", vocab_size=5, n_layer=2, seed=seed, train_steps=100)
     rng = random.Random(seed)
     rows = [{"prompt": noise + letter * times, "letter": letter, "times": times}
             for letter, times, noise in itertools.product(LETTERS, (1, 2, 3), LETTERS)]

@@ -222,7 +222,7 @@ def run_main(
     seeds: tuple[int, ...] = (0,),
     overwrite: bool = False,
     interactive: bool = False,
-    progress: bool = False,
+    workers: int | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """The main job into ``out`` (atomically: a temporary directory renamed at the end).
@@ -231,7 +231,8 @@ def run_main(
     "letters": the exact twin alone;
     "reasoning-gym:<name>" or a prompt file: the same study on that task (``reward`` the verifier); "sentiment": the
     reward–KL comparison on the story prior and an exact testbed (``reward`` default sentiment, kl-pg at ``betas``,
-    the rest at ``main_beta``). ``interactive`` adds the interactive part. ``budget`` scales every part's steps."""
+    the rest at ``main_beta``). ``interactive`` adds the interactive part. ``budget`` scales every part's steps.
+    ``workers``: training processes at once in the RLVR study (default: torch's thread count)."""
     from tiltlm.experiments import rlvr
 
     out = Path(out)
@@ -266,18 +267,18 @@ def run_main(
             exact_task = rlvr.letters_task(work / "exact", seeds[0])
             part("exact", "RLVR on an enumerable testbed (exact pass@k and KL to p*(·|x))",
                  lambda: rlvr.run_study(work / "exact", exact_task, betas=betas, steps=max(2, round(80 * budget)), seeds=seeds,
-                                        log=log, progress=progress))
+                                        log=log, workers=workers))
         else:
             betas = betas or (0.1, 1.0)
             steps = max(2, round(60 * budget))
             the_task = rlvr.quiz_task(work / "rlvr", prior) if task == "quiz" else rlvr.user_task(task, work / "rlvr", prior, reward)
             part("rlvr", f"RLVR on {the_task.name} with {prior}: reinforce, kl-pg β={','.join(f'{b:g}' for b in betas)}, dpg; "
                          f"{steps} steps, seeds {','.join(map(str, seeds))}",
-                 lambda: rlvr.run_study(work / "rlvr", the_task, betas=betas, steps=steps, seeds=seeds, log=log, progress=progress))
+                 lambda: rlvr.run_study(work / "rlvr", the_task, betas=betas, steps=steps, seeds=seeds, log=log, workers=workers))
             exact_task = rlvr.letters_task(work / "exact", seeds[0])
             part("exact", "the same study on an enumerable testbed (exact pass@k and KL to p*(·|x))",
                  lambda: rlvr.run_study(work / "exact", exact_task, betas=betas, steps=max(2, round(80 * budget)), seeds=seeds,
-                                        log=log, progress=progress))
+                                        log=log, workers=workers))
         if interactive:
             part("interactive", "the interactive case: tabular environments (exact) and twenty questions",
                  lambda: interactive_part(work / "interactive", prior, budget, seeds[0], log))
