@@ -149,3 +149,18 @@ def test_numbers_do_not_depend_on_cores_or_workers(tmp_path):
             torch.set_num_threads(before)
         outs.append({p.parent.name: p.read_bytes() for p in sorted((root / "cells").glob("*/metrics.jsonl"))})
     assert len(outs[0]) == 3 and outs[0] == outs[1]
+
+
+def test_a_prompt_file_task_on_another_prior(tmp_path, testbed_dir):
+    """--task FILE --prior DIR: the study on the user's prompts (20% held out, exact_match on `answer`), then the exact part."""
+    rows = [{"prompt": a + b, "answer": c} for a in "abc" for b in "abc" for c in "ab"]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run_main(tmp_path / "run", task=str(tmp_path / "qa.jsonl"), prior=str(testbed_dir), budget=0.05, log=lambda m: None)
+    summary = json.loads((out / "run.json").read_text())
+    assert [p["dir"] for p in summary["parts"]] == ["rlvr", "exact"]
+    final = json.loads((out / "rlvr" / "cells" / "dpg_seed0" / "done.json").read_text())["final"]
+    assert "eval/pass@16" in final and "eval/pass@32" not in final  # 16 completions per held-out prompt
+    data = json.loads((out / "rlvr" / "per_question.json").read_text())
+    assert len(data["prompts"]) == round(0.2 * len(rows)) and data["n"] == 16
+    page = (out / "report.html").read_text()
+    assert page.index('id="verdict-rlvr"') < page.index('id="verdict-exact"') and "--task " in page

@@ -47,6 +47,8 @@ class Task:
     lr: float
     prompts_per_step: int = 8
     n_per_context: int = 8
+    eval_n: int = EVAL_N
+    lora: dict | None = None
     exact: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -78,10 +80,11 @@ def cell_config(task: Task, method: Method, *, steps: int, seed: int, eval_at_st
         "prior": task.prior, "seed": seed, "target": target, "algorithm": dict(method.algorithm),
         "sampling": {"n_per_context": task.n_per_context, "max_new_tokens": task.max_new_tokens},
         "data": {**task.data, "prompts_per_step": task.prompts_per_step},
-        "eval": {"n": EVAL_N, "every": 0, "at_start": eval_at_start, "seed": 10_000 + seed, "exact": task.exact},
+        "eval": {"n": task.eval_n, "every": 0, "at_start": eval_at_start, "seed": 10_000 + seed, "exact": task.exact},
         "optim": {"steps": steps, "lr": task.lr},
         "metrics": {"diversity": False},
         "checkpoint": {"every": 0},
+        **({"lora": dict(task.lora)} if task.lora else {}),
     }
 
 
@@ -107,7 +110,7 @@ def run_study(root: Path, task: Task, *, betas: tuple[float, ...], steps: int, s
     raw = {cell_name(m, s): cell_config(task, m, steps=steps, seed=s, eval_at_start=(i == 0)) for i, (m, s) in enumerate(grid)}
     configs = {name: (m, s, parse_config(raw[name])) for name, (m, s) in zip(raw, grid)}  # all validated before anything trains
     workers = max(1, min(len(configs), workers or torch.get_num_threads()))
-    log(f"  {len(configs)} runs of {steps} steps × {task.prompts_per_step * task.n_per_context} samples, then {EVAL_N} completions "
+    log(f"  {len(configs)} runs of {steps} steps × {task.prompts_per_step * task.n_per_context} samples, then {task.eval_n} completions "
         f"per held-out prompt; {workers} at a time, one thread each")
     jobs = [(name, raw[name], str(root / "cells" / name)) for name in configs]
     for i, (name, final, seconds) in enumerate(_map(_train_cell, jobs, workers), 1):
@@ -115,7 +118,7 @@ def run_study(root: Path, task: Task, *, betas: tuple[float, ...], steps: int, s
         record = {"cell": name, "algorithm": method.label, "beta": method.beta, "seed": seed, "final": final}
         atomic_write_text(root / "cells" / name / "done.json", json.dumps(record))
         log(f"  [{i}/{len(configs)}] {name} done in {seconds:.0f} s: pass@1 {final.get('eval/pass@1', float('nan')):.3f}, "
-            f"pass@{EVAL_N} {final.get(f'eval/pass@{EVAL_N}', float('nan')):.3f}, KL(pi||pi0) {final.get('eval/kl_prior', float('nan')):.3f}")
+            f"pass@{task.eval_n} {final.get(f'eval/pass@{task.eval_n}', float('nan')):.3f}, KL(pi||pi0) {final.get('eval/kl_prior', float('nan')):.3f}")
     collect(root, list(configs))
     with one_thread():
         per_question(root, task, configs)
@@ -185,14 +188,14 @@ def per_question(root: Path, task: Task, configs: dict) -> None:
     exact = None
     if task.exact:
         target = make_target(prior, reward=None, constraints=[task.verifier])
-        exact = ExactEvaluation(held, target, target.verifier, n=EVAL_N, max_new_tokens=task.max_new_tokens)
-    out: dict = {"prompts": held.prompts, "methods": {}}
+        exact = ExactEvaluation(held, target, target.verifier, n=task.eval_n, max_new_tokens=task.max_new_tokens)
+    out: dict = {"prompts": held.prompts, "n": task.eval_n, "methods": {}}
     for name, (method, s, config) in [("pi0", (None, seed, first)), *configs.items()]:
         if s != seed:
             continue  # the first seed's policies: the table compares methods, not seeds
         policy = prior if method is None else HFPolicy.from_pretrained(root / "cells" / name / "policy", max_new_tokens=task.max_new_tokens)
-        result = evaluate(policy, held, verifier, n=EVAL_N, seed=config.eval.seed, prior=prior)
-        rows = [{"pass@1": r["pass_at_k"][1], f"pass@{EVAL_N}": r["pass_at_k"][EVAL_N], "distinct_correct": r["distinct_correct"],
+        result = evaluate(policy, held, verifier, n=task.eval_n, seed=config.eval.seed, prior=prior)
+        rows = [{"pass@1": r["pass_at_k"][1], f"pass@{task.eval_n}": r["pass_at_k"][task.eval_n], "distinct_correct": r["distinct_correct"],
                  "kl_prior": r.get("kl_prior")} for r in result.per_prompt]
         if exact is not None:
             for r, e in zip(rows, exact.per_prompt(policy)):
@@ -254,17 +257,20 @@ def letters_task(root: Path, seed: int = 0) -> Task:
 
 def user_task(spec: str, root: Path, prior: str, verifier: str | None) -> Task:
     """``--task``: ``reasoning-gym:<name>`` (offline, the task's own scorer) or a prompt file (.jsonl/.csv/.parquet,
-    20% held out, ``verifier`` default exact_match against its ``answer`` column)."""
+    20% held out, ``verifier`` default exact_match against its ``answer`` column). Sized for a ~100M-parameter model on
+    a CPU: LoRA r 8 (the embedded default trains all weights), 4 prompts × 4 completions of ≤ 48 tokens per step,
+    16 completions per held-out prompt."""
+    small = prior == "default"
+    sizes = dict(max_new_tokens=48, lr=1e-3 if small else 3e-4, prompts_per_step=4, n_per_context=4, eval_n=16,
+                 lora=None if small else {"r": 8, "alpha": 16})
     if spec.startswith("reasoning-gym:"):
         name = spec.split(":", 1)[1]
-        return Task(spec, prior, verifier or "reasoning_gym", {"reasoning_gym": {"task": name, "size": 240}, "eval_size": 40},
-                    max_new_tokens=64, lr=2e-5, prompts_per_step=4)
+        return Task(spec, prior, verifier or "reasoning_gym", {"reasoning_gym": {"task": name, "size": 216}, "eval_size": 16}, **sizes)
     path = Path(spec).expanduser()
     if not path.exists():
         raise TiltlmError(f"--task '{spec}' is neither quiz, letters, sentiment, reasoning-gym:<task> nor an existing prompt "
                           "file; pass one of those")
-    return Task(path.name, prior, verifier or "exact_match", {"path": str(path.resolve()), "eval_fraction": 0.2},
-                max_new_tokens=64, lr=2e-5, prompts_per_step=4)
+    return Task(path.name, prior, verifier or "exact_match", {"path": str(path.resolve()), "eval_fraction": 0.2}, **sizes)
 
 
 # ---- reading a study back: lines, the baseline, the verdict ------------------------------------------------
@@ -291,8 +297,9 @@ def best_of_n_line(pi0, n: int):
     return Line(f"best-of-{n} (verifier, {n}× samples)", None, [row])
 
 
-CONSOLE_COLUMNS = (("pass@1", "eval/pass@1"), ("pass@64", "eval/pass@64"), ("distinct correct", "eval/distinct_correct"),
-                   ("KL(pi||pi0)", "eval/kl_prior"), ("KL(p*||pi) exact", "eval/kl_target_exact"))
+def _console_columns(big: int) -> tuple:
+    return (("pass@1", "eval/pass@1"), (f"pass@{big}", f"eval/pass@{big}"), ("distinct correct", "eval/distinct_correct"),
+            ("KL(pi||pi0)", "eval/kl_prior"), ("KL(p*||pi) exact", "eval/kl_target_exact"))
 
 
 def console_table(pi0, lines: list) -> tuple[list[str], list[list[str]]]:
@@ -301,7 +308,8 @@ def console_table(pi0, lines: list) -> tuple[list[str], list[list[str]]]:
     from tiltlm.experiments.report import _fmt
 
     every = ([pi0] if pi0 is not None else []) + lines
-    cols = [(h, k) for h, k in CONSOLE_COLUMNS if any(k in line.values for line in every)]
+    big = max((k for line in every for k in line.curve()), default=1)
+    cols = [(h, k) for h, k in _console_columns(big) if any(k in line.values for line in every)]
     exact = [(h + " exact", k + "_exact") for h, k in cols[:3] if any(k + "_exact" in line.values for line in every)]
     cols = cols[:3] + exact + cols[3:]
     rows = []

@@ -358,14 +358,14 @@ def interactive_part(root: Path, prior: str, budget: float, seed: int, log: Call
         cfg = tabular_env_sweep(stochasticity, tab_steps, seed)
         (root / name).mkdir(parents=True)
         (root / name / "sweep_config.yaml").write_text(yaml.safe_dump(cfg))
-        log(f"part 3: tabular environment (stochasticity {stochasticity:g}), {tab_steps} steps × 64 episodes per cell")
+        log(f"  tabular environment (stochasticity {stochasticity:g}), {tab_steps} steps × 64 episodes per cell")
         run_sweep(root / name / "sweep_config.yaml", root / name, on_cell=lambda n: log(f"  finished {n}"))
         exact_env_optima(root / name, cfg)
         write_report(root / name)
     cfg = dialogue_sweep(prior, dlg_steps, seed)
     (root / "dialogue").mkdir()
     (root / "dialogue" / "sweep_config.yaml").write_text(yaml.safe_dump(cfg))
-    log(f"part 3: twenty questions with {prior}, {dlg_steps} steps × 32 episodes per cell")
+    log(f"  twenty questions with {prior}, {dlg_steps} steps × 32 episodes per cell")
     run_sweep(root / "dialogue" / "sweep_config.yaml", root / "dialogue", on_cell=lambda n: log(f"  finished {n}"))
     evaluate_env_cells(root / "dialogue", cfg, cfg["grid"]["betas"][0], episodes_per_task=32, seed=seed)
     write_report(root / "dialogue")
@@ -485,14 +485,15 @@ def _per_question_html(root: Path, limit: int = 40) -> str:
         return ""
     data = json.loads(path.read_text())
     methods = list(data["methods"])
-    keys = [k for k in ("pass@1", "pass@64", "distinct_correct", "kl_target_exact") if any(k in r for r in data["methods"][methods[0]])]
+    big = f"pass@{data.get('n', 64)}"
+    keys = [k for k in ("pass@1", big, "distinct_correct", "kl_target_exact") if any(k in r for r in data["methods"][methods[0]])]
     head = "<th>question</th>" + "".join(f"<th>{html.escape(m)}<br>{html.escape(k)}</th>" for k in keys for m in methods)
     trs = []
     for i, prompt in enumerate(data["prompts"][:limit]):
         tds = "".join(f'<td class="num">{_fmt(data["methods"][m][i].get(k), 3)}</td>' for k in keys for m in methods)
         trs.append(f"<tr><td>{html.escape(prompt)}</td>{tds}</tr>")
     more = f" (first {limit} of {len(data['prompts'])})" if len(data["prompts"]) > limit else ""
-    return (f"<details><summary>Per question{more}: pass@1, pass@64, distinct correct answers"
+    return (f"<details><summary>Per question{more}: pass@1, {big}, distinct correct answers"
             f"{', exact KL(p*(·|x)‖π(·|x))' if 'kl_target_exact' in keys else ''} of each method (first seed)</summary>"
             f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(trs)}</tbody></table></div></details>')
 
