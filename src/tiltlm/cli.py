@@ -57,6 +57,8 @@ def run(
     seeds: str = typer.Option("0", help="Comma-separated training seeds of the RLVR study (each adds one run per method)."),
     overwrite: bool = typer.Option(False, help="Replace an existing results directory."),
     interactive: bool = typer.Option(False, help="Add the interactive case: DPG vs KL-PG on tabular envs (exact) and twenty questions."),
+    workers: int = typer.Option(None, min=1, help="Training processes at once, one thread each (default: the usable cores); "
+                                                  "the numbers do not depend on it."),
 ) -> None:
     """The main job: does RL with a verifier narrow the model (pass@k), does the posterior keep the breadth? With a report."""
     from tiltlm.experiments.run import run_main
@@ -65,7 +67,7 @@ def run(
     beta_list = _numbers(betas, "--betas", float) if betas is not None else None
     seed_list = _numbers(seeds, "--seeds", int)
     path = run_main(out, task=task, prior=prior, reward=reward, betas=beta_list, main_beta=beta, budget=budget, seeds=seed_list,
-                    overwrite=overwrite, interactive=interactive, log=console.print)
+                    overwrite=overwrite, interactive=interactive, workers=workers, log=console.print)
     summary = json.loads((path / "run.json").read_text())
     if task == "sentiment":
         _print_sentiment(path, prior, reward or "sentiment")

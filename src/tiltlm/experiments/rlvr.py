@@ -96,20 +96,21 @@ def run_study(root: Path, task: Task, *, betas: tuple[float, ...], steps: int, s
               log: Callable[[str], None] = print, workers: int | None = None) -> Path:
     """Train every method × seed into ``root/cells``, then results.jsonl, per_question.json and the part's report.
 
-    Each cell trains on ONE torch thread, in ``workers`` processes at once (default: the threads torch was given, which
-    `tiltlm run` sets from the free cores, tiltlm.threads): the numbers are the same on any number of cores, a busy
-    neighbour only makes the run slower, and small models use cores better as processes than as threads."""
+    Each cell trains on ONE torch thread, in ``workers`` processes at once (default: the cores this process may use,
+    tiltlm.threads.available_cores): the numbers are the same on any number of cores, and a busy neighbour only makes
+    the run slower — single-threaded processes share cores by plain time slicing, without the stalls of intra-op
+    threads waiting for a descheduled sibling (docs/reliability.md, threads) — and small models use cores better as
+    processes than as threads."""
     from tiltlm.experiments.report import write_report
     from tiltlm.experiments.sweep import collect
+    from tiltlm.threads import available_cores
     from tiltlm.train.config import parse_config
-
-    import torch
 
     root = Path(root)
     grid = [(m, s) for s in seeds for m in methods(betas)]
     raw = {cell_name(m, s): cell_config(task, m, steps=steps, seed=s, eval_at_start=(i == 0)) for i, (m, s) in enumerate(grid)}
     configs = {name: (m, s, parse_config(raw[name])) for name, (m, s) in zip(raw, grid)}  # all validated before anything trains
-    workers = max(1, min(len(configs), workers or torch.get_num_threads()))
+    workers = max(1, min(len(configs), workers or available_cores()))
     log(f"  {len(configs)} runs of {steps} steps × {task.prompts_per_step * task.n_per_context} samples, then {task.eval_n} completions "
         f"per held-out prompt; {workers} at a time, one thread each")
     jobs = [(name, raw[name], str(root / "cells" / name)) for name in configs]

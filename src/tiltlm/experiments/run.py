@@ -232,7 +232,7 @@ def run_main(
     "reasoning-gym:<name>" or a prompt file: the same study on that task (``reward`` the verifier); "sentiment": the
     reward–KL comparison on the story prior and an exact testbed (``reward`` default sentiment, kl-pg at ``betas``,
     the rest at ``main_beta``). ``interactive`` adds the interactive part. ``budget`` scales every part's steps.
-    ``workers``: training processes at once in the RLVR study (default: torch's thread count)."""
+    ``workers``: training processes at once in the RLVR study (default: the usable cores)."""
     from tiltlm.experiments import rlvr
 
     out = Path(out)
