@@ -733,3 +733,50 @@ def test_report_on_a_run_directory_calls_run_write_index(tmp_path, monkeypatch, 
     code, out, err = run_cli(["report", str(top)], monkeypatch, capsys)
     assert code == 0, err
     assert calls == [top] and f"report: {top / 'report.html'}" in out.replace("\n", "")
+
+
+def test_console_tables_never_cut_cells(tmp_path, monkeypatch, capsys):
+    """Piped (not a terminal) and without COLUMNS, rich used to cut tables at 80 columns ("kl-pg-with-a-lo…"); a
+    narrow terminal folds long cells onto more lines instead of dropping their ends."""
+    import io
+    import sys
+
+    from tiltlm import cli
+
+    run = synthetic_eval_sweep(tmp_path / "sweep")
+    long = "kl-pg-" + "-".join(f"option{i}=value{i}" for i in range(12))
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["algorithm"] = long if r["algorithm"] == "kl-pg" else r["algorithm"]
+    write_jsonl(run / "results.jsonl", rows)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(sys, "argv", ["tiltlm", "report", str(run)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code in (0, None)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if long in line)  # the whole name, on one line
+    assert row.count("│") > 5 and "…" not in out
+    # a narrow terminal: folded, every character kept
+    buffer = io.StringIO()
+    narrow = cli.WideConsole(file=buffer, force_terminal=True, width=40, color_system=None)
+    table = cli.Table("method", "pass@1")
+    table.add_row(long, "0.5")
+    narrow.print(table)
+    text = buffer.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 40
+    assert "".join(line.split("│")[1].strip() for line in text.splitlines() if line.count("│") == 3).startswith(long)
+
+
+def test_pass_at_k_caption_names_only_what_is_drawn(tmp_path):
+    run = synthetic_eval_sweep(tmp_path / "sweep")
+    text = write_report(run).read_text(encoding="utf-8")
+    caption = figcaption(text, PASSK)
+    assert "dashed: exact values" in caption and "A cross marks the crossover" in caption and "π0 is the step-0" in caption
+    # estimates only (no exact curves): no dashed lines are promised
+    for cell in (run / "cells").iterdir():
+        rows = [{k: v for k, v in json.loads(line).items() if not k.endswith("_exact")}
+                for line in (cell / "metrics.jsonl").read_text().splitlines()]
+        write_jsonl(cell / "metrics.jsonl", rows)
+    caption = figcaption(write_report(run).read_text(encoding="utf-8"), PASSK)
+    assert "exact" not in caption and "Solid lines with markers: the unbiased estimate" in caption
