@@ -586,8 +586,8 @@ def test_frontier_spreads_kl_on_a_log_axis_and_plots_estimated_p_star_and_baseli
     assert bound.x == pytest.approx(math.log(4) - 0.75) and bound.y == 0.6
     caption = figcaption(text, "frontier.png")
     assert "estimated" in caption and "kl/target_prior_is" in caption and "upper bound" in caption and "logarithmic" in caption
-    assert "Black stars" not in caption and "exact.json" not in caption and "π0" not in caption.split("Final")[0]
-    assert "kl/prior_seq_bound" in text and "kl/target_prior_is" in text
+    assert "Black star" not in caption and "exact.json" not in caption and "π0" not in caption.split("Final")[0]
+    assert 'data-key="kl/prior_seq_bound"' in text and 'data-key="kl/target_prior_is"' in text  # and in the table
     # labels sit beside the markers, not on them, and not on each other
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -610,7 +610,7 @@ def test_frontier_with_exact_targets_and_pi0_uses_symlog_and_exact_stars(tmp_pat
     ax = saved["frontier.png"].axes[0]
     assert ax.get_xscale() == "symlog"  # pi0 sits at KL 0
     caption = figcaption(text, "frontier.png")
-    assert "Black stars: the target p* at β=0.5, β=1, exact" in caption and "Hollow stars" not in caption
+    assert "Black stars: the target p* at β=0.5, β=1, exact" in caption and "Hollow star" not in caption
     assert "open circle at KL 0 is the prior" in caption and "symmetric-logarithmic" in caption
     # an exact p* wins over an estimate at the same beta
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
@@ -618,7 +618,7 @@ def test_frontier_with_exact_targets_and_pi0_uses_symlog_and_exact_stars(tmp_pat
                  "final": {"reward/mean": 0.9, "kl/target_prior_is": 0.25}})
     write_jsonl(run / "results.jsonl", rows)
     text = write_report(run).read_text(encoding="utf-8")
-    assert "Hollow stars" not in figcaption(text, "frontier.png")
+    assert "Hollow star" not in figcaption(text, "frontier.png")
 
 
 def test_diversity_reads_token_ngrams_when_texts_have_no_word_boundaries(tmp_path, monkeypatch):
@@ -735,6 +735,7 @@ def test_report_on_a_run_directory_calls_run_write_index(tmp_path, monkeypatch, 
     assert calls == [top] and f"report: {top / 'report.html'}" in out.replace("\n", "")
 
 
+@pytest.mark.filterwarnings("error:constrained_layout not applied")  # a long label must not squeeze a figure's axes away
 def test_console_tables_never_cut_cells(tmp_path, monkeypatch, capsys):
     """Piped (not a terminal) and without COLUMNS, rich used to cut tables at 80 columns ("kl-pg-with-a-lo…"); a
     narrow terminal folds long cells onto more lines instead of dropping their ends."""

@@ -91,7 +91,7 @@ def crossover(pi0: Line, line: Line) -> tuple[int | None, str]:
 
 def figure(pi0: Line | None, others: list[Line], path: Path) -> str | None:
     """Write pass_at_k.png; returns the keys plotted (None without data)."""
-    from tiltlm.experiments.report import COLOURS, MARKERS, _figure, _save
+    from tiltlm.experiments.report import COLOURS, MARKERS, _figure, _save, legend_label
 
     drawn = [(pi0, "black", "o")] if pi0 is not None else []
     drawn += [(line, COLOURS[i % len(COLOURS)], MARKERS[(i + 1) % len(MARKERS)]) for i, line in enumerate(others)]
@@ -107,7 +107,7 @@ def figure(pi0: Line | None, others: list[Line], path: Path) -> str | None:
                 ks |= set(c)
                 kinds.add(exact)
                 ax.plot(list(c), list(c.values()), color=colour, ls="--" if exact else "-", marker=None if exact else marker,
-                        lw=1.4 if line is pi0 else 1.2, label=line.name + (", exact" if exact else ""))
+                        lw=1.4 if line is pi0 else 1.2, label=legend_label(line.name + (", exact" if exact else "")))
     if pi0 is not None:
         for line, colour, _ in drawn[1:]:
             k, kind = crossover(pi0, line)

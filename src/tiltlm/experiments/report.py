@@ -7,11 +7,18 @@ one cell named after the directory, its algorithm, beta and seed from config.yam
   DIR/samples.json                optional: {"prior": [texts], "posterior": [texts], "<cell>": [texts], ...}
   DIR/exact.json                  optional, p*'s exact numbers (keys of `tiltlm exact --json`): one object,
                                   or {"<beta>": object, ...}, or a list of objects each with a "beta"
+A sweep still running (no results.jsonl yet) is read from its cells/<cell>/done.json; a top-level `tiltlm run`
+directory (run.json) is handed to tiltlm.experiments.run.write_index. Inference baselines in results.jsonl are
+drawn on the frontier: a cell with kl/target_prior_is (importance sampling) is p*'s estimate (a hollow star, where
+exact.json has no exact p* for its beta), a cell with only kl/prior_seq_bound (best-of-n) sits at that bound.
 Output, replaced atomically (written into a temp directory beside it, then renamed):
   DIR/report/report.html, frontier.png, divergence.png, diversity.png, and where metrics.jsonl has held-out
   evaluations (eval/pass@k rows) pass_at_k.png with a pass@k table (tiltlm.experiments.passk).
 
-Exact keys win over estimates wherever a cell has them; every caption names the keys it plotted.
+Exact keys win over estimates wherever a cell has them; every caption is written from what its figure or table
+drew and names the keys it plotted; the page names its inputs relative to itself (a report written inside a
+temporary directory that is renamed later stays right). Distinct-n is over words unless the texts have none
+(every word distinct-2 is 0 while token values exist: a letter vocabulary), then over token ids.
 Means and standard deviations (n - 1) are over the seeds of one configuration: algorithm, beta and the
 rest of the cell's name once its "_"-separated algorithm, beta<b> and seed<s> parts are removed, so that
 "best-of-n_n4_seed0" and "best-of-n_n16_seed0" stay apart and "kl-pg_beta1_seed0/1/2" are averaged. A
@@ -39,7 +46,10 @@ REWARD, KL_PRIOR = ("reward/exact", "reward/mean"), ("kl/prior_exact", "kl/prior
 KL_TARGET, KL_POLICY_TARGET = ("kl/target_exact", "kl/target_is"), ("kl/policy_target_exact", "kl/policy_target_is")
 TV, ENTROPY = ("tv/target_exact", "tv/target_is"), ("entropy/exact", "entropy/seq")
 COLUMNS = [  # table columns: (keys, exact first; header)
-    (REWARD, "E[r]"), (KL_PRIOR, "KL(π‖π0)"), (KL_TARGET, "KL(p*‖π)"), (KL_POLICY_TARGET, "KL(π‖p*)"), (TV, "TV(π, p*)"),
+    (REWARD, "E[r]"), (KL_PRIOR, "KL(π‖π0)"),
+    # inference baselines: best-of-n's bound on its KL to pi0, and p*'s own KL to pi0 estimated by importance sampling
+    (("kl/prior_seq_bound",), "KL(π‖π0) bound"), (("kl/target_prior_is",), "KL(p*‖π0) est."),
+    (KL_TARGET, "KL(p*‖π)"), (KL_POLICY_TARGET, "KL(π‖p*)"), (TV, "TV(π, p*)"),
     (ENTROPY, "entropy"), (("diversity/distinct_1",), "distinct-1"), (("diversity/distinct_2",), "distinct-2"),
     (("diversity/self_bleu",), "self-BLEU"),
     # the interactive case
@@ -325,6 +335,13 @@ def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=DPI, metadata={"Software": None})
 
 
+def legend_label(text: str, width: int = 32) -> str:
+    """A legend entry wrapped onto lines of ``width`` characters: a long algorithm label must not squeeze the axes away."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=True)) or text
+
+
 def _style(algorithms: list[str]) -> dict[str, tuple[str, str]]:
     return {a: (COLOURS[i % len(COLOURS)], MARKERS[i % len(MARKERS)]) for i, a in enumerate(algorithms)}
 
@@ -462,7 +479,7 @@ def frontier_figure(groups: dict, targets: list, path: Path) -> tuple[str, str] 
         bound = pts[0].bound
         ax.errorbar([p.x for p in pts], [p.y for p in pts], xerr=None if bound else [p.x_sd or 0 for p in pts],
                     yerr=[p.y_sd or 0 for p in pts], color=colour, marker=marker, ms=7, lw=0 if bound else 1, capsize=3,
-                    mfc="white" if bound else colour, label=group, zorder=3)
+                    mfc="white" if bound else colour, label=legend_label(group), zorder=3)
         for p in pts:
             if bound:  # the true KL is smaller: an arrow pointing to lower KL
                 ax.annotate("", (p.x * 0.55 if scale != "linear" else p.x * 0.8, p.y), (p.x, p.y),
@@ -512,9 +529,10 @@ def _frontier_caption(data: dict, scale: str, linthresh: float | None) -> str:
     exact = [s[0] for s in stars if not s[3]]
     est = [s[0] for s in stars if s[3]]
     if exact:
-        parts.append(f"Black stars: the target p* at {_betas_text(exact)}, exact (exact.json: reward_target, kl_target_prior).")
+        parts.append(f"Black star{'s' if len(exact) > 1 else ''}: the target p* at {_betas_text(exact)}, exact "
+                     "(exact.json: reward_target, kl_target_prior).")
     if est:
-        parts.append(f"Hollow stars: p* at {_betas_text(est)}, estimated — the reward of π0's samples resampled by importance "
+        parts.append(f"Hollow star{'s' if len(est) > 1 else ''}: p* at {_betas_text(est)}, estimated — the reward of π0's samples resampled by importance "
                      "sampling, at the importance-sampling estimate of KL(p*‖π0) (kl/target_prior_is).")
     if data["prior"] is not None:
         parts.append("The open circle at KL 0 is the prior π0.")
@@ -580,7 +598,7 @@ def divergence_figure(groups: dict, path: Path) -> str | None:
     for ax in axes[n:]:
         ax.set_visible(False)
     axes[0].set_ylabel(r"KL($p^*\,\|\,\pi$)")
-    handles = [Line2D([], [], color=c, marker=m, label=a) for a, (c, m) in style.items()]
+    handles = [Line2D([], [], color=c, marker=m, label=legend_label(a)) for a, (c, m) in style.items()]
     handles += [Line2D([], [], color="grey", ls="-", marker="o", label="exact")] if True in kinds else []
     handles += [Line2D([], [], color="grey", ls="--", label="IS estimate (smoothed)")] if False in kinds else []
     fig.legend(handles=handles, loc="outside right upper", fontsize=9)
@@ -642,7 +660,7 @@ def diversity_figure(groups: dict, path: Path) -> tuple[str, str] | None:
         ax.grid(alpha=0.3)
         if not lines:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
-    handles = [Line2D([], [], color=c, label=a) for a, (c, _) in style.items()]
+    handles = [Line2D([], [], color=c, label=legend_label(a)) for a, (c, _) in style.items()]
     handles += [Line2D([], [], color="grey", ls=dash[b], label=f"β = {_fmt_beta(b)}") for b in betas]
     fig.legend(handles=handles, loc="outside right upper", fontsize=9)
     fig.suptitle("Diversity over training (batch estimates smoothed over 5% of each run)")
