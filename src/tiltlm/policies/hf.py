@@ -41,10 +41,10 @@ def load_model_and_tokenizer(name_or_path: str | Path, *, trust_remote_code: boo
 
     path = resolve_model_dir(name_or_path)
     with quiet_transformers():  # no progress bars or advisory warnings (tiltlm.quiet)
-        return _load(path, trust_remote_code)
+        return _load(path, trust_remote_code=trust_remote_code)
 
 
-def _load(path: Path, trust_remote_code: bool):
+def _load(path: Path, *, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
