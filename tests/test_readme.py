@@ -56,13 +56,22 @@ def _click_app():
     return typer.main.get_command(app)
 
 
-def test_python_api_example_runs(tmp_path, monkeypatch):
+def test_python_api_example_runs_and_is_quiet(tmp_path):
+    """The block runs as written in a fresh interpreter and prints only its own results: no transformers progress
+    bars ("Loading weights", "Writing model shards") or advisory warnings on stderr (tiltlm.quiet)."""
+    import os
+    import subprocess
+
     text = README.read_text()
     block = re.search(r"## Python API\s+```python\n(.*?)```", text, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    (tmp_path / "example.py").write_text(block)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRANSFORMERS_VERBOSITY", None)
+    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "tb" / "config.json").is_file()
+    assert done.stderr == "", done.stderr[-3000:]
+    assert "Estimate(value=" in done.stdout and "n_sequences" in done.stdout
 
 
 def test_quick_start_is_two_commands_and_ci_runs_the_test_one():
@@ -217,3 +226,20 @@ def test_every_math_citation_names_a_section_of_docs_math():
                         bad.append(f"{path.relative_to(ROOT)}:{i}: §{section}")
     assert found >= 20, found  # the repository does cite it: the regex sees those citations
     assert not bad, f"citations of sections docs/math.md lacks (it has {sorted(sections)}):\n" + "\n".join(bad)
+
+
+def test_quiet_transformers_is_scoped():
+    from transformers.utils import logging as hf_logging
+
+    from tiltlm.quiet import quiet_transformers
+
+    before = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    try:
+        with quiet_transformers():
+            assert hf_logging.get_verbosity() == hf_logging.ERROR and not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()  # the caller's settings
+    finally:
+        hf_logging.set_verbosity(before[0])
+        (hf_logging.enable_progress_bar if before[1] else hf_logging.disable_progress_bar)()

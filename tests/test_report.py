@@ -192,7 +192,7 @@ def test_sample_texts_are_escaped_and_side_by_side(tmp_path):
     text = write_report(run).read_text(encoding="utf-8")
     assert SCRIPT not in text and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
     assert "x &amp; y" in text and "(empty sequence)" in text
-    prior, cell, posterior = text.index("π0 (prior)</h3>"), text.index("reinforce β=1 seed 0</h3>"), text.index("p* (posterior")
+    prior, cell, posterior = text.index("π0 (prior)</h3>"), text.index("reinforce β=1 seed 0</h3>"), text.index("p* (importance resampling)</h3>")
     assert prior < cell < posterior
 
 
@@ -218,7 +218,8 @@ def test_missing_inputs_degrade_to_a_note(tmp_path):
 def test_errors_name_the_fix(tmp_path):
     with pytest.raises(TiltlmError, match="does not exist"):
         write_report(tmp_path / "nope")
-    with pytest.raises(TiltlmError, match="no results.jsonl; pass a directory written by tiltlm sweep"):
+    with pytest.raises(TiltlmError, match="has no results.jsonl, no config.yaml [+] metrics.jsonl and no run.json .it is empty.; "
+                                          "tiltlm report accepts a tiltlm sweep directory"):
         write_report(tmp_path)
     (tmp_path / "results.jsonl").write_text('{"cell": "a"\n{"cell": "b", "algorithm": "x", "final": {}}\n')
     with pytest.raises(TiltlmError, match="line 1 is not valid JSON"):
@@ -493,7 +494,8 @@ def test_report_directories_that_are_neither_are_one_line_errors(tmp_path, monke
     empty = tmp_path / "empty"
     empty.mkdir()
     for path, needle in ((half, "has config.yaml but no metrics.jsonl"), (only_metrics, "has metrics.jsonl but no config.yaml"),
-                         (empty, "has no results.jsonl; pass a directory written by tiltlm sweep or tiltlm run, or the --out of tiltlm train"),
+                         (empty, "has no results.jsonl, no config.yaml + metrics.jsonl and no run.json (it is empty); tiltlm report "
+                                 "accepts a tiltlm sweep directory"),
                          (tmp_path / "nope", "does not exist")):
         code, out, err = run_cli(["report", str(path)], monkeypatch, capsys)
         lines = err.strip().splitlines()
@@ -530,3 +532,252 @@ def test_tiltlm_sweep_prints_the_pass_at_k_table(train_run, monkeypatch, capsys)
         assert numbers(lines[name][1])[0] == pytest.approx(row["eval/pass@1"], rel=1e-3, abs=1e-9)
         assert numbers(lines[name][2])[0] == pytest.approx(row["eval/pass@8"], rel=1e-3, abs=1e-9)
     assert_drawn_png(out / "report" / PASSK)
+
+
+# ---- the issues a new user reported: frontier, diversity, captions, footer, samples, directories --------------------
+def lm_like_sweep(root: Path) -> Path:
+    """The shape `tiltlm run` writes for its LM part: reinforce far out, kl-pg at three betas and dpg/gdc++ close to pi0,
+    and the inference baselines (importance sampling carries kl/target_prior_is, best-of-4 a KL bound); no exact.json."""
+    results = [{"cell": "reinforce_beta0.2_seed0", "algorithm": "reinforce", "beta": 0.2, "seed": 0,
+                "final": {"reward/mean": 0.99, "kl/prior_seq": 40.0}}]
+    for beta, kl, r in ((0.05, 3.1, 0.95), (0.2, 0.35, 0.7), (1.0, 0.02, 0.42)):
+        results.append({"cell": f"kl-pg_beta{beta:g}_seed0", "algorithm": "kl-pg", "beta": beta, "seed": 0,
+                        "final": {"reward/mean": r, "kl/prior_seq": kl}})
+    for alg, kl, r in (("dpg", 0.3, 0.66), ("gdc++", 0.31, 0.67)):  # almost on top of each other
+        results.append({"cell": f"{alg}_beta0.2_seed0", "algorithm": alg, "beta": 0.2, "seed": 0, "final": {"reward/mean": r, "kl/prior_seq": kl}})
+    results.append({"cell": "importance-sampling_beta0.2", "algorithm": "importance-sampling", "beta": 0.2, "seed": 0,
+                    "final": {"reward/mean": 0.72, "kl/target_prior_is": 0.41, "diversity/distinct_2": 0.8}})
+    results.append({"cell": "best-of-4_beta0.2", "algorithm": "best-of-4", "beta": 0.2, "seed": 0,
+                    "final": {"reward/mean": 0.6, "kl/prior_seq_bound": math.log(4) - 0.75, "diversity/distinct_2": 0.7}})
+    write_jsonl(root / "results.jsonl", results)
+    return root
+
+
+def captured_figures(monkeypatch) -> dict:
+    """Figures as written, by file name (report._save is wrapped)."""
+    saved = {}
+    real = report_module._save
+
+    def keep(fig, path):
+        saved[Path(path).name] = fig
+        real(fig, path)
+
+    monkeypatch.setattr(report_module, "_save", keep)
+    return saved
+
+
+def figcaption(text: str, image: str) -> str:
+    return re.search(rf'<img src="{re.escape(image)}"[^>]*><figcaption>(.*?)</figcaption>', text, re.S).group(1)
+
+
+def test_frontier_spreads_kl_on_a_log_axis_and_plots_estimated_p_star_and_baselines(tmp_path, monkeypatch):
+    run = lm_like_sweep(tmp_path / "lm")
+    saved = captured_figures(monkeypatch)
+    text = write_report(run).read_text(encoding="utf-8")
+    fig = saved["frontier.png"]
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"  # no zero KL here: 0.02 .. 40 spread over the axis
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "p* (estimated: importance sampling)" in legend and "best-of-4 (KL upper bound)" in legend
+    assert "importance-sampling" not in legend  # the IS cell is p*'s estimate, drawn as the star
+    data = report_module.frontier_data(report_module._groups(report_module.load_cells(run)), [])
+    assert [s[1:] for s in data["stars"]] == [(0.41, 0.72, True)]
+    bound = next(p for p in data["points"] if p.bound)
+    assert bound.x == pytest.approx(math.log(4) - 0.75) and bound.y == 0.6
+    caption = figcaption(text, "frontier.png")
+    assert "estimated" in caption and "kl/target_prior_is" in caption and "upper bound" in caption and "logarithmic" in caption
+    assert "Black star" not in caption and "exact.json" not in caption and "π0" not in caption.split("Final")[0]
+    assert 'data-key="kl/prior_seq_bound"' in text and 'data-key="kl/target_prior_is"' in text  # and in the table
+    # labels sit beside the markers, not on them, and not on each other
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    r = 5.0 * fig.dpi / 72
+    centres = [ax.transData.transform((p.x, p.y)) for p in data["points"]] + [ax.transData.transform((s[1], s[2])) for s in data["stars"]]
+    labels = [t for t in ax.texts if t.get_text()]
+    assert sorted(t.get_text() for t in labels) == sorted(["β=0.2"] * 5 + ["β=0.05", "β=1", "p* β=0.2 (est.)"])  # reinforce, kl-pg ×3, dpg, gdc++, best-of-4
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for box, t in zip(boxes, labels):
+        for cx, cy in centres:
+            assert not (box.x0 < cx + r and box.x1 > cx - r and box.y0 < cy + r and box.y1 > cy - r), (t.get_text(), box, cx, cy)
+    for i, a in enumerate(boxes):
+        assert not any(report_module._overlap(a, b) > 0 for b in boxes[i + 1:]), labels[i].get_text()
+
+
+def test_frontier_with_exact_targets_and_pi0_uses_symlog_and_exact_stars(tmp_path, monkeypatch):
+    run = synthetic_sweep(tmp_path / "sweep")
+    saved = captured_figures(monkeypatch)
+    text = write_report(run).read_text(encoding="utf-8")
+    ax = saved["frontier.png"].axes[0]
+    assert ax.get_xscale() == "symlog"  # pi0 sits at KL 0
+    caption = figcaption(text, "frontier.png")
+    assert "Black stars: the target p* at β=0.5, β=1, exact" in caption and "Hollow star" not in caption
+    assert "open circle at KL 0 is the prior" in caption and "symmetric-logarithmic" in caption
+    # an exact p* wins over an estimate at the same beta
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    rows.append({"cell": "importance-sampling_beta1", "algorithm": "importance-sampling", "beta": 1.0, "seed": 0,
+                 "final": {"reward/mean": 0.9, "kl/target_prior_is": 0.25}})
+    write_jsonl(run / "results.jsonl", rows)
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "Hollow star" not in figcaption(text, "frontier.png")
+
+
+def test_diversity_reads_token_ngrams_when_texts_have_no_word_boundaries(tmp_path, monkeypatch):
+    """On a letter vocabulary each sample decodes to one word: word distinct-2 is 0 by construction, the token
+    distinct-2 the console prints is what the panel and the table must show."""
+    run = synthetic_sweep(tmp_path / "sweep", algorithms=("kl-pg",), betas=(1.0,), seeds=(0,))
+    cell = run / "cells" / "kl-pg_beta1_seed0" / "metrics.jsonl"
+    rows = [json.loads(line) for line in cell.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row |= {"diversity/distinct_1": 0.9, "diversity/distinct_2": 0.0, "diversity/distinct_1_tokens": 0.05,
+                "diversity/distinct_2_tokens": 0.16 - 0.01 * i}
+    write_jsonl(cell, rows)
+    results = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    results[0]["final"] = rows[-1]
+    write_jsonl(run / "results.jsonl", results)
+    saved = captured_figures(monkeypatch)
+    page = write_report(run)
+    text = page.read_text(encoding="utf-8")
+    panel = next(a for a in saved["diversity.png"].axes if a.get_title().startswith("distinct-2"))
+    ys = panel.lines[0].get_ydata()
+    assert max(ys) > 0.1 and "token" in panel.get_title()
+    assert "diversity/distinct_2_tokens" in text and "over token ids" in figcaption(text, "diversity.png")
+    cells = {attrs["data-key"]: float(attrs["data-mean"]) for cls, row in parse(page).rows if cls is None
+             for attrs, _ in row if "data-key" in attrs and attrs["data-mean"] != "None"}
+    assert cells["diversity/distinct_2_tokens"] == pytest.approx(rows[-1]["diversity/distinct_2_tokens"])
+    assert "diversity/distinct_2" not in cells
+    # texts with words keep word n-grams
+    assert report_module.distinct_keys(report_module.load_cells(synthetic_sweep(tmp_path / "words")))[2] == "words"
+
+
+def test_captions_and_intros_describe_only_what_is_there(tmp_path):
+    run = tmp_path / "plain"
+    rows = [{"step": s, "samples/seen": 8 * s, "reward/mean": 0.1 * s, "kl/prior_seq": 0.05 * s, "kl/target_is": 1 / s} for s in (1, 2, 3)]
+    write_jsonl(run / "cells" / "kl-pg_beta1_seed0" / "metrics.jsonl", rows)
+    write_jsonl(run / "results.jsonl", [{"cell": "kl-pg_beta1_seed0", "algorithm": "kl-pg", "beta": 1.0, "seed": 0, "final": rows[-1]}])
+    text = write_report(run).read_text(encoding="utf-8")
+    frontier, divergence = figcaption(text, "frontier.png"), figcaption(text, "divergence.png")
+    assert "star" not in frontier and "p* (the stars)" not in frontier and "error bars one" not in frontier and "one seed each" in frontier
+    assert "Solid lines" not in divergence and "exact" not in divergence and "dashed lines importance-sampling estimates" in divergence
+    assert "Italic rows" not in text and "exact (enumerated)" not in text and "Entropies" not in text
+    assert "mean ± standard deviation" not in text  # one seed
+    # with exact keys, pi0/p* rows and several seeds every part is described
+    text = write_report(synthetic_sweep(tmp_path / "full")).read_text(encoding="utf-8")
+    assert "Italic rows are the exact numbers of p* and π0" in text and "exact (enumerated) values" in text
+    assert "solid lines with markers are exact" in figcaption(text, "divergence.png")
+
+
+def test_footer_names_no_absolute_or_temporary_path(tmp_path):
+    """`tiltlm run` writes reports inside a temporary directory that is renamed at the end."""
+    work = tmp_path / ".run.tmp123" / "lm"
+    synthetic_sweep(work)
+    write_report(work)
+    final = tmp_path / "run"
+    (tmp_path / ".run.tmp123").rename(final)
+    text = (final / "lm" / "report" / "report.html").read_text(encoding="utf-8")
+    assert str(tmp_path) not in text and ".run.tmp123" not in text
+    assert "Generated by tiltlm report from <code>../results.jsonl</code>" in text
+    assert (final / "lm" / "report" / "../results.jsonl").resolve().is_file()
+
+
+def test_samples_section_shows_and_describes_exactly_the_columns_of_samples_json(tmp_path):
+    run = lm_like_sweep(tmp_path / "lm")
+    (run / "samples.json").write_text(json.dumps({"prior": ["a"], "best-of-4": ["b"], "posterior": ["c"],
+                                                  "kl-pg_beta0.2_seed0": ["d"], "dialogue (eval)": ["e"]}))
+    text = write_report(run).read_text(encoding="utf-8")
+    section = text[text.index("<h2>Samples</h2>"):]
+    headings = re.findall(r"<h3[^>]*>(.*?)</h3>", section)
+    assert headings == ["π0 (prior)", "kl-pg β=0.2 seed 0", "p* (importance resampling)", "best-of-4", "dialogue (eval)"]
+    intro = re.search(r"<p>(Texts from samples.json.*?)</p>", section).group(1)
+    assert "5 columns" in intro and "highest-reward text of 4 samples" in intro and "resampled" in intro
+    # a testbed part has only the trained cells' samples: no pi0 or p* promised
+    (run / "samples.json").write_text(json.dumps({"kl-pg_beta0.2_seed0": ["d"]}))
+    section = write_report(run).read_text(encoding="utf-8").split("<h2>Samples</h2>")[1]
+    assert "π0" not in section and "p*" not in section and "1 column side by side" in section
+
+
+def test_report_explains_directories_it_cannot_read_and_reads_running_sweeps(tmp_path, monkeypatch, capsys):
+    parent = tmp_path / "runs"
+    synthetic_sweep(parent / "lm", algorithms=("kl-pg",), betas=(1.0,), seeds=(0,))
+    (parent / "notes.txt").write_text("x")
+    code, out, err = run_cli(["report", str(parent)], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "its subdirectories lm are: pass one of those" in err and "(it has lm, notes.txt)" in err and "accepts" in err
+    # a sweep still running: no results.jsonl yet, its finished cells' done.json are read
+    sweep = tmp_path / "running"
+    synthetic_sweep(sweep, algorithms=("kl-pg",), betas=(1.0,), seeds=(0, 1))
+    for r in (json.loads(line) for line in (sweep / "results.jsonl").read_text().splitlines()):
+        (sweep / "cells" / r["cell"]).mkdir(parents=True, exist_ok=True)
+        (sweep / "cells" / r["cell"] / "done.json").write_text(json.dumps(r))
+    (sweep / "results.jsonl").unlink()
+    text = write_report(sweep).read_text(encoding="utf-8")
+    assert "cells/*/done.json" in text and "5 cells" in text
+
+
+def test_report_on_a_run_directory_calls_run_write_index(tmp_path, monkeypatch, capsys):
+    from tiltlm.experiments import run as run_module
+
+    top = tmp_path / "run"
+    synthetic_sweep(top / "lm", algorithms=("kl-pg",), betas=(1.0,), seeds=(0,))
+    (top / "run.json").write_text("{}")
+    monkeypatch.delattr(run_module, "write_index", raising=False)
+    code, out, err = run_cli(["report", str(top)], monkeypatch, capsys)
+    assert code == 2 and "is a tiltlm run directory (run.json)" in err and "pass one of its parts instead (lm)" in err
+    calls = []
+
+    def write_index(run_dir):
+        calls.append(Path(run_dir))
+        (Path(run_dir) / "report.html").write_text("<html></html>")
+        return Path(run_dir) / "report.html"
+
+    monkeypatch.setattr(run_module, "write_index", write_index, raising=False)
+    code, out, err = run_cli(["report", str(top)], monkeypatch, capsys)
+    assert code == 0, err
+    assert calls == [top] and f"report: {top / 'report.html'}" in out.replace("\n", "")
+
+
+@pytest.mark.filterwarnings("error:constrained_layout not applied")  # a long label must not squeeze a figure's axes away
+def test_console_tables_never_cut_cells(tmp_path, monkeypatch, capsys):
+    """Piped (not a terminal) and without COLUMNS, rich used to cut tables at 80 columns ("kl-pg-with-a-lo…"); a
+    narrow terminal folds long cells onto more lines instead of dropping their ends."""
+    import io
+    import sys
+
+    from tiltlm import cli
+
+    run = synthetic_eval_sweep(tmp_path / "sweep")
+    long = "kl-pg-" + "-".join(f"option{i}=value{i}" for i in range(12))
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["algorithm"] = long if r["algorithm"] == "kl-pg" else r["algorithm"]
+    write_jsonl(run / "results.jsonl", rows)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(sys, "argv", ["tiltlm", "report", str(run)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code in (0, None)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if long in line)  # the whole name, on one line
+    assert row.count("│") > 5 and "…" not in out
+    # a narrow terminal: folded, every character kept
+    buffer = io.StringIO()
+    narrow = cli.WideConsole(file=buffer, force_terminal=True, width=40, color_system=None)
+    table = cli.Table("method", "pass@1")
+    table.add_row(long, "0.5")
+    narrow.print(table)
+    text = buffer.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 40
+    assert "".join(line.split("│")[1].strip() for line in text.splitlines() if line.count("│") == 3).startswith(long)
+
+
+def test_pass_at_k_caption_names_only_what_is_drawn(tmp_path):
+    run = synthetic_eval_sweep(tmp_path / "sweep")
+    text = write_report(run).read_text(encoding="utf-8")
+    caption = figcaption(text, PASSK)
+    assert "dashed: exact values" in caption and "A cross marks the crossover" in caption and "π0 is the step-0" in caption
+    # estimates only (no exact curves): no dashed lines are promised
+    for cell in (run / "cells").iterdir():
+        rows = [{k: v for k, v in json.loads(line).items() if not k.endswith("_exact")}
+                for line in (cell / "metrics.jsonl").read_text().splitlines()]
+        write_jsonl(cell / "metrics.jsonl", rows)
+    caption = figcaption(write_report(run).read_text(encoding="utf-8"), PASSK)
+    assert "exact" not in caption and "Solid lines with markers: the unbiased estimate" in caption

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -84,3 +86,45 @@ def test_sweep_config_errors(tmp_path, testbed_dir):
     bad.write_text(yaml.safe_dump({"base": {}, "grid": {"algorithms": ["kl-pg"]}}))
     with pytest.raises(TiltlmError, match="grid.betas"):
         load_sweep(bad)
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "sweep_example.yaml"
+
+
+def test_the_example_sweep_config_loads_and_runs(tmp_path):
+    sweep = load_sweep(EXAMPLE)
+    grid = cells(sweep)  # every cell validated as a training config
+    assert len(grid) == 3 * 2 and {c["label"] for _, c in grid} == {"reinforce", "kl-pg", "dpg"}
+    # the same file, cut to one step of two cells, runs end to end on the embedded default LM
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data["base"]["optim"]["steps"] = 1
+    data["base"]["sampling"] |= {"n_per_context": 2, "max_new_tokens": 4}
+    data["grid"] |= {"algorithms": data["grid"]["algorithms"][1:], "betas": [1.0]}
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(data))
+    out = run_sweep(small, tmp_path / "out")
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["cell"] for r in rows] == ["kl-pg_beta1_seed0", "dpg_beta1_seed0"]
+
+
+def test_sweep_base_can_be_a_training_config_file(tmp_path, testbed_dir):
+    (tmp_path / "configs").mkdir()
+    train = {"prior": str(testbed_dir), "algorithm": {"name": "reinforce"}, "target": {"reward": "count:a", "beta": 5.0},
+             "sampling": {"n_per_context": 4, "max_new_tokens": 3}, "optim": {"steps": 2}, "seed": 9}
+    (tmp_path / "configs" / "train.yaml").write_text(yaml.safe_dump(train))
+    path = tmp_path / "configs" / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": "train.yaml", "grid": {"algorithms": ["kl-pg"], "betas": [0.5], "seeds": [1]}}))
+    (name, cell), = cells(load_sweep(path))  # relative to the sweep file, not to the working directory
+    config = cell["config"]
+    assert name == "kl-pg_beta0.5_seed1" and config["algorithm"] == {"name": "kl-pg"}
+    assert config["target"] == {"reward": "count:a", "beta": 0.5} and config["seed"] == 1 and config["optim"] == {"steps": 2}
+    for base, needle in (("nope.yaml", "base 'nope.yaml' is not a file"), ("bad.yaml", "is not valid YAML"),
+                         ("list.yaml", "must be a training config (a YAML mapping), not list"),
+                         ("typo.yaml", "is not a valid training config")):
+        (tmp_path / "configs" / "bad.yaml").write_text("prior: [unclosed\n")
+        (tmp_path / "configs" / "list.yaml").write_text("- 1\n")
+        (tmp_path / "configs" / "typo.yaml").write_text(yaml.safe_dump({**train, "optimm": {}}))
+        path.write_text(yaml.safe_dump({"base": base, "grid": {"algorithms": ["kl-pg"], "betas": [0.5]}}))
+        with pytest.raises(TiltlmError, match=re.escape(needle)) as e:
+            load_sweep(path)
+        assert "\n" not in str(e.value)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.console import Console, ConsoleDimensions
+from rich.table import Table as RichTable
 
 from tiltlm.errors import TiltlmError
 from tiltlm.io import atomic_write_text
@@ -26,7 +26,35 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fine-tune language models toward a target distribution p*(x) ∝ pi0(x)·exp(r(x)/beta) and measure the result.",
 )
-console = Console()
+PIPE_WIDTH = 1000  # columns when stdout is not a terminal: a table as wide as its cells, never cut to 80
+
+
+class WideConsole(Console):
+    """A rich Console that never cuts table cells: piped or redirected (not a terminal), it is PIPE_WIDTH columns wide
+    (tables only take the width their cells need); on a terminal it has the terminal's width and every column of a
+    ``Table`` below folds long cells onto more lines instead of truncating them with an ellipsis."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is None and not self.is_terminal:
+            return ConsoleDimensions(max(size.width, PIPE_WIDTH), size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+def Table(*headers, **options) -> RichTable:  # noqa: N802 - a drop-in for rich.table.Table
+    """rich's Table whose columns fold (wrap) long cells instead of cutting them off."""
+    table = RichTable(*headers, **options)
+    for column in table.columns:
+        column.overflow = "fold"
+    return table
+
+
+console = WideConsole()
 
 
 def _quiet_transformers() -> None:

@@ -106,6 +106,15 @@ def make_testbed(
         raise TiltlmError(f"testbed arch must be 'gpt2' or 'llama', got {arch!r}")
     if n_embd % n_head:
         raise TiltlmError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+    from tiltlm.quiet import quiet_transformers
+
+    with quiet_transformers():  # no progress bars or advisory warnings while fitting and saving
+        return _make_testbed(out_dir, vocab_size, n_layer, n_embd, n_head, n_positions, seed, train_steps, init_std, arch, n_kv_head,
+                             chat_template)
+
+
+def _make_testbed(out_dir, vocab_size, n_layer, n_embd, n_head, n_positions, seed, train_steps, init_std, arch, n_kv_head,
+                  chat_template) -> Path:
     init_std = (0.5 if arch == "gpt2" else 0.1) if init_std is None else init_std
     build = _gpt2_parts if arch == "gpt2" else _llama_parts
     model_class, config, tokenizer, letter_ids, prefixes, n_kv_head = build(vocab_size, n_layer, n_embd, n_head, n_positions, init_std,

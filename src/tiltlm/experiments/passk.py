@@ -24,10 +24,6 @@ FIGURE = "pass_at_k.png"
 OTHER_COLUMNS = [("eval/distinct_correct", "distinct correct"), ("eval/kl_prior", "KL(π‖π0)"), ("eval/reward", "mean reward")]
 EXACT_COLUMNS = [("eval/distinct_correct_exact", "distinct correct exact"), ("eval/kl_prior_exact", "KL(π‖π0) exact"),
                  ("eval/kl_target_exact", "KL(p*‖π) exact"), ("eval/kl_policy_target_exact", "KL(π‖p*) exact")]
-CAPTION = ("pass@k on the held-out prompts against k (log scale): the probability that at least one of k completions is "
-           "correct, mean over prompts. π0 is the step-0 evaluation (black), each configuration its last evaluation (mean over "
-           "seeds). Solid lines with markers: the unbiased estimate from n completions per prompt; dashed: exact values on an "
-           "enumerable space. A cross marks the crossover, the smallest k where π0 overtakes that policy.")
 
 
 @dataclass
@@ -95,7 +91,7 @@ def crossover(pi0: Line, line: Line) -> tuple[int | None, str]:
 
 def figure(pi0: Line | None, others: list[Line], path: Path) -> str | None:
     """Write pass_at_k.png; returns the keys plotted (None without data)."""
-    from tiltlm.experiments.report import COLOURS, MARKERS, _figure, _save
+    from tiltlm.experiments.report import COLOURS, MARKERS, _figure, _save, legend_label
 
     drawn = [(pi0, "black", "o")] if pi0 is not None else []
     drawn += [(line, COLOURS[i % len(COLOURS)], MARKERS[(i + 1) % len(MARKERS)]) for i, line in enumerate(others)]
@@ -111,7 +107,7 @@ def figure(pi0: Line | None, others: list[Line], path: Path) -> str | None:
                 ks |= set(c)
                 kinds.add(exact)
                 ax.plot(list(c), list(c.values()), color=colour, ls="--" if exact else "-", marker=None if exact else marker,
-                        lw=1.4 if line is pi0 else 1.2, label=line.name + (", exact" if exact else ""))
+                        lw=1.4 if line is pi0 else 1.2, label=legend_label(line.name + (", exact" if exact else "")))
     if pi0 is not None:
         for line, colour, _ in drawn[1:]:
             k, kind = crossover(pi0, line)
@@ -157,6 +153,24 @@ def _crossover_text(k: int | None, note: str) -> str:
     return f"{k} ({note})" if k is not None else note
 
 
+def caption(pi0: Line | None, others: list[Line], used: str) -> str:
+    """The figure's caption, naming only what ``figure`` drew (``used``: its plotted keys)."""
+    parts = ["pass@k on the held-out prompts against k (log scale): the probability that at least one of k completions is "
+             "correct, mean over prompts."]
+    who = (["π0 is the step-0 evaluation (black)"] if pi0 is not None else []) + (
+        [f"{'each' if len(others) > 1 else 'the'} configuration its last evaluation (mean over seeds)"] if others else [])
+    if who:
+        parts.append(", ".join(who) + ".")
+    kinds = used.split(" / ")
+    if "eval/pass@k" in kinds:
+        parts.append("Solid lines with markers: the unbiased estimate from n completions per prompt" + (";" if len(kinds) > 1 else "."))
+    if "eval/pass@k_exact" in kinds:
+        parts.append(("dashed" if len(kinds) > 1 else "Dashed lines") + ": exact values on an enumerable space.")
+    if pi0 is not None and any(crossover(pi0, line)[0] is not None for line in others):
+        parts.append("A cross marks the crossover, the smallest k where π0 overtakes that policy.")
+    return " ".join(parts)
+
+
 def section_html(pi0: Line | None, others: list[Line], used: str | None) -> str:
     """The report's pass@k section: the figure and the table (each number's key and exact mean in data- attributes)."""
     from tiltlm.experiments.report import _fmt
@@ -171,7 +185,7 @@ def section_html(pi0: Line | None, others: list[Line], used: str | None) -> str:
     parts = ["<h2>pass@k on held-out prompts</h2>"]
     if used is not None:
         parts.append(f'<figure><img src="{FIGURE}" alt="pass@k against k for π0 and each policy">'
-                     f"<figcaption>{html.escape(CAPTION)} Plotted keys: <code>{html.escape(used)}</code>.</figcaption></figure>")
+                     f"<figcaption>{html.escape(caption(pi0, others, used))} Plotted keys: <code>{html.escape(used)}</code>.</figcaption></figure>")
     parts.append('<div class="scroll"><table><caption>Held-out evaluation: π0 at step 0 and each configuration\'s last '
                  "evaluation, mean over seeds (distinct correct: per prompt; KL per prompt, nats)</caption>"
                  f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")

