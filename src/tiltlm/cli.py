@@ -109,7 +109,7 @@ def run(
                 table = Table(*headers, title=part["title"], title_justify="left")
                 for row in rows:
                     table.add_row(*row)
-                console.print(table, width=max(console.width, 120), markup=False)
+                console.print(table, markup=False)
                 console.print(" ".join(rlvr.verdict(pi0, trained)), markup=False, highlight=False)
     if interactive:
         _print_interactive(path / "interactive")

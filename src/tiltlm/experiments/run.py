@@ -461,7 +461,7 @@ def _study_section(run_dir: Path, part: dict, *, headline: bool) -> str:
                    f'<td class="num">{html.escape(cross)}</td></tr>')
     title = ("pass@k on held-out questions" if headline else "The same study, exact") + (
         ": an enumerable testbed" if part["dir"] == "exact" else "")
-    caption = (f"{passk.CAPTION} best-of-{rlvr.BEST_OF} trains nothing: it draws {rlvr.BEST_OF} π0 samples per answer and keeps a "
+    caption = (f"{passk.caption(pi0, trained + baselines, used or '')} best-of-{rlvr.BEST_OF} trains nothing: it draws {rlvr.BEST_OF} π0 samples per answer and keeps a "
                f"correct one, so its pass@k is π0's pass@{rlvr.BEST_OF}k at {rlvr.BEST_OF}× the samples.")
     out = [f"<h2>{html.escape(title)}</h2>",
            f'<p class="verdict" id="verdict-{part["dir"]}">{html.escape(" ".join(sentences))}</p>']
