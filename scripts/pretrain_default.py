@@ -16,6 +16,7 @@ import torch
 
 from tiltlm.pretrain import ModelShape, OptimConfig, pretrain
 
+N_QUIZ = 40_000
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "tiltlm" / "assets" / "default"
 
 
@@ -25,6 +26,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     parser.add_argument("--steps", type=int, default=1000, help="optimiser steps")
     parser.add_argument("--n-stories", type=int, default=60_000, help="training stories")
+    parser.add_argument("--n-quiz", type=int, default=N_QUIZ,
+                        help="quiz documents (tiltlm.quiz) mixed into the stories; 0 = stories only")
     parser.add_argument("--seed", type=int, default=0, help="seed of corpus, init and batches")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-bf16", action="store_true",
@@ -35,6 +38,7 @@ def main() -> None:
     record = pretrain(
         args.out,
         n_stories=args.n_stories,
+        n_quiz=args.n_quiz,
         steps=args.steps,
         seed=args.seed,
         model_shape=ModelShape(),
