@@ -25,13 +25,13 @@ rhyme       Name a word that rhymes with cat.                      ``{"kind": "o
 letter      Name a word that starts with b.                        ``{"kind": "one_of", "answers": [...]}``
 ==========  =====================================================  =============================================
 
-The categories (19: animals that fly / live in water / live on a farm / are pets, red, yellow, green
+The categories (20: animals that fly / live in water / live on a farm / are pets, red, yellow, green
 and cold things, fruits, vegetables, colours, drinks, clothes, toys, things in the sky, girls' and
 boys' names (the story grammar's 48 names), days of the week, parts of the body, kinds of weather)
-and the rhyme groups (17) are closed lists; "starts with <letter>" accepts the words of this module's
-lexicon (every category and rhyme answer plus the story grammar's one-word characters, objects and
-adjectives; not the names) that start with the letter. The task is closed-world: a true English answer outside the
-lists (``"a word that starts with b: banjo"``) counts as wrong.
+and the rhyme groups (17) are closed lists; "starts with <letter>" (13 letters) accepts the words of
+this module's lexicon (every one-word category and rhyme answer, names aside, plus the story
+grammar's one-word characters, objects, places and adjectives) that start with the letter. The task
+is closed-world: a true English answer outside the lists ("banjo" for "starts with b") is wrong.
 
 **Rows.** ``questions`` returns dicts with ``prompt`` (``"Q: <question> A:"``), ``question``,
 ``family``, ``item`` (what is asked, without the phrasing: ``"fly"``, ``"3-9"``, ``"cat"``),
