@@ -107,9 +107,12 @@ def test_fsdp_lora_on_the_default_lm_equals_one_process(tmp_path):
         "distributed": {"strategy": "fsdp"}, "seed": 0,
     }
     initial = load_file(str(resolve_model_dir("default") / "model.safetensors"))
-    # measured: merged weights 2.3e-7 apart, Adam moments 2.3e-8, the adapters themselves 5.6e-6 — where Adam
-    # normalises gradients that are 0 up to rounding; the same run on 1 vs 2 threads differs there by 6.3e-6
-    _run_both(tmp_path, config, initial, weights_atol=2e-6, checkpoint_atol=3e-5)
+    # measured on the stories + quiz default prior (2026-12-01): merged weights 1.4e-5 apart (one entry of
+    # h.1.attn.c_attn; the other layers 1e-7 to 9e-7), Adam moments 1.2e-7, the adapters themselves 5.2e-5 — where
+    # Adam normalises gradients that are 0 up to rounding; the same one-process run on 1 vs 2 threads differs there
+    # by as much (merged weights 9.7e-6, adapters 3.7e-5). (On the stories-only prior before it: 2.3e-7, 2.3e-8,
+    # 5.6e-6 and 6.3e-6 on 1 vs 2 threads, with atols 2e-6 / 3e-5.)
+    _run_both(tmp_path, config, initial, weights_atol=3e-5, checkpoint_atol=1e-4)
 
 
 def test_fsdp_episodes_that_end_at_different_turns_on_each_rank_equal_one_process(tmp_path):

@@ -106,3 +106,32 @@ def test_shipped_default_prior_loads_and_round_trips():
     with torch.no_grad():
         logits = model(prefix).logits[0, -1]
     assert tok.decode(int(logits.argmax())) == " time"
+
+
+def test_quiz_documents_are_packed_with_their_first_token_not_a_target():
+    from tiltlm.pretrain.train import pack_stories, train_tokenizer
+
+    docs = ["Once upon a time, there was a dog.", "Q: Name a color. A: red", "The end came."]
+    tok = train_tokenizer(docs * 5, vocab_size=300, max_length=64)
+    blocks = pack_stories(docs, tok, 64, mask_first=[False, True, False])
+    ids, labels = blocks.input_ids[0].tolist(), blocks.labels[0].tolist()
+    q = tok("Q", add_special_tokens=False)["input_ids"][0]
+    start = ids.index(q)
+    assert ids[start - 1] == tok.bos_token_id and labels[start] == -100  # "Q" after BOS: not a target
+    assert all(label != -100 for label in labels[start + 1: start + 5])  # the rest of the quiz is
+    assert labels[1] == ids[1]  # a story's first token stays a target
+    unmasked = pack_stories(docs, tok, 64)
+    assert (unmasked.labels != -100).sum() == (blocks.labels != -100).sum() + 1
+
+
+def test_tiny_pretrain_with_quiz_records_the_mix(tmp_path: Path):
+    record = pretrain(
+        tmp_path, n_stories=30, n_quiz=20, steps=2, seed=0,
+        model_shape=ModelShape(vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=128),
+        optim=OptimConfig(batch_size=2, block_size=128, log_every=0, bf16_autocast=False), log=None,
+    )
+    assert record["n_quiz"] == 20 and "tiltlm.quiz" in record["corpus_source"]
+    assert record["quiz_heldout_loss"] > 0
+    assert json.loads((tmp_path / "training.json").read_text()) == record
+    with pytest.raises(ValueError, match="n_quiz"):
+        pretrain(tmp_path, n_stories=30, n_quiz=-1, steps=1)

@@ -2,13 +2,18 @@
 
 The whole recipe, top to bottom:
 
-1. generate ``n_stories`` training stories and a few held-out ones (`tiltlm.pretrain.corpus`);
-2. train a byte-level BPE tokenizer on the training stories, with ``<|endoftext|>`` as its only
+1. generate ``n_stories`` training stories and a few held-out ones (`tiltlm.pretrain.corpus`), and
+   ``n_quiz`` quiz documents ``"Q: <question> A: <answer>"`` over the quiz's train questions
+   (`tiltlm.quiz.corpus`, noisy answers), shuffled in among the stories (seeded);
+2. train a byte-level BPE tokenizer on the training documents, with ``<|endoftext|>`` as its only
    special token, used as BOS, EOS and PAD (the GPT-2 convention);
-3. format every story as ``<|endoftext|> story <|endoftext|>`` (BOS, text, EOS) and pack whole
-   stories greedily into blocks of ``block_size`` tokens, so every block starts with a BOS at
-   position 0 (as sampling from the prior does) and the model learns to end a story with EOS;
-   the tail of a block is padding, masked out of the loss;
+3. format every document as ``<|endoftext|> text <|endoftext|>`` (BOS, text, EOS) and pack whole
+   documents greedily into blocks of ``block_size`` tokens, so every block starts with a BOS at
+   position 0 (as sampling from the prior does) and the model learns to end a document with EOS;
+   the tail of a block is padding, masked out of the loss. The first token of a quiz document
+   (the ``Q`` after its BOS) is masked out of the loss too: the model sees quizzes (so it answers
+   ``BOS Q: … A:`` prompts) but is never trained to *start* one, so sampling from BOS alone still
+   writes stories (the output at position 0 sees only the BOS and is trained on story openings only);
 4. train a `transformers.GPT2LMHeadModel` with AdamW and a linear-warmup + cosine schedule;
 5. save model and tokenizer with ``save_pretrained`` plus ``training.json`` (config, losses, time).
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -119,32 +125,43 @@ def train_tokenizer(
 
 
 def pack_stories(
-    stories: list[str], tokenizer: PreTrainedTokenizerFast, block_size: int
+    stories: list[str], tokenizer: PreTrainedTokenizerFast, block_size: int,
+    mask_first: list[bool] | None = None,
 ) -> _Blocks:
-    """Encode each story as BOS + text + EOS and pack whole stories greedily into blocks.
+    """Encode each document as BOS + text + EOS and pack whole documents greedily into blocks.
 
-    A story never spans two blocks (one longer than a block is truncated), so every block starts
+    A document never spans two blocks (one longer than a block is truncated), so every block starts
     with BOS at position 0. Padding uses the PAD id (== EOS id), hence labels are masked by
-    position, not by id: the real EOS that ends a story stays a training target.
+    position, not by id: the real EOS that ends a story stays a training target. Where
+    ``mask_first[i]`` is true, the first text token of document i (the one after its BOS) is left
+    out of the loss as well (quiz documents: the model is never trained to start one).
     """
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     encoded = tokenizer(stories, add_special_tokens=False)["input_ids"]
     rows: list[list[int]] = []
+    masked: list[list[int]] = []  # per row: positions whose label is dropped
     current: list[int] = []
-    for ids in encoded:
+    current_masked: list[int] = []
+    for i, ids in enumerate(encoded):
         seq = ([bos] + ids + [eos])[:block_size]
         if len(current) + len(seq) > block_size:
             rows.append(current)
-            current = []
+            masked.append(current_masked)
+            current, current_masked = [], []
+        if mask_first is not None and mask_first[i] and len(seq) > 1:
+            current_masked.append(len(current) + 1)
         current = current + seq
     if current:
         rows.append(current)
+        masked.append(current_masked)
     input_ids = torch.full((len(rows), block_size), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), block_size), dtype=torch.long)
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row)
         attention_mask[i, : len(row)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, -100)
+    for i, positions in enumerate(masked):
+        labels[i, positions] = -100
     return _Blocks(input_ids, labels, attention_mask, int(attention_mask.sum()))
 
 
@@ -187,30 +204,35 @@ def pretrain(
     n_stories: int,
     steps: int,
     seed: int = 0,
+    n_quiz: int = 0,
     model_shape: ModelShape = ModelShape(),
     optim: OptimConfig = OptimConfig(),
     log: Callable[[str], None] | None = print,
 ) -> dict:
     """Train the default prior from scratch and save it to `out_dir`; return the training record.
 
+    ``n_quiz`` quiz documents (`tiltlm.quiz.corpus` with the same seed) are mixed into the stories
+    (module docstring, steps 1 and 3); 0 trains on stories alone, exactly as before they existed.
+
     The record (also written to ``out_dir/training.json``) holds the resolved configuration,
-    step count, final train loss (mean of the last 10% of steps), held-out loss, wall time,
-    parameter count, corpus source and license.
+    step count, final train loss (mean of the last 10% of steps), held-out loss (on held-out
+    stories; with a quiz also on held-out quiz documents), wall time, parameter count, corpus
+    source and license.
     """
     if optim.block_size > model_shape.n_positions:
         raise ValueError(f"block_size {optim.block_size} > n_positions {model_shape.n_positions}; "
                          "lower OptimConfig.block_size or raise ModelShape.n_positions")
-    if steps < 1 or n_stories < 2:
-        raise ValueError(f"need steps >= 1 and n_stories >= 2, got {steps} and {n_stories}")
+    if steps < 1 or n_stories < 2 or n_quiz < 0:
+        raise ValueError(f"need steps >= 1, n_stories >= 2 and n_quiz >= 0, got {steps}, {n_stories} and {n_quiz}")
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     n_heldout = max(1, min(optim.heldout_stories, n_stories // 20))
-    tokenizer, train, heldout = _corpus(n_stories, n_heldout, seed, model_shape, optim)
-    say(f"corpus: {n_stories} stories -> {len(train.input_ids)} blocks, {train.n_tokens} tokens; "
-        f"vocab {len(tokenizer)}")
+    tokenizer, train, heldout, quiz_heldout = _corpus(n_stories, n_heldout, n_quiz, seed, model_shape, optim)
+    say(f"corpus: {n_stories} stories + {n_quiz} quiz documents -> {len(train.input_ids)} blocks, "
+        f"{train.n_tokens} tokens; vocab {len(tokenizer)}")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -221,6 +243,7 @@ def pretrain(
         losses, tokens_seen = _train_loop(model, train, steps, optim, seed, say)
     train_seconds = time.perf_counter() - start
     heldout_loss = _mean_loss(model, heldout, optim.batch_size)
+    quiz_loss = _mean_loss(model, quiz_heldout, optim.batch_size) if quiz_heldout is not None else None
     tail = losses[-max(1, steps // 10):]
     final_train = sum(tail) / len(tail)
     say(f"done: train loss {final_train:.3f}, held-out loss {heldout_loss:.3f}, "
@@ -235,18 +258,23 @@ def pretrain(
         "seed": seed,
         "n_stories": n_stories,
         "n_heldout_stories": n_heldout,
+        "n_quiz": n_quiz,
         "train_tokens": train.n_tokens,
         "tokens_seen": tokens_seen,
         "steps": steps,
         "final_train_loss": round(final_train, 4),
         "heldout_loss": round(heldout_loss, 4),
+        **({"quiz_heldout_loss": round(quiz_loss, 4)} if quiz_loss is not None else {}),
         "wall_time_s": round(time.perf_counter() - start, 1),
         "threads": torch.get_num_threads(),
         "parameters": n_params,
         "vocab_size": len(tokenizer),
         "special_tokens": {"bos": ENDOFTEXT, "eos": ENDOFTEXT, "pad": ENDOFTEXT},
-        "format": "<|endoftext|> story <|endoftext|>, whole stories packed into blocks",
-        "corpus_source": f"tiltlm story grammar, seed {seed}",
+        "format": "<|endoftext|> story <|endoftext|>, whole stories packed into blocks" if not n_quiz else
+                  "<|endoftext|> document <|endoftext|> (stories and 'Q: <question> A: <answer>' quiz documents, "
+                  "shuffled), whole documents packed into blocks; the first token of a quiz document is not a target",
+        "corpus_source": f"tiltlm story grammar, seed {seed}" if not n_quiz else
+                         f"tiltlm story grammar, seed {seed}; tiltlm.quiz corpus (train questions), seed {seed}",
         "license": "MIT (model, tokenizer and corpus generated by the tiltlm project)",
         "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
                      "tokenizers": _version("tokenizers")},
@@ -256,15 +284,39 @@ def pretrain(
     return json.loads(text)  # exactly what was saved (tuples become lists)
 
 
-def _corpus(n_stories: int, n_heldout: int, seed: int, model_shape: ModelShape,
-            optim: OptimConfig) -> tuple[PreTrainedTokenizerFast, _Blocks, _Blocks]:
-    """(tokenizer, train blocks, held-out blocks): the tokenizer is trained on the training stories only."""
+def _corpus(n_stories: int, n_heldout: int, n_quiz: int, seed: int, model_shape: ModelShape,
+            optim: OptimConfig) -> tuple[PreTrainedTokenizerFast, _Blocks, _Blocks, _Blocks | None]:
+    """(tokenizer, train blocks, held-out story blocks, held-out quiz blocks or None): the tokenizer
+    is trained on the training documents only.
+
+    Held-out quiz documents are drawn like the corpus but over the quiz's held-out questions; they
+    measure the loss on question/answer combinations the model never saw."""
     stories = generate_stories(n_stories + n_heldout, seed)
-    train_stories, heldout_stories = stories[:n_stories], stories[n_stories:]
-    tokenizer = train_tokenizer(train_stories, model_shape.vocab_size, model_shape.n_positions)
-    train = pack_stories(train_stories, tokenizer, optim.block_size)
+    train_docs, heldout_stories = stories[:n_stories], stories[n_stories:]
+    is_quiz = [False] * n_stories
+    quiz_heldout = None
+    if n_quiz:
+        from tiltlm import quiz
+
+        docs = [(s, False) for s in train_docs] + [(q, True) for q in quiz.corpus(n_quiz, seed)]
+        random.Random(f"tiltlm pretrain mix {seed}").shuffle(docs)
+        train_docs, is_quiz = [d for d, _ in docs], [q for _, q in docs]
+    tokenizer = train_tokenizer(train_docs, model_shape.vocab_size, model_shape.n_positions)
+    train = pack_stories(train_docs, tokenizer, optim.block_size, mask_first=is_quiz)
     heldout = pack_stories(heldout_stories, tokenizer, optim.block_size)
-    return tokenizer, train, heldout
+    if n_quiz:
+        quiz_heldout = pack_stories(_heldout_quiz_docs(max(1, n_heldout), seed), tokenizer, optim.block_size,
+                                    mask_first=[True] * max(1, n_heldout))
+    return tokenizer, train, heldout, quiz_heldout
+
+
+def _heldout_quiz_docs(n: int, seed: int) -> list[str]:
+    """``n`` documents over the quiz's held-out questions, answered correctly (for a held-out loss)."""
+    from tiltlm import quiz
+
+    rng = random.Random(f"tiltlm pretrain quiz heldout {seed}")
+    rows = quiz.questions("heldout", seed=seed)
+    return [f"{row['prompt']} {quiz.sample_answer(row, rng)}" for row in (rng.choice(rows) for _ in range(n))]
 
 
 def _gpt2_config(model_shape: ModelShape, tokenizer: PreTrainedTokenizerFast) -> GPT2Config:

@@ -4,9 +4,9 @@ Each is a factory registered under its spec name: it receives the spec's argumen
 scorer texts -> list[float]. They are deterministic and cheap, so they double as the rewards whose
 values (and hence whose tilted targets) can be worked out by hand in tests and toy experiments.
 
-The verifiers (``exact_match``, ``numeric_match``, ``math_verify``, ``reasoning_gym``) score 1.0 or 0.0
-against a column of the prompt data's rows (``answer`` unless the spec names another), so they need
-samples drawn after a dataset's prompts (tiltlm.data).
+The verifiers (``exact_match``, ``numeric_match``, ``math_verify``, ``reasoning_gym``, ``quiz``) score 1.0 or 0.0
+against a column of the prompt data's rows (``answer`` unless the spec names another; ``check`` for ``quiz``), so
+they need samples drawn after a dataset's prompts (tiltlm.data).
 """
 
 from __future__ import annotations
@@ -199,3 +199,23 @@ def reasoning_gym_score() -> RowScorer:
         return out
 
     return scorer
+
+
+@register_reward("quiz", takes_argument="optional", metavar="column", row=True,
+                 help="1 if the completion answers the tiltlm.quiz question correctly, judged by the row's <column> (default check: one_of / range / sum), else 0")
+def quiz(column: str = "check") -> RowScorer:
+    """r = 1[tiltlm.quiz.check(x, row)]: the row's check object (``{"kind": "one_of", "answers": […]}``,
+    ``{"kind": "range", "lo", "hi"[, "parity"]}`` or ``{"kind": "sum", "total"}``; JSON text is parsed) decides;
+    surrounding whitespace, case and one trailing period aside, the completion must be exactly one valid answer."""
+    from tiltlm import quiz as quiz_task
+
+    spec = f"quiz:{column}"
+
+    def one(text: str, spec_value) -> float:
+        try:
+            return float(quiz_task.check(text, {"check": spec_value}))
+        except (ValueError, KeyError, TypeError) as e:
+            raise TiltlmError(f"reward {spec!r}: the column {column!r} holds {spec_value!r}, not a quiz check object ({e}); "
+                              "write the rows with tiltlm.quiz.questions / write_jsonl") from None
+
+    return lambda texts, prompts, columns: [one(t, c) for t, c in zip(texts, _column(spec, columns, column))]
