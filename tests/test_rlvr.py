@@ -63,14 +63,16 @@ def test_index_numbers_equal_the_metrics_files(run_dir):
 
 
 def test_per_question_means_are_the_metrics_values(run_dir):
-    """per_question.json re-evaluates each final policy with the training evaluation's seed: its means are the metrics'."""
+    """per_question.json holds each evaluation's per-prompt numbers: their means are the metrics' eval/ values."""
     data = json.loads((run_dir / "exact" / "per_question.json").read_text())
     assert len(data["prompts"]) == 12 and set(data["methods"]) == {"π0", "reinforce", "kl-pg β=0.1", "kl-pg β=1", "dpg"}
     final = _last(run_dir / "exact" / "cells" / "dpg_seed0" / "metrics.jsonl")
     rows = data["methods"]["dpg"]
     for key, metric in (("pass@1", "eval/pass@1"), ("pass@64", "eval/pass@64"), ("distinct_correct", "eval/distinct_correct"),
                         ("pass@1_exact", "eval/pass@1_exact"), ("kl_target_exact", "eval/kl_target_exact")):
-        assert sum(r[key] for r in rows) / len(rows) == pytest.approx(final[metric], rel=1e-9, abs=1e-12), key
+        assert sum(r[key] for r in rows) / len(rows) == pytest.approx(final[metric], rel=1e-12, abs=1e-15), key
+    first = _last(run_dir / "exact" / "cells" / "reinforce_seed0" / "metrics.jsonl", step0=True)
+    assert sum(r["pass@64"] for r in data["methods"]["π0"]) / 12 == pytest.approx(first["eval/pass@64"], rel=1e-12)
 
 
 def test_the_page_leads_with_the_figure_and_the_computed_verdict(run_dir):

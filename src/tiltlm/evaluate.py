@@ -31,6 +31,7 @@ divergences to the training target p*(·|x), each averaged over the held-out pro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -198,9 +199,10 @@ class Evaluator:
     exact values join each evaluation."""
 
     def __init__(self, prompts: PromptData | None, reward, *, n: int, seed: int, every: int, last: int, at_start: bool, prior=None,
-                 exact: ExactEvaluation | None = None):
+                 exact: ExactEvaluation | None = None, path=None):
         self.prompts, self.reward, self.n, self.seed = prompts, reward, n, seed
         self.every, self.last, self.at_start, self.prior, self.exact = every, last, at_start, prior, exact
+        self.path = path  # eval_per_prompt.jsonl: one line per evaluation, every prompt's numbers
 
     def due(self, step: int) -> bool:
         if self.prompts is None:
@@ -214,10 +216,26 @@ class Evaluator:
             return {}
         with torch.no_grad():
             result = evaluate(policy, self.prompts, self.reward, n=self.n, seed=self.seed, prior=self.prior)
-            return {**result.metrics(), **(self.exact(policy) if self.exact is not None else {})}
+            exact = self.exact.per_prompt(policy) if self.exact is not None else None
+        if self.path is not None:
+            self._write(step, result.per_prompt, exact)
+        means = {k: sum(r[k] for r in exact) / len(exact) for k in exact[0]} if exact else {}
+        return {**result.metrics(), **means}
+
+    def _write(self, step: int, per_prompt: list[dict], exact: list[dict] | None) -> None:
+        """One JSON line {step, prompts: [{prompt, reward, n_correct, distinct_correct, pass@k…, kl_prior, …_exact}]}: the
+        numbers whose means are this evaluation's eval/ metrics (a resumed run may repeat a step; the last line counts)."""
+        import json
+
+        rows = []
+        for i, p in enumerate(per_prompt):
+            row = {k: v for k, v in p.items() if k != "pass_at_k"} | {f"pass@{k}": v for k, v in p["pass_at_k"].items()}
+            rows.append(row | ({k.removeprefix("eval/"): v for k, v in exact[i].items()} if exact else {}))
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "prompts": rows}) + "\n")
 
 
-def build_evaluator(config, eval_data: PromptData | None, target, *, active: bool = True) -> Evaluator:
+def build_evaluator(config, eval_data: PromptData | None, target, *, active: bool = True, out_dir=None) -> Evaluator:
     """The Evaluator a training config describes (one that never evaluates without ``eval:`` or when this
     process takes no part in metrics, ``active`` False)."""
     e = config.eval
@@ -226,7 +244,8 @@ def build_evaluator(config, eval_data: PromptData | None, target, *, active: boo
         return Evaluator(None, None, n=1, seed=0, every=0, last=0, at_start=False)
     return Evaluator(eval_data, verifier, n=e.n, seed=config.seed if e.seed is None else e.seed, every=e.every,
                      last=config.optim.steps, at_start=e.at_start, prior=target.prior,
-                     exact=build_exact_evaluation(config, eval_data, target, verifier))
+                     exact=build_exact_evaluation(config, eval_data, target, verifier),
+                     path=None if out_dir is None else Path(out_dir) / "eval_per_prompt.jsonl")
 
 
 def build_exact_evaluation(config, eval_data: PromptData, target, verifier) -> ExactEvaluation | None:

@@ -121,8 +121,7 @@ def run_study(root: Path, task: Task, *, betas: tuple[float, ...], steps: int, s
         log(f"  [{i}/{len(configs)}] {name} done in {seconds:.0f} s: pass@1 {final.get('eval/pass@1', float('nan')):.3f}, "
             f"pass@{task.eval_n} {final.get(f'eval/pass@{task.eval_n}', float('nan')):.3f}, KL(pi||pi0) {final.get('eval/kl_prior', float('nan')):.3f}")
     collect(root, list(configs))
-    with one_thread():
-        per_question(root, task, configs)
+    per_question(root, task, configs)
     write_report(root)
     return root
 
@@ -173,35 +172,22 @@ def one_thread():
 
 
 def per_question(root: Path, task: Task, configs: dict) -> None:
-    """per_question.json: for pi0 and each cell's final policy (the first seed's), every held-out prompt's pass@1,
-    pass@64, distinct correct answers and KL(pi‖pi0) with the training evaluation's seed (so their means are the
-    metrics' values) and, on an enumerable space, the exact pass rate and KL(p*(·|x)‖pi(·|x))."""
-    from tiltlm.data import load_data
-    from tiltlm.evaluate import ExactEvaluation, evaluate
-    from tiltlm.policies import HFPolicy
-    from tiltlm.rewards import get_reward
-    from tiltlm.targets import make_target
-
-    _, seed, first = next(iter(configs.values()))
-    _, held = load_data(first.data)
-    prior = HFPolicy.from_pretrained(task.prior, max_new_tokens=task.max_new_tokens)
-    verifier = get_reward(task.verifier)
-    exact = None
-    if task.exact:
-        target = make_target(prior, reward=None, constraints=[task.verifier])
-        exact = ExactEvaluation(held, target, target.verifier, n=task.eval_n, max_new_tokens=task.max_new_tokens)
-    out: dict = {"prompts": held.prompts, "n": task.eval_n, "methods": {}}
-    for name, (method, s, config) in [("pi0", (None, seed, first)), *configs.items()]:
-        if s != seed:
-            continue  # the first seed's policies: the table compares methods, not seeds
-        policy = prior if method is None else HFPolicy.from_pretrained(root / "cells" / name / "policy", max_new_tokens=task.max_new_tokens)
-        result = evaluate(policy, held, verifier, n=task.eval_n, seed=config.eval.seed, prior=prior)
-        rows = [{"pass@1": r["pass_at_k"][1], f"pass@{task.eval_n}": r["pass_at_k"][task.eval_n], "distinct_correct": r["distinct_correct"],
-                 "kl_prior": r.get("kl_prior")} for r in result.per_prompt]
-        if exact is not None:
-            for r, e in zip(rows, exact.per_prompt(policy)):
-                r.update({"pass@1_exact": e["eval/pass@1_exact"], "kl_target_exact": e["eval/kl_target_exact"]})
-        out["methods"]["π0" if method is None else method.title] = rows
+    """per_question.json: every held-out prompt's pass@1, pass@n, distinct correct answers, KL(pi‖pi0) and (on an
+    enumerable space) exact pass rate and KL(p*(·|x)‖pi(·|x)), for pi0 (the first cell's step-0 evaluation) and each
+    method's final policy (its last evaluation; the first seed's cells). They come from each cell's
+    eval_per_prompt.jsonl, the evaluation whose means are the metrics' eval/ values."""
+    keys = ("pass@1", f"pass@{task.eval_n}", "distinct_correct", "kl_prior", "pass@1_exact", "kl_target_exact")
+    out: dict = {"n": task.eval_n, "methods": {}}
+    first_seed = next(iter(configs.values()))[1]
+    for i, (name, (method, seed, _)) in enumerate(configs.items()):
+        if seed != first_seed:
+            continue  # the table compares methods, not seeds
+        lines = [json.loads(x) for x in (root / "cells" / name / "eval_per_prompt.jsonl").read_text().splitlines() if x.strip()]
+        by_step = {line["step"]: line["prompts"] for line in lines}  # a repeated step (resume): the last line counts
+        picks = ([("π0", by_step[0])] if i == 0 and 0 in by_step else []) + [(method.title, by_step[max(by_step)])]
+        for label, prompts in picks:
+            out["prompts"] = [p["prompt"] for p in prompts]
+            out["methods"][label] = [{k: p[k] for k in keys if k in p} for p in prompts]
     atomic_write_text(root / "per_question.json", json.dumps(out, indent=1))
 
 

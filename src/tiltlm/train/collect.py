@@ -27,12 +27,14 @@ def step_seed(config: TrainConfig, step: int) -> int:
 class Collector:
     """Draws and scores the batch of each step; counts failed environment episodes across the run."""
 
-    def __init__(self, config: TrainConfig, *, policy, target: Target, algorithm, strategy, env=None, runner=None, generator=None):
+    def __init__(self, config: TrainConfig, *, policy, target: Target, algorithm, strategy, env=None, runner=None, generator=None,
+                 out_dir=None):
         self.config, self.policy, self.target, self.algorithm = config, policy, target, algorithm
         self.strategy, self.env, self.runner, self.generator = strategy, env, runner, generator
         self.env_counts = {"episodes": 0, "failures": 0}
         self.data, self.eval_data = load_data(config.data) if config.data is not None else (None, None)
-        self.evaluator = build_evaluator(config, self.eval_data, target, active=strategy.joins_io)  # held-out pass@k (tiltlm.evaluate)
+        self.evaluator = build_evaluator(config, self.eval_data, target, active=strategy.joins_io,  # held-out pass@k (tiltlm.evaluate)
+                                         out_dir=out_dir if strategy.writes else None)
 
     def sampler(self):
         """Whom this step samples from: the policy (or the vLLM engine drawing for it) on-policy, else the

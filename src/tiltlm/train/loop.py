@@ -52,7 +52,7 @@ class Trainer:
         self.module = trainable_module(policy)
         self.optimizer = build_optimizer(config, self.module)
         self.collect = Collector(config, policy=policy, target=target, algorithm=self.algorithm, strategy=self.strategy,
-                                 env=self.env, runner=self.runner, generator=self.generator)
+                                 env=self.env, runner=self.runner, generator=self.generator, out_dir=out_dir)
         self.exact = build_exact(config, target, self.env, self.collect.data)
         self.step = 0
         self.run_dir = RunDir(out_dir, writes=self.strategy.writes) if out_dir is not None else None
