@@ -207,7 +207,7 @@ def quiz_task(root: Path, prior: str = "default") -> Task:
 
     train = _write_jsonl(root / "data" / "train.jsonl", quiz.questions("train"))
     held = _write_jsonl(root / "data" / "heldout.jsonl", quiz.questions("heldout"))
-    return Task("quiz", prior, "quiz", {"path": str(train), "eval_path": str(held)}, max_new_tokens=8, lr=1e-3)
+    return Task("quiz", prior, "quiz", {"path": str(train), "eval_path": str(held)}, max_new_tokens=8, lr=1e-4)
 
 
 LETTERS = "abcd"
