@@ -101,7 +101,11 @@ def test_the_verdict_follows_the_numbers():
     _, lost = rlvr.verdict(*_lines(dpg_dc=3.0))
     assert lost.startswith("The posterior did not keep the breadth") and "distinct correct answers" in lost and "pass@64 (" not in lost
     _, lost = rlvr.verdict(*_lines(dpg_64=0.5))
-    assert "fell below π0 in pass@64 (" in lost
+    assert "fell below π0 in pass@64 (" in lost and "kl-pg" not in lost
+    pi0, trained = _lines(dpg_64=0.5)
+    klpg = Line("kl-pg β=0.1", 0.1, [{"eval/pass@1": 0.3, "eval/pass@8": 0.6, "eval/pass@64": 0.95, "eval/distinct_correct": 5.5}])
+    _, lost = rlvr.verdict(pi0, [*trained, klpg])
+    assert "; kl-pg β=0.1, whose target π0·exp(v/0.1) tilts toward the same posterior, kept it (pass@1 0.30, pass@64 0.95" in lost
     assert rlvr.verdict(None, []) == ["No held-out evaluation to compare: the study has no π0 row or no trained policy."]
 
 

@@ -313,7 +313,8 @@ def _get(line, key: str) -> float | None:
 def verdict(pi0, trained: list) -> list[str]:
     """Two sentences computed from the numbers: did RL (reinforce, else the smallest-beta kl-pg) narrow the model —
     pi0 overtakes it at some k, or its pass@K is below pi0's —, and did dpg (the posterior) keep the breadth — pass@K
-    within 0.02 of pi0's or above and at least pi0's distinct correct answers per prompt? K is the largest k."""
+    within 0.02 of pi0's or above and at least pi0's distinct correct answers per prompt? K is the largest k. When dpg
+    did not, the smallest-beta kl-pg that did (and gained pass@1) is named."""
     from tiltlm.experiments.passk import crossover
 
     if pi0 is None or not trained:
@@ -349,6 +350,12 @@ def verdict(pi0, trained: list) -> list[str]:
                                                  (["distinct correct answers"] if qdc < dc else []))
         how = "" if None in (q1, qk, qdc) else (f"pass@1 {p1:.2f} → {q1:.2f}, pass@{big} {qk:.2f} against π0's {pk:.2f}, "
                                                 f"{qdc:.1f} distinct correct answers against π0's {dc:.1f}")
+        keeper = next((l for l in sorted(trained, key=lambda l: l.beta or 0.0) if l.name.startswith("kl-pg")
+                       and None not in (_get(l, k1), _get(l, kk), _get(l, kd)) and _get(l, kk) >= pk - 0.02 and _get(l, kd) >= dc
+                       and _get(l, k1) > p1), None)
+        also = ("" if keeper is None else
+                f"; {keeper.name}, whose target π0·exp(v/{keeper.beta:g}) tilts toward the same posterior, kept it (pass@1 "
+                f"{_get(keeper, k1):.2f}, pass@{big} {_get(keeper, kk):.2f}, {_get(keeper, kd):.1f} distinct correct answers)")
         if not how:
             out.append(f"dpg lacks {k1}, {kk} or {kd}: no verdict on the posterior.")
         elif not lost:
@@ -356,5 +363,5 @@ def verdict(pi0, trained: list) -> list[str]:
                        f"coverage ({how}).")
         else:
             out.append(f"The posterior did not keep the breadth here: dpg, trained toward π0·1[correct], fell below π0 in "
-                       f"{' and '.join(lost)} ({how}).")
+                       f"{' and '.join(lost)} ({how}){also}.")
     return out if not exact else [*out, "(Exact values: every completion was enumerated.)"]
