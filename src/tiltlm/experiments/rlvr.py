@@ -306,14 +306,18 @@ def console_table(pi0, lines: list) -> tuple[list[str], list[list[str]]]:
     return ["method", *[h for h, _ in cols], "π0 overtakes at k"], rows
 
 
+KEEP_PASS, KEEP_DISTINCT = 0.02, 0.95  # breadth kept: pass@K within 0.02 of pi0's, distinct correct within 5%
+
+
 def _get(line, key: str) -> float | None:
     return line.values.get(key) if line is not None else None
 
 
 def verdict(pi0, trained: list) -> list[str]:
     """Two sentences computed from the numbers: did RL (reinforce, else the smallest-beta kl-pg) narrow the model —
-    pi0 overtakes it at some k, or its pass@K is below pi0's —, and did dpg (the posterior) keep the breadth — pass@K
-    within 0.02 of pi0's or above and at least pi0's distinct correct answers per prompt? K is the largest k. When dpg
+    pi0 overtakes it at some k, or its pass@K is more than KEEP_PASS below pi0's —, and did dpg (the posterior) keep the
+    breadth — pass@K at most KEEP_PASS below pi0's and at least KEEP_DISTINCT × pi0's distinct correct answers per
+    prompt (the slack is evaluation noise)? K is the largest k. When dpg
     did not, the smallest-beta kl-pg that did (and gained pass@1) is named."""
     from tiltlm.experiments.passk import crossover
 
@@ -335,7 +339,7 @@ def verdict(pi0, trained: list) -> list[str]:
         k, _ = crossover(pi0, rl)
         if None in (r1, rk, rdc):
             out.append(f"{rl.name} lacks {k1}, {kk} or {kd}: no verdict on narrowing.")
-        elif k is not None or (rk is not None and pk is not None and rk < pk - 0.02):
+        elif k is not None or rk < pk - KEEP_PASS:
             where = f"π0 overtakes it at k = {k}" if k is not None else f"its pass@{big} is below π0's"
             out.append(f"RL with the verifier narrowed the model: {rl.name} moved pass@1 from {p1:.2f} to {r1:.2f}, but {where} "
                        f"(pass@{big} {rk:.2f} against π0's {pk:.2f}) and it finds {rdc:.1f} distinct correct answers per "
@@ -346,12 +350,13 @@ def verdict(pi0, trained: list) -> list[str]:
                        f"{rdc:.1f} against {dc:.1f}).")
     if post is not None:
         q1, qk, qdc = _get(post, k1), _get(post, kk), _get(post, kd)
-        lost = [] if None in (q1, qk, qdc) else (([f"pass@{big}"] if qk < pk - 0.02 else []) +
-                                                 (["distinct correct answers"] if qdc < dc else []))
+        lost = [] if None in (q1, qk, qdc) else (([f"pass@{big}"] if qk < pk - KEEP_PASS else []) +
+                                                 (["distinct correct answers"] if qdc < KEEP_DISTINCT * dc else []))
         how = "" if None in (q1, qk, qdc) else (f"pass@1 {p1:.2f} → {q1:.2f}, pass@{big} {qk:.2f} against π0's {pk:.2f}, "
                                                 f"{qdc:.1f} distinct correct answers against π0's {dc:.1f}")
         keeper = next((l for l in sorted(trained, key=lambda l: l.beta or 0.0) if l.name.startswith("kl-pg")
-                       and None not in (_get(l, k1), _get(l, kk), _get(l, kd)) and _get(l, kk) >= pk - 0.02 and _get(l, kd) >= dc
+                       and None not in (_get(l, k1), _get(l, kk), _get(l, kd)) and _get(l, kk) >= pk - KEEP_PASS
+                       and _get(l, kd) >= KEEP_DISTINCT * dc
                        and _get(l, k1) > p1), None)
         also = ("" if keeper is None else
                 f"; {keeper.name}, whose target π0·exp(v/{keeper.beta:g}) tilts toward the same posterior, kept it (pass@1 "
