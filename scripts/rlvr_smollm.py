@@ -174,7 +174,14 @@ def main() -> None:
     parser.add_argument("--eval-seed", type=int, default=1234, help="sampling seed of every evaluation (the same for all)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="plumbing test: 2 train prompts, 1 step, n=2, 2 held-out prompts")
+    parser.add_argument("--write-questions", type=Path, default=None, metavar="FILE",
+                        help="only write the train + held-out questions to FILE (JSONL: prompt, answer, op) and exit, "
+                             "e.g. for tiltlm run --task FILE --reward numeric_match")
     args = parser.parse_args()
+    if args.write_questions is not None:
+        write_jsonl(args.write_questions, make_questions(args.train_prompts + args.eval_prompts, args.seed))
+        print(f"wrote {args.train_prompts + args.eval_prompts} questions to {args.write_questions}")
+        return
     if args.quick:
         args.train_prompts, args.eval_prompts, args.steps, args.prompts_per_step = 2, 2, 1, 2
         args.samples, args.n, args.max_new_tokens = 2, 2, 8
