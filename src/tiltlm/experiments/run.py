@@ -259,9 +259,10 @@ def run_main(
             betas = betas or (0.05, 0.2, 1.0)
             if main_beta not in betas:
                 raise TiltlmError(f"the main beta {main_beta} must be one of the betas {list(betas)}")
-            part("lm", f"{prior} prior, reward {reward or 'sentiment'}: reward–KL at matched samples",
-                 lambda: lm_part(work / "lm", prior, reward or "sentiment", betas, main_beta, budget, seeds[0], log))
-            part("testbed", "exact testbed, reward count:a", lambda: testbed_part(work / "testbed", budget, seeds[0], log))
+            with rlvr.one_thread():  # one thread: the same numbers on every machine (floats reduce in one order)
+                part("lm", f"{prior} prior, reward {reward or 'sentiment'}: reward–KL at matched samples",
+                     lambda: lm_part(work / "lm", prior, reward or "sentiment", betas, main_beta, budget, seeds[0], log))
+                part("testbed", "exact testbed, reward count:a", lambda: testbed_part(work / "testbed", budget, seeds[0], log))
         elif task == "letters":
             betas = betas or (0.1, 1.0)
             exact_task = rlvr.letters_task(work / "exact", seeds[0])
