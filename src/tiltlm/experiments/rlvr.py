@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -133,7 +134,9 @@ def _train_cell(job: tuple[str, dict, str]) -> tuple[str, dict, float]:
 
     name, config, cell_dir = job
     start = time.perf_counter()
-    with one_thread():
+    with one_thread(), warnings.catch_warnings():  # transformers' / peft's deprecation notices would flood the log
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         _, rows = fit(parse_config(config), Path(cell_dir))
     return name, rows[-1], time.perf_counter() - start
 
