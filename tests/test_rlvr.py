@@ -15,9 +15,16 @@ from tiltlm.experiments.run import run_main, write_index
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    import os
+
     out = tmp_path_factory.mktemp("rlvr") / "run"
     messages = []
-    run_main(out, task="letters", budget=0.25, log=messages.append)
+    here = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        run_main("run", task="letters", budget=0.25, log=messages.append)  # a relative --out, as the CLI's default
+    finally:
+        os.chdir(here)
     (out / "log.txt").write_text("\n".join(messages))
     return out
 
@@ -36,7 +43,7 @@ def test_study_trains_every_method_and_logs_progress_per_cell(run_dir):
     assert first["step"] == 0 and "eval/pass@64_exact" in first  # pi0's evaluation, exact on this space
     assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")], "no temporary directory left behind"
     config = (run_dir / "exact" / "cells" / "dpg_seed0" / "config.yaml").read_text()
-    assert str(run_dir.resolve()) in config and ".run." not in config  # paths point at the final directory
+    assert f"prior: {run_dir.resolve()}/exact/model" in config and ".run." not in config  # paths name the final directory
 
 
 def test_index_numbers_equal_the_metrics_files(run_dir):

@@ -244,7 +244,7 @@ def run_main(
         raise TiltlmError("--seeds needs at least one seed, e.g. --seeds 0 or --seeds 0,1,2")
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)).resolve()  # absolute: configs name paths in it
     parts: list[dict] = []
 
     def part(name: str, title: str, fn: Callable[[], None]) -> None:
