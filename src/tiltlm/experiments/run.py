@@ -1,13 +1,15 @@
-"""`tiltlm run`: does fine-tuning toward a reward collapse the model, and does the KL keep it a
-generative model — at what reward cost? Answered at matched sample budget, in two parts:
+"""`tiltlm run`, the main job: does RL with a verifier narrow the model, and does the posterior keep its breadth?
 
-1. ``lm/``: the embedded default prior tilted by a reward (sentiment by default). reinforce (pure
-   RL), kl-pg at several beta, dpg and gdc++ toward the main beta's p*, plus inference baselines
-   that train nothing (best-of-n, importance resampling) with the same number of samples.
-2. ``testbed/``: the same algorithms on a small-vocabulary GPT-2 whose sample space is enumerated,
-   so every divergence to p* is exact and sits beside its estimate.
-Each part is a sweep directory (see tiltlm.experiments.sweep) with its own report; ``report.html``
-at the top links both. ``--budget`` scales the number of steps.
+By default (``task="quiz"``) two parts, each a directory of training runs with its own report:
+
+1. ``rlvr/``: the RLVR study (tiltlm.experiments.rlvr) on the embedded default prior and its quiz — reinforce, kl-pg
+   at two betas, dpg toward pi0·1[correct] and best-of-n, pass@k on held-out questions;
+2. ``exact/``: the same study on an enumerable testbed, where pass@k and KL(p*(·|x)‖pi(·|x)) are exact.
+
+``task="sentiment"`` is the earlier reward–KL comparison (``lm/`` and ``testbed/``: reinforce, kl-pg at several beta,
+dpg, gdc++, importance resampling, best-of-n toward the sentiment tilt); ``interactive`` adds ``interactive/``. The
+top-level ``report.html`` (`write_index`) leads with the pass@k figure and the computed verdict. Everything is written
+into a temporary directory renamed at the end; ``budget`` scales the steps.
 """
 
 from __future__ import annotations
