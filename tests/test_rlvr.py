@@ -134,6 +134,9 @@ def test_unknown_task_is_one_line(tmp_path):
     with pytest.raises(TiltlmError, match="neither quiz, letters, sentiment, reasoning-gym:<task> nor an existing prompt file"):
         run_main(tmp_path / "out", task="nosuch", log=lambda m: None)
     assert not list(tmp_path.iterdir())
+    with pytest.raises(TiltlmError, match="needs distinct seeds"):
+        run_main(tmp_path / "out", task="letters", seeds=(0, 0), log=lambda m: None)
+    assert not list(tmp_path.iterdir())
 
 
 @needs_chromium

@@ -209,9 +209,6 @@ def exact_targets(sweep_dir: Path, prior: str, betas: list[float], max_new_token
     (sweep_dir / "exact.json").write_text(json.dumps(reports, indent=1))
 
 
-TASKS = ("quiz", "letters", "sentiment")  # besides reasoning-gym:<task> and a prompt file
-
-
 def run_main(
     out: str | Path,
     *,
@@ -242,8 +239,8 @@ def run_main(
         raise TiltlmError(f"output directory '{out}' is not empty; pass --overwrite or choose another --out")
     if not (budget > 0 and math.isfinite(budget)):
         raise TiltlmError(f"--budget must be a positive number (got {budget}); 1.0 is the default run")
-    if not seeds:
-        raise TiltlmError("--seeds needs at least one seed, e.g. --seeds 0 or --seeds 0,1,2")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise TiltlmError(f"--seeds needs distinct seeds (got {list(seeds)}), e.g. --seeds 0 or --seeds 0,1,2")
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)).resolve()  # absolute: configs name paths in it
