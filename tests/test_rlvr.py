@@ -139,6 +139,23 @@ def test_unknown_task_is_one_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_second_process_filling_out_meanwhile_loses_nothing(tmp_path):
+    """Two runs on one --out: the one that finishes second keeps its results beside, with one line."""
+    out = tmp_path / "run"
+
+    def other_process_writes(message):
+        if message.startswith("part 1"):
+            out.mkdir(exist_ok=True)
+            (out / "theirs.txt").write_text("kept")
+
+    with pytest.raises(TiltlmError, match="was filled by another process while this run worked"):
+        run_main(out, task="letters", budget=0.03, log=other_process_writes)
+    assert (out / "theirs.txt").read_text() == "kept"
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
+    assert len(kept) == 1 and (kept[0] / "report.html").is_file() and (kept[0] / "run.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 @needs_chromium
 def test_the_first_screen_shows_the_verdict_and_the_figure(run_dir, tmp_path):
     def first_screen(driver):

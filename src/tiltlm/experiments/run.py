@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -286,6 +287,13 @@ def run_main(
                    "budget": budget, "seeds": list(seeds), "interactive": interactive, "parts": parts,
                    "seconds": round(time.time() - start, 1)}
         (work / "run.json").write_text(json.dumps(summary, indent=1))
+        if out.exists() and any(out.iterdir()) and not overwrite:  # another process wrote --out meanwhile: keep both
+            kept = out.with_name(f"{out.name}.{os.getpid()}")
+            relocate(work, kept)
+            write_index(work, name=kept.name)
+            work.rename(kept)
+            raise TiltlmError(f"'{out}' was filled by another process while this run worked; this run's results are in "
+                              f"'{kept}' (nothing was overwritten)")
         relocate(work, out)
         write_index(work, name=out.name)
         replace_dir(work, out)
