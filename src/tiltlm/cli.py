@@ -1,13 +1,15 @@
 """The `tiltlm` command line (typer + rich).
 
 Every user-fixable problem is a TiltlmError, printed as one line `error: <problem>; <fix>` with
-exit code 2; anything else is a bug and keeps its traceback.
+exit code 2, and so is every OSError (a full or read-only disk, a path under a file: the machine's
+problem, named with its path and fix); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from rich.console import Console, ConsoleDimensions
 from rich.table import Table as RichTable
 
 from tiltlm.errors import TiltlmError
-from tiltlm.io import atomic_write_text
+from tiltlm.io import atomic_write_text, check_file_destination
 
 app = typer.Typer(
     add_completion=False,
@@ -258,6 +260,8 @@ def sample(
     from tiltlm.policies import HFPolicy
     from tiltlm.rewards import get_reward
 
+    if out is not None:  # said before sampling, not after
+        check_file_destination(out, "--out")
     _quiet_transformers()
     scorer = get_reward(reward) if reward else None
     policy = HFPolicy.from_pretrained(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
@@ -400,6 +404,7 @@ def chat(
         thing = canonical_thing(name)
         return thing if thing in THINGS else None
 
+    check_file_destination(out, "--out")  # before the games, which would be lost
     if secret is not None and pick(secret) is None:
         raise TiltlmError(f"--secret '{secret}' is not an animal the game knows; choose from: {', '.join(THINGS)}")
     _quiet_transformers()
@@ -426,6 +431,8 @@ def chat(
 
 def main() -> None:
     """Entry point: user errors become one line and exit code 2."""
+    if hasattr(signal, "SIGXFSZ"):  # past `ulimit -f` a write fails with EFBIG (one line below) instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         from tiltlm.threads import configure_threads
 
@@ -433,6 +440,11 @@ def main() -> None:
         app()
     except TiltlmError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the machine, not tiltlm: a full or read-only disk, a path under a file, permissions
+        from tiltlm.io import describe_os_error
+
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         sys.exit(2)
 
 

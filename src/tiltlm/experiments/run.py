@@ -26,7 +26,7 @@ from typing import Callable
 import yaml
 
 from tiltlm.errors import TiltlmError
-from tiltlm.io import atomic_write_text, replace_dir
+from tiltlm.io import atomic_write_text, check_file_destination, replace_dir
 
 
 def lm_sweep(prior: str, reward: str, betas: list[float], main_beta: float, steps: int, seed: int) -> dict:
@@ -235,7 +235,7 @@ def run_main(
     ``workers``: training processes at once in the RLVR study (default: the usable cores)."""
     from tiltlm.experiments import rlvr
 
-    out = Path(out)
+    out = check_file_destination(out, "--out", directory=True)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TiltlmError(f"output directory '{out}' is not empty; pass --overwrite or choose another --out")
     if not (budget > 0 and math.isfinite(budget)):

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tiltlm.errors import TiltlmError
-from tiltlm.io import atomic_write_text
+from tiltlm.io import atomic_write_text, path_component
 from tiltlm.train.config import parse_config
 
 
@@ -92,7 +93,10 @@ def cells(sweep: SweepConfig) -> list[tuple[str, dict]]:
     for algorithm in sweep.grid.algorithms:
         algo = {"name": algorithm} if isinstance(algorithm, str) else dict(algorithm)
         betas = tuple(algo.pop("betas", sweep.grid.betas))  # an algorithm may run at its own betas
-        label = algo.pop("label", None) or algo["name"] + "".join(f"-{k}={v}" for k, v in sorted(algo.items()) if k != "name")
+        label = algo.pop("label", None)
+        if label is None:  # from the name and options; a separator in an option's value (a path) must not nest directories
+            label = re.sub(r"[/\\\x00-\x1f]", "_", algo["name"] + "".join(f"-{k}={v}" for k, v in sorted(algo.items()) if k != "name"))
+        label = path_component(label, "sweep label")  # every cell's directory stays inside --out/cells
         for beta in betas:
             for seed in sweep.grid.seeds:
                 data = json.loads(json.dumps(sweep.base))

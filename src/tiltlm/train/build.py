@@ -189,9 +189,14 @@ def fit(config: TrainConfig, out_dir, *, resume: bool = False, log: str | None =
             rows = trainer.run(progress=progress)
         finally:
             trackers.close()
-    except TiltlmError:  # a new run that fails before its first checkpoint leaves --out as it found it
+    except (TiltlmError, OSError) as e:  # a new run that fails before its first checkpoint leaves --out as it found it
         trainer.close()
         trainer.run_dir.abandon()
+        if isinstance(e, OSError) and trainer.run_dir.has_checkpoint():  # a full disk mid-run: what is kept, how to go on
+            from tiltlm.io import describe_os_error
+
+            raise TiltlmError(f"{describe_os_error(e)}; the run keeps its last checkpoint, and `--resume` continues it "
+                              "after the fix") from e
         raise
     return trainer, rows
 

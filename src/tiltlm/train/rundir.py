@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from tiltlm.errors import TiltlmError
-from tiltlm.io import atomic_write_text, replace_dir
+from tiltlm.io import atomic_write_text, os_errors, replace_dir
 from tiltlm.train.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -110,7 +110,11 @@ class RunDir:
             self.close()
             raise TiltlmError(f"output directory '{out}' is not empty; pass --resume to continue that run or choose another --out")
         self._fresh = True
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+        try:
+            atomic_write_text(out / "config.yaml", yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+        except BaseException:  # e.g. a full disk: leave --out as it was found
+            self.abandon()
+            raise
         return None
 
     def truncate_metrics(self, step: int) -> None:
@@ -136,7 +140,8 @@ class RunDir:
     def save_checkpoint(self, **contents) -> None:
         """checkpoint/ (tiltlm.train.checkpoint.save_checkpoint's arguments)."""
         if self.writes:
-            save_checkpoint(self.checkpoint, **contents)
+            with os_errors(self.checkpoint):
+                save_checkpoint(self.checkpoint, **contents)
 
     def save_policy(self, policy) -> Path | None:
         """policy/, written whole beside it and then moved into place (HF save_pretrained, or the tabular table)."""
@@ -144,5 +149,10 @@ class RunDir:
             return None
         tmp = self.path / "policy.tmp"
         shutil.rmtree(tmp, ignore_errors=True)  # a killed run's half-written one
-        policy.save(tmp)
+        try:
+            with os_errors(tmp):
+                policy.save(tmp)
+        except BaseException:  # a full disk: no half-written policy.tmp stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return replace_dir(tmp, self.path / "policy")
