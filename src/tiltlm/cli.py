@@ -162,21 +162,30 @@ def _print_interactive(root: Path) -> None:
 def train(
     config: Path = typer.Argument(..., help="YAML training config (see docs/config.md)."),
     out: Path = typer.Option(..., help="Run directory: config.yaml, metrics.jsonl, checkpoint/, policy/."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint, with CONFIG: it must be the "
+                                            "run's config (compared after parsing; raising --steps is fine with a constant lr)."),
+    accept_config: bool = typer.Option(False, help="With --resume: continue with CONFIG although it differs from the run's "
+                                                   "config.yaml, which is rewritten (the change is kept in config_changes.jsonl)."),
     steps: Optional[int] = typer.Option(None, help="Override optim.steps."),
     seed: Optional[int] = typer.Option(None, help="Override seed."),
     log: Optional[str] = typer.Option(None, help="Extra trackers beside metrics.jsonl: tensorboard,wandb,mlflow."),
 ) -> None:
-    """Train a policy toward the config's target with the config's algorithm."""
+    """Train a policy toward the config's target with the config's algorithm.
+
+    ``--resume`` continues the run in --out with CONFIG (and --steps / --seed) only when that resolves to the
+    run's own config.yaml; otherwise it stops with the differing keys, unless ``--accept-config`` (see
+    tiltlm.train.rundir). Raising --steps to extend a finished or started run is not a change that needs the
+    flag when the learning rate is constant: the steps taken are those of a run started with the larger
+    number, so config.yaml, rewritten with it, describes the whole run."""
     from tiltlm.distributed.dist import init_from_env, leave_group
     from tiltlm.train.build import fit
     from tiltlm.train.config import load_config, parse_config
 
+    if accept_config and not resume:
+        raise TiltlmError("--accept-config continues an existing run with a changed config; add --resume, or drop --accept-config")
     _quiet_transformers()
     world = init_from_env()  # under torchrun / accelerate launch: join the data-parallel group (else 1 process)
     cfg = load_config(config)
-    if resume and (out / "config.yaml").is_file():  # the run's own resolved config wins
-        cfg = load_config(out / "config.yaml")
     if steps is not None or seed is not None:
         data = cfg.model_dump()
         if steps is not None:
@@ -184,12 +193,20 @@ def train(
         if seed is not None:
             data["seed"] = seed
         cfg = parse_config(data)
-    trainer, rows = fit(cfg, out, resume=resume, log=log, progress=sys.stderr.isatty())
+    trainer, rows = fit(cfg, out, resume=resume, accept_config=accept_config, log=log, progress=sys.stderr.isatty())
     leave_group(world)
-    last = rows[-1] if rows else {}
     if world.is_main:
-        console.print(f"done: {trainer.step} steps; reward {last.get('reward/mean', float('nan')):.4f}, "
-                      f"KL(pi||pi0) {last.get('kl/prior_seq', float('nan')):.4f}; policy saved to {out / 'policy'}")
+        from tiltlm.reuse import describe
+
+        if trainer.run_dir.changes:
+            console.print(f"config changed from step {trainer.run_dir.changed_at}: {describe(trainer.run_dir.changes)} "
+                          f"(config.yaml rewritten; recorded in {out / 'config_changes.jsonl'})", markup=False, highlight=False)
+        if rows:
+            last = rows[-1]
+            console.print(f"done: {trainer.step} steps; reward {last.get('reward/mean', float('nan')):.4f}, "
+                          f"KL(pi||pi0) {last.get('kl/prior_seq', float('nan')):.4f}; policy saved to {out / 'policy'}")
+        else:
+            console.print(f"done: the run was already at step {trainer.step}; policy in {out / 'policy'}")
     if world.size > 1:
         # everything is written and the group is left: skip the interpreter's teardown, where a rank of a sharded
         # run intermittently aborted ("terminate called without an active exception", seen ~1 in 8 FSDP launches
