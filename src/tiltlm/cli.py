@@ -221,13 +221,19 @@ def sweep(
     config: Path = typer.Argument(..., help="YAML sweep config: base (a training config) + grid {algorithms, betas, seeds}."),
     out: Path = typer.Option(..., help="Sweep directory; re-running it skips finished cells and resumes started ones."),
     log: Optional[str] = typer.Option(None, help="Extra trackers per cell: tensorboard,wandb,mlflow."),
+    overwrite: bool = typer.Option(False, help="Re-run, from scratch, the cells in --out that the sweep.yaml there describes "
+                                               "differently from CONFIG (only cells it names are deleted)."),
 ) -> None:
-    """Matched-compute grid of algorithms × beta × seeds; results.jsonl and summary.csv (mean, std over seeds)."""
+    """Matched-compute grid of algorithms × beta × seeds; results.jsonl and summary.csv (mean, std over seeds).
+
+    A re-run into the same --out must have the same config as its sweep.yaml or only add cells to the grid;
+    anything else is refused with the differing keys unless --overwrite (tiltlm.experiments.sweep)."""
     from tiltlm.experiments.report import write_report
     from tiltlm.experiments.sweep import run_sweep
 
     _quiet_transformers()
-    run_sweep(config, out, progress=sys.stderr.isatty(), on_cell=lambda name: console.print(f"finished {name}"), log=log)
+    run_sweep(config, out, progress=sys.stderr.isatty(), on_cell=lambda name: console.print(f"finished {name}"), log=log,
+              overwrite=overwrite)
     console.print(f"report: {write_report(out)}")
     _print_pass_at_k(out)
     console.print(f"results: {out / 'results.jsonl'}, summary: {out / 'summary.csv'}")
