@@ -83,7 +83,8 @@ def run(
     beta: float = typer.Option(0.2, help="sentiment only: the p* that reinforce, dpg, gdc++ and the baselines are measured against."),
     budget: float = typer.Option(1.0, help="Scales every part's steps (1.0: the README's run, under 10 minutes on 2 CPU cores)."),
     seeds: str = typer.Option("0", help="Comma-separated training seeds of the RLVR study (each adds one run per method)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing results directory."),
+    overwrite: bool = typer.Option(False, help="Replace the results directory of an earlier `tiltlm run` (one with run.json; "
+                                               "never a directory tiltlm did not write)."),
     interactive: bool = typer.Option(False, help="Add the interactive case: DPG vs KL-PG on tabular envs (exact) and twenty questions."),
     workers: int = typer.Option(None, min=1, help="Training processes at once, one thread each (default: the usable cores); "
                                                   "the numbers do not depend on it."),
@@ -380,13 +381,15 @@ def testbed(
     heads: int = typer.Option(2),
     seed: int = typer.Option(0),
     train_steps: int = typer.Option(0, help="Fit to a seeded random Markov chain for this many steps (0 = random init)."),
+    overwrite: bool = typer.Option(False, help="Replace a testbed with other parameters in OUT (never a directory tiltlm did not write)."),
 ) -> None:
-    """Create a small-vocabulary GPT-2 whose sample space `tiltlm exact` can enumerate."""
+    """Create a small-vocabulary GPT-2 whose sample space `tiltlm exact` can enumerate. OUT already holding a testbed
+    with these parameters is left as it is; another testbed is replaced only with --overwrite."""
     from tiltlm.testbed import make_testbed
 
     _quiet_transformers()
-    path = make_testbed(out, vocab_size=vocab_size, n_layer=layers, n_embd=embd, n_head=heads, seed=seed, train_steps=train_steps)
-    console.print(f"testbed model written to {path}")
+    make_testbed(out, vocab_size=vocab_size, n_layer=layers, n_embd=embd, n_head=heads, seed=seed, train_steps=train_steps,
+                 overwrite=overwrite, log=lambda line: console.print(line, markup=False, highlight=False))
 
 
 @app.command()
@@ -395,13 +398,17 @@ def pretrain(
     steps: int = typer.Option(1000, help="Optimiser steps (the shipped model: 1000)."),
     n_stories: int = typer.Option(60000, help="Training stories from the grammar (the shipped model: 60000)."),
     seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="Replace a model pretrained with other parameters in --out (never a directory "
+                                               "tiltlm did not write)."),
 ) -> None:
-    """Re-train the embedded default LM from tiltlm's story grammar (about 13 minutes on 2 idle CPU cores)."""
+    """Re-train the embedded default LM from tiltlm's story grammar (about 13 minutes on 2 idle CPU cores). An --out
+    that already holds a model pretrained with these parameters is left as it is; another one is replaced only
+    with --overwrite."""
     from tiltlm.pretrain import pretrain as run_pretrain
 
     _quiet_transformers()
-    info = run_pretrain(out, n_stories=n_stories, steps=steps, seed=seed, log=console.print)
-    console.print(f"wrote {out}: {info['parameters']:,} parameters, held-out loss {info['heldout_loss']:.4f}")
+    info = run_pretrain(out, n_stories=n_stories, steps=steps, seed=seed, log=console.print, overwrite=overwrite)
+    console.print(f"model in {out}: {info['parameters']:,} parameters, held-out loss {info['heldout_loss']:.4f}")
 
 
 @app.command()
