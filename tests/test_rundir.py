@@ -97,6 +97,7 @@ def test_a_second_writer_is_refused_and_deletes_nothing(setup, tmp_path):
     hold.unlink()
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
     assert _steps(out) == list(range(1, 17))
+    cfg["optim"]["steps"] = 16  # extended with a constant lr: config.yaml describes the 16-step run
     assert yaml.safe_load((out / "config.yaml").read_text()) == cfg
 
 

@@ -70,6 +70,8 @@ def test_sweep_resumes_a_started_cell_from_its_checkpoint(tmp_path, testbed_dir)
     name, cell = cells(load_sweep(path))[0]
     config = parse_config(cell["config"])
     policy, target = build(config)
+    out.mkdir()
+    (out / "sweep.yaml").write_text((reference / "sweep.yaml").read_text())  # a sweep writes it before its first cell
     partial = Trainer(config, policy=policy, target=target, out_dir=out / "cells" / name)
     partial.train_step()  # "killed" after one step
     run_sweep(path, out)

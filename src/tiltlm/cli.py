@@ -85,7 +85,8 @@ def run(
     beta: float = typer.Option(0.2, help="sentiment only: the p* that reinforce, dpg, gdc++ and the baselines are measured against."),
     budget: float = typer.Option(1.0, help="Scales every part's steps (1.0: the README's run, under 10 minutes on 2 CPU cores)."),
     seeds: str = typer.Option("0", help="Comma-separated training seeds of the RLVR study (each adds one run per method)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing results directory."),
+    overwrite: bool = typer.Option(False, help="Replace the results directory of an earlier `tiltlm run` (one with run.json; "
+                                               "never a directory tiltlm did not write)."),
     interactive: bool = typer.Option(False, help="Add the interactive case: DPG vs KL-PG on tabular envs (exact) and twenty questions."),
     workers: int = typer.Option(None, min=1, help="Training processes at once, one thread each (default: the usable cores); "
                                                   "the numbers do not depend on it."),
@@ -164,21 +165,30 @@ def _print_interactive(root: Path) -> None:
 def train(
     config: Path = typer.Argument(..., help="YAML training config (see docs/config.md)."),
     out: Path = typer.Option(..., help="Run directory: config.yaml, metrics.jsonl, checkpoint/, policy/."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint, with CONFIG: it must be the "
+                                            "run's config (compared after parsing; raising --steps is fine with a constant lr)."),
+    accept_config: bool = typer.Option(False, help="With --resume: continue with CONFIG although it differs from the run's "
+                                                   "config.yaml, which is rewritten (the change is kept in config_changes.jsonl)."),
     steps: Optional[int] = typer.Option(None, help="Override optim.steps."),
     seed: Optional[int] = typer.Option(None, help="Override seed."),
     log: Optional[str] = typer.Option(None, help="Extra trackers beside metrics.jsonl: tensorboard,wandb,mlflow."),
 ) -> None:
-    """Train a policy toward the config's target with the config's algorithm."""
+    """Train a policy toward the config's target with the config's algorithm.
+
+    ``--resume`` continues the run in --out with CONFIG (and --steps / --seed) only when that resolves to the
+    run's own config.yaml; otherwise it stops with the differing keys, unless ``--accept-config`` (see
+    tiltlm.train.rundir). Raising --steps to extend a finished or started run is not a change that needs the
+    flag when the learning rate is constant: the steps taken are those of a run started with the larger
+    number, so config.yaml, rewritten with it, describes the whole run."""
     from tiltlm.distributed.dist import init_from_env, leave_group
     from tiltlm.train.build import fit
     from tiltlm.train.config import load_config, parse_config
 
+    if accept_config and not resume:
+        raise TiltlmError("--accept-config continues an existing run with a changed config; add --resume, or drop --accept-config")
     _quiet_transformers()
     world = init_from_env()  # under torchrun / accelerate launch: join the data-parallel group (else 1 process)
     cfg = load_config(config)
-    if resume and (out / "config.yaml").is_file():  # the run's own resolved config wins
-        cfg = load_config(out / "config.yaml")
     if steps is not None or seed is not None:
         data = cfg.model_dump()
         if steps is not None:
@@ -186,12 +196,20 @@ def train(
         if seed is not None:
             data["seed"] = seed
         cfg = parse_config(data)
-    trainer, rows = fit(cfg, out, resume=resume, log=log, progress=sys.stderr.isatty())
+    trainer, rows = fit(cfg, out, resume=resume, accept_config=accept_config, log=log, progress=sys.stderr.isatty())
     leave_group(world)
-    last = rows[-1] if rows else {}
     if world.is_main:
-        console.print(f"done: {trainer.step} steps; reward {last.get('reward/mean', float('nan')):.4f}, "
-                      f"KL(pi||pi0) {last.get('kl/prior_seq', float('nan')):.4f}; policy saved to {out / 'policy'}")
+        from tiltlm.reuse import describe
+
+        if trainer.run_dir.changes:
+            console.print(f"config changed from step {trainer.run_dir.changed_at}: {describe(trainer.run_dir.changes)} "
+                          f"(config.yaml rewritten; recorded in {out / 'config_changes.jsonl'})", markup=False, highlight=False)
+        if rows:
+            last = rows[-1]
+            console.print(f"done: {trainer.step} steps; reward {last.get('reward/mean', float('nan')):.4f}, "
+                          f"KL(pi||pi0) {last.get('kl/prior_seq', float('nan')):.4f}; policy saved to {out / 'policy'}")
+        else:
+            console.print(f"done: the run was already at step {trainer.step}; policy in {out / 'policy'}")
     if world.size > 1:
         # everything is written and the group is left: skip the interpreter's teardown, where a rank of a sharded
         # run intermittently aborted ("terminate called without an active exception", seen ~1 in 8 FSDP launches
@@ -206,13 +224,19 @@ def sweep(
     config: Path = typer.Argument(..., help="YAML sweep config: base (a training config) + grid {algorithms, betas, seeds}."),
     out: Path = typer.Option(..., help="Sweep directory; re-running it skips finished cells and resumes started ones."),
     log: Optional[str] = typer.Option(None, help="Extra trackers per cell: tensorboard,wandb,mlflow."),
+    overwrite: bool = typer.Option(False, help="Re-run, from scratch, the cells in --out that the sweep.yaml there describes "
+                                               "differently from CONFIG (only cells it names are deleted)."),
 ) -> None:
-    """Matched-compute grid of algorithms × beta × seeds; results.jsonl and summary.csv (mean, std over seeds)."""
+    """Matched-compute grid of algorithms × beta × seeds; results.jsonl and summary.csv (mean, std over seeds).
+
+    A re-run into the same --out must have the same config as its sweep.yaml or only add cells to the grid;
+    anything else is refused with the differing keys unless --overwrite (tiltlm.experiments.sweep)."""
     from tiltlm.experiments.report import write_report
     from tiltlm.experiments.sweep import run_sweep
 
     _quiet_transformers()
-    run_sweep(config, out, progress=sys.stderr.isatty(), on_cell=lambda name: console.print(f"finished {name}"), log=log)
+    run_sweep(config, out, progress=sys.stderr.isatty(), on_cell=lambda name: console.print(f"finished {name}"), log=log,
+              overwrite=overwrite)
     console.print(f"report: {write_report(out)}")
     _print_pass_at_k(out)
     console.print(f"results: {out / 'results.jsonl'}, summary: {out / 'summary.csv'}")
@@ -361,13 +385,15 @@ def testbed(
     heads: int = typer.Option(2),
     seed: int = typer.Option(0),
     train_steps: int = typer.Option(0, help="Fit to a seeded random Markov chain for this many steps (0 = random init)."),
+    overwrite: bool = typer.Option(False, help="Replace a testbed with other parameters in OUT (never a directory tiltlm did not write)."),
 ) -> None:
-    """Create a small-vocabulary GPT-2 whose sample space `tiltlm exact` can enumerate."""
+    """Create a small-vocabulary GPT-2 whose sample space `tiltlm exact` can enumerate. OUT already holding a testbed
+    with these parameters is left as it is; another testbed is replaced only with --overwrite."""
     from tiltlm.testbed import make_testbed
 
     _quiet_transformers()
-    path = make_testbed(out, vocab_size=vocab_size, n_layer=layers, n_embd=embd, n_head=heads, seed=seed, train_steps=train_steps)
-    console.print(f"testbed model written to {path}")
+    make_testbed(out, vocab_size=vocab_size, n_layer=layers, n_embd=embd, n_head=heads, seed=seed, train_steps=train_steps,
+                 overwrite=overwrite, log=lambda line: console.print(line, markup=False, highlight=False))
 
 
 @app.command()
@@ -376,13 +402,17 @@ def pretrain(
     steps: int = typer.Option(1000, help="Optimiser steps (the shipped model: 1000)."),
     n_stories: int = typer.Option(60000, help="Training stories from the grammar (the shipped model: 60000)."),
     seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="Replace a model pretrained with other parameters in --out (never a directory "
+                                               "tiltlm did not write)."),
 ) -> None:
-    """Re-train the embedded default LM from tiltlm's story grammar (about 13 minutes on 2 idle CPU cores)."""
+    """Re-train the embedded default LM from tiltlm's story grammar (about 13 minutes on 2 idle CPU cores). An --out
+    that already holds a model pretrained with these parameters is left as it is; another one is replaced only
+    with --overwrite."""
     from tiltlm.pretrain import pretrain as run_pretrain
 
     _quiet_transformers()
-    info = run_pretrain(out, n_stories=n_stories, steps=steps, seed=seed, log=console.print)
-    console.print(f"wrote {out}: {info['parameters']:,} parameters, held-out loss {info['heldout_loss']:.4f}")
+    info = run_pretrain(out, n_stories=n_stories, steps=steps, seed=seed, log=console.print, overwrite=overwrite)
+    console.print(f"model in {out}: {info['parameters']:,} parameters, held-out loss {info['heldout_loss']:.4f}")
 
 
 @app.command()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -93,8 +94,14 @@ def make_testbed(
     arch: str = "gpt2",
     n_kv_head: int | None = None,
     chat_template: bool = True,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Create and save a testbed model with ``vocab_size`` tokens (special tokens included); returns its directory.
+
+    ``out_dir`` is written whole and then moved into place. When it already holds a testbed with the same
+    parameters (its testbed.json) it is left as it is; another testbed is replaced only with ``overwrite``,
+    and a non-empty directory that is not a testbed never (tiltlm.reuse.model_dir). ``log`` is told which happened.
 
     ``arch``: "gpt2" (EOS = BOS = PAD, then ``vocab_size - 1`` letters) or "llama" (tied embeddings,
     ``n_kv_head`` key/value heads, default ``n_head // 2``; the 5 ChatML tokens, then ``vocab_size - 5``
@@ -108,14 +115,40 @@ def make_testbed(
         raise TiltlmError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
     from tiltlm.quiet import quiet_transformers
 
-    with quiet_transformers():  # no progress bars or advisory warnings while fitting and saving
-        return _make_testbed(out_dir, vocab_size, n_layer, n_embd, n_head, n_positions, seed, train_steps, init_std, arch, n_kv_head,
-                             chat_template)
+    from tiltlm.reuse import model_dir
 
-
-def _make_testbed(out_dir, vocab_size, n_layer, n_embd, n_head, n_positions, seed, train_steps, init_std, arch, n_kv_head,
-                  chat_template) -> Path:
     init_std = (0.5 if arch == "gpt2" else 0.1) if init_std is None else init_std
+    if arch == "llama":
+        n_kv_head = max(1, n_head // 2) if n_kv_head is None else n_kv_head
+    out = Path(out_dir)
+    if model_dir(out, "testbed.json", testbed_parameters(arch, vocab_size, n_layer, n_embd, n_head, n_positions, seed, train_steps,
+                                                         init_std, n_kv_head, chat_template), overwrite=overwrite, what="testbed"):
+        (log or (lambda _: None))(f"{out} already holds this testbed (the same parameters in its testbed.json); left as it was")
+        return out
+    with quiet_transformers():  # no progress bars or advisory warnings while fitting and saving
+        _make_testbed(out.absolute(), vocab_size, n_layer, n_embd, n_head, n_positions, seed, train_steps, init_std, arch, n_kv_head,
+                      chat_template, overwrite)
+    (log or (lambda _: None))(f"testbed model written to {out}")
+    return out
+
+
+def testbed_parameters(arch, vocab_size, n_layer, n_embd, n_head, n_positions, seed, train_steps, init_std, n_kv_head,
+                       chat_template) -> dict:
+    """What testbed.json records of the parameters (all that decide the model)."""
+    info = {"arch": arch, "vocab_size": vocab_size, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "n_positions": n_positions,
+            "seed": seed, "train_steps": train_steps, "init_std": init_std}
+    if arch == "llama":
+        info.update(n_kv_head=n_kv_head, chat_template=chat_template, tied_embeddings=True)
+    return info
+
+
+def _make_testbed(out, vocab_size, n_layer, n_embd, n_head, n_positions, seed, train_steps, init_std, arch, n_kv_head,
+                  chat_template, overwrite) -> Path:
+    import os
+    import shutil
+
+    from tiltlm.reuse import publish
+
     build = _gpt2_parts if arch == "gpt2" else _llama_parts
     model_class, config, tokenizer, letter_ids, prefixes, n_kv_head = build(vocab_size, n_layer, n_embd, n_head, n_positions, init_std,
                                                                             n_kv_head, chat_template)
@@ -125,19 +158,22 @@ def _make_testbed(out_dir, vocab_size, n_layer, n_embd, n_head, n_positions, see
         model = model_class(config)
     finally:
         torch.random.set_rng_state(torch_state)
-    info = {"arch": arch, "vocab_size": vocab_size, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "seed": seed,
-            "train_steps": train_steps, "init_std": init_std}
-    if arch == "llama":
-        info.update(n_kv_head=n_kv_head, chat_template=chat_template, tied_embeddings=True)
+    info = testbed_parameters(arch, vocab_size, n_layer, n_embd, n_head, n_positions, seed, train_steps, init_std, n_kv_head,
+                              chat_template)
     if train_steps > 0:
         info["final_loss"] = _fit_markov(model, letter_ids, prefixes, int(config.eos_token_id), n_positions, seed, train_steps)
     model.eval()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "testbed.json").write_text(json.dumps(info, indent=2))
-    return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "testbed.json").write_text(json.dumps(info, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish(tmp, out, overwrite=overwrite, what="testbed")
 
 
 def _gpt2_parts(vocab_size, n_layer, n_embd, n_head, n_positions, init_std, n_kv_head, chat_template):

@@ -238,6 +238,9 @@ def run_main(
     out = check_file_destination(out, "--out", directory=True)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TiltlmError(f"output directory '{out}' is not empty; pass --overwrite or choose another --out")
+    if overwrite and out.exists() and any(out.iterdir()) and not (out / "run.json").is_file():
+        raise TiltlmError(f"'{out}' is not the results of a tiltlm run (no run.json), and --overwrite only replaces those; "
+                          "choose another --out")
     if not (budget > 0 and math.isfinite(budget)):
         raise TiltlmError(f"--budget must be a positive number (got {budget}); 1.0 is the default run")
     if not seeds or len(set(seeds)) != len(seeds):
@@ -287,7 +290,7 @@ def run_main(
                    "budget": budget, "seeds": list(seeds), "interactive": interactive, "parts": parts,
                    "seconds": round(time.time() - start, 1)}
         (work / "run.json").write_text(json.dumps(summary, indent=1))
-        if out.exists() and any(out.iterdir()) and not overwrite:  # another process wrote --out meanwhile: keep both
+        if out.exists() and any(out.iterdir()) and not (overwrite and (out / "run.json").is_file()):  # filled meanwhile: keep both
             kept = out.with_name(f"{out.name}.{os.getpid()}")
             relocate(work, kept)
             write_index(work, name=kept.name)

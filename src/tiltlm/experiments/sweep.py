@@ -12,6 +12,12 @@ reward–KL frontier compares methods at matched compute. ``reinforce`` ignores 
 cells differ only in which p* they are measured against. The run is resumable: a cell with
 ``done.json`` is never re-run, a cell with a checkpoint continues from it, and ``results.jsonl`` /
 ``summary.csv`` are rebuilt from the cells at the end.
+
+A re-run first compares its config with the ``sweep.yaml`` there (both resolved), so that sweep.yaml always
+describes what ran: the same config, or a grown grid (more algorithms, betas or seeds over the same base),
+reuses the cells there; a config under which a started cell would have another training config, or would no
+longer be part of the grid, is refused with the differing keys, unless ``overwrite``: then exactly those
+cells (directories sweep.yaml names under ``cells/``, nothing else) are deleted and run again.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tiltlm.errors import TiltlmError
 from tiltlm.io import atomic_write_text, path_component
+from tiltlm.reuse import describe, diff
 from tiltlm.train.config import parse_config
 
 
@@ -113,18 +120,28 @@ def cells(sweep: SweepConfig) -> list[tuple[str, dict]]:
     return out
 
 
-def run_sweep(config_path: Path, out: Path, *, progress: bool = False, on_cell=None, log: str | None = None) -> Path:
+def run_sweep(config_path: Path, out: Path, *, progress: bool = False, on_cell=None, log: str | None = None,
+              overwrite: bool = False) -> Path:
     """Run every unfinished cell, then rebuild results.jsonl and summary.csv. Returns ``out``.
 
     ``log``: extra trackers per cell ("tensorboard,wandb,mlflow"; metrics.jsonl is always written).
+    ``overwrite``: delete and re-run the cells the sweep.yaml there describes differently (module docstring).
     """
+    import shutil
+
     from tiltlm.train.build import fit
+    from tiltlm.train.rundir import RunDir
 
     sweep = load_sweep(config_path)
     grid = cells(sweep)
     out = Path(out)
+    stale = _stale_cells(out, sweep, grid, overwrite=overwrite)
+    for name in stale:
+        RunDir(out / "cells" / name).check_free()
+    for name in stale:
+        shutil.rmtree(out / "cells" / name)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(yaml.safe_dump(json.loads(sweep.model_dump_json()), sort_keys=False))
+    atomic_write_text(out / "sweep.yaml", yaml.safe_dump(json.loads(sweep.model_dump_json()), sort_keys=False))
     for name, cell in grid:
         cell_dir = out / "cells" / name
         if (cell_dir / "done.json").is_file():
@@ -141,6 +158,36 @@ def run_sweep(config_path: Path, out: Path, *, progress: bool = False, on_cell=N
             on_cell(name)
     collect(out, [name for name, _ in grid])
     return out
+
+
+def _stale_cells(out: Path, sweep: SweepConfig, grid: list[tuple[str, dict]], *, overwrite: bool) -> list[str]:
+    """The started cells in ``out`` that ``sweep`` would describe differently (another training config, or no longer
+    in the grid): refused unless ``overwrite``, then returned for deletion."""
+    stored = out / "sweep.yaml"
+    if not stored.is_file():
+        if (out / "cells").is_dir() and any((out / "cells").iterdir()):
+            raise TiltlmError(f"'{out}' holds cells/ but no sweep.yaml, so which sweep made them is unknown; choose another --out")
+        return []
+    try:
+        old = SweepConfig.model_validate(yaml.safe_load(stored.read_text()))
+        before = dict(cells(old))
+    except (yaml.YAMLError, ValidationError, TiltlmError, AttributeError, TypeError, ValueError):
+        raise TiltlmError(f"'{stored}' is not a sweep config this tiltlm can read, so its cells cannot be compared; "
+                          "choose another --out") from None
+    now = dict(grid)
+    stale = [name for name in before if (out / "cells" / name).exists()
+             and (name not in now or _resolved(now[name]) != _resolved(before[name]))]
+    if stale and not overwrite:
+        changes = diff(json.loads(old.model_dump_json()), json.loads(sweep.model_dump_json()))
+        raise TiltlmError(f"sweep directory '{out}' was run with another sweep config ({describe(changes)}) and {len(stale)} of its "
+                          f"cells would not be what it describes (e.g. {stale[0]}); choose another --out, or pass --overwrite to "
+                          "delete those cells and run them with this config")
+    return stale
+
+
+def _resolved(cell: dict) -> tuple:
+    """A cell as it would train: its label and its training config, parsed and dumped."""
+    return cell["label"], json.loads(parse_config(cell["config"]).model_dump_json())
 
 
 def _last_row(cell_dir: Path) -> dict:

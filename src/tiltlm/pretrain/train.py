@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from tiltlm.pretrain.corpus import generate_stories
+from tiltlm.reuse import model_dir, publish
 
 __all__ = ["ModelShape", "OptimConfig", "pretrain", "ENDOFTEXT"]
 
@@ -208,6 +211,7 @@ def pretrain(
     model_shape: ModelShape = ModelShape(),
     optim: OptimConfig = OptimConfig(),
     log: Callable[[str], None] | None = print,
+    overwrite: bool = False,
 ) -> dict:
     """Train the default prior from scratch and save it to `out_dir`; return the training record.
 
@@ -218,6 +222,11 @@ def pretrain(
     step count, final train loss (mean of the last 10% of steps), held-out loss (on held-out
     stories; with a quiz also on held-out quiz documents), wall time, parameter count, corpus
     source and license.
+
+    ``out_dir`` is written whole and then moved into place. When it already holds a model pretrained with the
+    same parameters (its training.json) nothing is trained and that record is returned; a model with other
+    parameters is replaced only with ``overwrite``, and a non-empty directory tiltlm did not write never
+    (tiltlm.reuse.model_dir).
     """
     if optim.block_size > model_shape.n_positions:
         raise ValueError(f"block_size {optim.block_size} > n_positions {model_shape.n_positions}; "
@@ -226,8 +235,28 @@ def pretrain(
         raise ValueError(f"need steps >= 1, n_stories >= 2 and n_quiz >= 0, got {steps}, {n_stories} and {n_quiz}")
     say = log or (lambda _msg: None)
     start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    final_dir = Path(out_dir)
+    wanted = json.loads(json.dumps({"model_shape": asdict(model_shape), "optim": asdict(optim), "seed": seed, "n_stories": n_stories,
+                                    "n_quiz": n_quiz, "steps": steps}))
+    if model_dir(final_dir, "training.json", wanted, overwrite=overwrite, what="pretrained model"):
+        say(f"{final_dir} already holds this model (the same parameters in its training.json); left as it was")
+        return json.loads((final_dir / "training.json").read_text())
+    final_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+    out_dir = final_dir.absolute().with_name(f".{final_dir.absolute().name}.{os.getpid()}.tmp")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        record = _pretrain(out_dir, n_stories, steps, seed, n_quiz, model_shape, optim, say, start)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    publish(out_dir, final_dir.absolute(), overwrite=overwrite, what="pretrained model")
+    return record
+
+
+def _pretrain(out_dir: Path, n_stories: int, steps: int, seed: int, n_quiz: int, model_shape: ModelShape, optim: OptimConfig,
+              say: Callable[[str], None], start: float) -> dict:
+    """pretrain's work, written into the directory ``out_dir``."""
+    out_dir.mkdir(parents=True)
 
     n_heldout = max(1, min(optim.heldout_stories, n_stories // 20))
     tokenizer, train, heldout, quiz_heldout = _corpus(n_stories, n_heldout, n_quiz, seed, model_shape, optim)

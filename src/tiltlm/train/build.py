@@ -170,10 +170,12 @@ def build_exact(config: TrainConfig, target: Target, env, data=None) -> list | N
                               max_sequences=m.exact_max_sequences) for context, row in contexts]
 
 
-def fit(config: TrainConfig, out_dir, *, resume: bool = False, log: str | None = None, progress: bool = False):
+def fit(config: TrainConfig, out_dir, *, resume: bool = False, accept_config: bool = False, log: str | None = None,
+        progress: bool = False):
     """Build everything ``config`` describes, train it into ``out_dir`` with the trackers ``log`` names
     ("tensorboard,wandb,mlflow"; metrics.jsonl is always written) and return (trainer, metrics rows):
-    what ``tiltlm train`` and every sweep cell run."""
+    what ``tiltlm train`` and every sweep cell run. A resume with a config other than the run's is refused
+    unless ``accept_config`` (tiltlm.train.rundir)."""
     import json
     from pathlib import Path
 
@@ -181,7 +183,7 @@ def fit(config: TrainConfig, out_dir, *, resume: bool = False, log: str | None =
     from tiltlm.train.loop import Trainer
 
     policy, target = build(config)
-    trainer = Trainer(config, policy=policy, target=target, out_dir=out_dir, resume=resume)
+    trainer = Trainer(config, policy=policy, target=target, out_dir=out_dir, resume=resume, accept_config=accept_config)
     try:
         trackers = LoggerGroup(make_loggers(log if trainer.strategy.writes else None, Path(out_dir), json.loads(config.model_dump_json())))
         trainer.on_metrics = trackers

@@ -38,7 +38,8 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, *, policy, target: Target, out_dir: str | Path | None = None, resume: bool = False,
-                 algorithm: Algorithm | None = None, on_metrics: Callable[[dict], None] | None = None, env=None, strategy=None):
+                 algorithm: Algorithm | None = None, on_metrics: Callable[[dict], None] | None = None, env=None, strategy=None,
+                 accept_config: bool = False):
         self.config, self.policy, self.target, self.on_metrics = config, policy, target, on_metrics
         self.strategy = strategy or make_strategy(config.distributed)
         self._owns_env = env is None and config.env is not None  # the interactive case: episodes in an environment
@@ -57,7 +58,11 @@ class Trainer:
         self.step = 0
         self.run_dir = RunDir(out_dir, writes=self.strategy.writes) if out_dir is not None else None
         if self.run_dir is not None:
-            checkpoint = self.run_dir.open(config, resume=resume)
+            try:  # a resume with another config than the run's is refused unless accept_config (tiltlm.train.rundir)
+                checkpoint = self.run_dir.open(config, resume=resume, accept_config=accept_config)
+            except TiltlmError:
+                self.close()  # an environment's server, Ray actors, a vLLM engine
+                raise
             if checkpoint is not None:
                 self._restore(checkpoint)
 

@@ -5,6 +5,15 @@ fcntl record lock, released when the process ends, however it ends), so a second
 same directory — a new run or a second ``--resume`` — stops with one line naming the holder's PID instead of
 corrupting or deleting the first one's files. A new run that fails before its first checkpoint removes only
 what it created itself (``abandon``).
+A resume compares the config it is given with the run's config.yaml (both resolved: parsed and dumped again)
+and refuses a different one with a short diff, unless ``accept_config``: then config.yaml is rewritten to the
+new config, which runs from the checkpoint's step on, and the change is appended to ``config_changes.jsonl``
+(one JSON line per accepted change: ``{"step": <checkpoint step>, "changes": {"<key>": [old, new]}}``), so
+config.yaml always describes what runs now and config_changes.jsonl what ran before. Raising ``optim.steps``
+to extend a run (``--steps N``) needs no flag when the learning rate does not depend on it (``optim.schedule:
+constant``): the steps already taken are exactly those of a run started with N steps. With a linear or cosine
+schedule ``optim.steps`` sets every step's learning rate, so it is a change like any other. Fewer steps than
+the checkpoint's are refused either way (steps cannot be undone).
 Only the writing rank (rank 0) touches files; with sharded weights every rank reads the checkpoint.
 Every file is replaced atomically (a kill leaves the old file or the new one, never half of one), and
 metrics.jsonl is cut back to the checkpoint's step on resume, so a resumed run's metrics equal the
@@ -23,6 +32,7 @@ import yaml
 
 from tiltlm.errors import TiltlmError
 from tiltlm.io import atomic_write_text, os_errors, replace_dir
+from tiltlm.reuse import ABSENT, describe, diff
 from tiltlm.train.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -36,6 +46,8 @@ class RunDir:
         self.checkpoint = self.path / "checkpoint"
         self._lock = None  # the open lock file while this process owns the directory
         self._fresh = self._created = False  # opened for a new run / the directory did not exist before
+        self.changes: list[tuple] = []  # the config changes a resume accepted (key, old, new), from step changed_at on
+        self.changed_at = 0
 
     def _acquire(self, *, create: bool = True) -> None:
         """Own the directory or stop: one line naming the process that owns it. ``create=False`` only checks
@@ -60,6 +72,10 @@ class RunDir:
         fd.flush()
         self._lock = fd
 
+    def check_free(self) -> None:
+        """Stop with one line if another process owns the directory now (nothing is created or changed)."""
+        self._acquire(create=False)
+
     def close(self) -> None:
         """Give the directory up (the lock is also released when the process ends)."""
         if self._lock is not None:
@@ -83,9 +99,10 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return self.checkpoint.exists() or self.checkpoint.with_name("checkpoint.old").exists()
 
-    def open(self, config, *, resume: bool) -> dict | None:
+    def open(self, config, *, resume: bool, accept_config: bool = False) -> dict | None:
         """Start a fresh run (an empty or new directory gets config.yaml) or, with ``resume``, return the
-        last checkpoint to continue from (None: the run was killed before its first checkpoint, start over)."""
+        last checkpoint to continue from (None: the run was killed before its first checkpoint, start over).
+        A resume with a config other than the run's is refused unless ``accept_config`` (module docstring)."""
         out = self.path
         if not self.writes:  # every rank loads the same checkpoint; rank 0 alone checks and writes
             return load_checkpoint(self.checkpoint) if resume and self.has_checkpoint() else None
@@ -93,6 +110,7 @@ class RunDir:
             raise TiltlmError(f"--out '{out}' is a file, not a directory; choose another --out")
         if resume and not out.is_dir():
             raise TiltlmError(f"no checkpoint in '{out}' to resume; run without --resume")
+        changes = self._config_changes(config, accept_config) if resume and (out / "config.yaml").is_file() else []
         if not resume and out.is_dir() and self._others():  # said before anything is created there
             self._acquire(create=False)  # in use right now? say who holds it
             raise TiltlmError(f"output directory '{out}' is not empty; pass --resume to continue that run or choose another --out")
@@ -100,6 +118,8 @@ class RunDir:
         out.mkdir(parents=True, exist_ok=True)
         self._acquire()
         if resume:
+            if changes:
+                self._record(config, changes)
             if self.has_checkpoint():
                 return load_checkpoint(self.checkpoint)
             if (out / "config.yaml").is_file():  # killed before its first checkpoint: restart from step 0
@@ -116,6 +136,48 @@ class RunDir:
             self.abandon()
             raise
         return None
+
+    def _step(self) -> int:
+        """The step of the last checkpoint (0 without one)."""
+        for directory in (self.checkpoint, self.checkpoint.with_name("checkpoint.old")):
+            try:
+                return int(json.loads((directory / "state.json").read_text())["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return 0
+
+    def _config_changes(self, config, accept: bool) -> list[tuple]:
+        """How ``config`` differs from the run's config.yaml; refuses (before anything is written) what may not change."""
+        from tiltlm.train.config import load_config
+
+        ran = json.loads(load_config(self.path / "config.yaml").model_dump_json())
+        changes = diff(ran, json.loads(config.model_dump_json()))
+        if not changes:
+            return []
+        step, steps = self._step(), config.optim.steps
+        if steps < step:
+            self._acquire(create=False)
+            raise TiltlmError(f"run '{self.path}' is at step {step} already and steps cannot be undone (optim.steps {steps}); "
+                              f"resume with --steps {step} or more, or choose another --out")
+        extends = [key for key, _, _ in changes] == ["optim.steps"] and config.optim.schedule == "constant"
+        if not (accept or extends):
+            self._acquire(create=False)  # in use right now? say who holds it
+            why = (f" (with optim.schedule {config.optim.schedule} it sets every step's learning rate)"
+                   if [key for key, _, _ in changes] == ["optim.steps"] else "")
+            raise TiltlmError(f"the config given differs from the one run '{self.path}' was trained with: {describe(changes)}{why}; "
+                              f"resume with the run's own config ('{self.path / 'config.yaml'}'), pass --accept-config to "
+                              f"continue it with this config from step {step}, or choose another --out")
+        return changes
+
+    def _record(self, config, changes: list[tuple]) -> None:
+        """config.yaml becomes the config that runs from now on; config_changes.jsonl keeps what it was."""
+        plain = lambda v: None if v is ABSENT else v  # noqa: E731
+        record = {"step": self._step(), "changes": {key: [plain(old), plain(new)] for key, old, new in changes}}
+        log = self.path / "config_changes.jsonl"
+        before = log.read_text() if log.is_file() else ""
+        atomic_write_text(log, before + json.dumps(record) + "\n")
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+        self.changes, self.changed_at = changes, record["step"]
 
     def truncate_metrics(self, step: int) -> None:
         """Keep only complete lines of steps <= the checkpoint's (a crash may have left more, or half a line)."""
