@@ -391,6 +391,7 @@ def testbed(
     with these parameters is left as it is; another testbed is replaced only with --overwrite."""
     from tiltlm.testbed import make_testbed
 
+    check_file_destination(out, "the testbed directory", directory=True)
     _quiet_transformers()
     make_testbed(out, vocab_size=vocab_size, n_layer=layers, n_embd=embd, n_head=heads, seed=seed, train_steps=train_steps,
                  overwrite=overwrite, log=lambda line: console.print(line, markup=False, highlight=False))
@@ -410,6 +411,7 @@ def pretrain(
     with --overwrite."""
     from tiltlm.pretrain import pretrain as run_pretrain
 
+    check_file_destination(out, "--out", directory=True)
     _quiet_transformers()
     info = run_pretrain(out, n_stories=n_stories, steps=steps, seed=seed, log=console.print, overwrite=overwrite)
     console.print(f"model in {out}: {info['parameters']:,} parameters, held-out loss {info['heldout_loss']:.4f}")
