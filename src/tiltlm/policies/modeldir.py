@@ -153,8 +153,9 @@ def read_weights(path: Path) -> Weights:
 
 
 def _config(path: Path, *, trust_remote_code: bool = False):
-    """The config object config.json describes (read as JSON, so no code it names is imported), or None for a
-    model_type transformers does not know when remote code is allowed (then the loader's own check is all)."""
+    """The config object config.json describes (read as JSON, so no code it names is imported), or None when
+    remote code is allowed and the directory brings its own model class (then transformers' loading info,
+    check_loading_info, is the check)."""
     from transformers import CONFIG_MAPPING
 
     try:
@@ -162,9 +163,9 @@ def _config(path: Path, *, trust_remote_code: bool = False):
     except (OSError, ValueError) as e:
         raise TiltlmError(f"'{path}/config.json' is not valid JSON ({' '.join(str(e).split())[:120]}); {RESTORE_CONFIG}") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if trust_remote_code and (model_type not in CONFIG_MAPPING or "auto_map" in raw):
+        return None  # the directory's own code builds the model, not the built-in class
     if model_type not in CONFIG_MAPPING:
-        if trust_remote_code:
-            return None
         raise TiltlmError(f"'{path}/config.json' names model_type {model_type!r}, which this transformers does not know; "
                           "use a model of a built-in architecture (tiltlm runs no code from a model directory)")
     try:
