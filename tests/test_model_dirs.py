@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from test_bad_inputs import tiltlm
 
-from test_bad_inputs import snapshot, tiltlm
 from tiltlm.errors import TiltlmError
 from tiltlm.policies import modeldir
 from tiltlm.policies.modeldir import memory_needed
@@ -79,7 +79,7 @@ def dirs(tmp_path_factory):
     (d.config_not_json / "config.json").write_text('{"model_type": "gpt2",')
     d.unknown_type = _copy(tb, root / "unknown_type", model_type="gpt9", architectures=["GPT9LMHeadModel"])
     d.shard_missing = _sharded(tb, root / "shard_missing")
-    sorted(d.shard_missing.glob("model-*.safetensors"))[-1].unlink()
+    max(d.shard_missing.glob("model-*.safetensors")).unlink()  # the last shard
     (root / "prompts.jsonl").write_text('{"prompt": "ab"}\n')
     return d
 

@@ -17,7 +17,6 @@ import torch
 from tiltlm.errors import TiltlmError
 from tiltlm.policies.base import Samples, batch_rows, check_sampling_options, row_draw, seeded_draw, transform_logits
 from tiltlm.policies.modeldir import check_loading_info, check_tokenizer, validate_model_dir
-
 from tiltlm.priors import DEFAULT_MODEL_DIR, named_prior_dir  # noqa: F401 - DEFAULT_MODEL_DIR is re-exported
 from tiltlm.quiet import quiet_transformers
 

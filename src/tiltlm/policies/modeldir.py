@@ -198,7 +198,10 @@ def _renamer(model):
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        return lambda key: (lambda out: (out[0], out[1] is not None))(rename_source_key(key, renamings, converters, prefix, expected))
+        def rename(key):
+            target, converter = rename_source_key(key, renamings, converters, prefix, expected)
+            return target, converter is not None
+        return rename
     except (ImportError, AttributeError, TypeError):  # another transformers: the base-model prefix alone
         def rename(key):
             if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
