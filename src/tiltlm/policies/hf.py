@@ -16,7 +16,7 @@ import torch
 
 from tiltlm.errors import TiltlmError
 from tiltlm.policies.base import Samples, batch_rows, check_sampling_options, row_draw, seeded_draw, transform_logits
-
+from tiltlm.policies.modeldir import check_loading_info, check_tokenizer, validate_model_dir
 from tiltlm.priors import DEFAULT_MODEL_DIR, named_prior_dir  # noqa: F401 - DEFAULT_MODEL_DIR is re-exported
 from tiltlm.quiet import quiet_transformers
 
@@ -35,12 +35,14 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     return path
 
 
-def load_model_and_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False):
-    """Load a local causal LM and its tokenizer (safetensors only, no hub access)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def load_model_and_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False, trained_with: str | None = None):
+    """Load a local causal LM and its tokenizer (safetensors only, no hub access), after validate_model_dir
+    (tiltlm.policies.modeldir) has checked the directory without allocating the model. ``trained_with``: the
+    optimiser ("adam", "sgd") when these weights will be trained in this process's memory (the memory check
+    then counts gradients and optimiser state)."""
     path = resolve_model_dir(name_or_path)
     with quiet_transformers():  # no progress bars or advisory warnings (tiltlm.quiet)
+        validate_model_dir(path, trained_with=trained_with, trust_remote_code=trust_remote_code)
         return _load(path, trust_remote_code=trust_remote_code)
 
 
@@ -52,12 +54,14 @@ def _load(path: Path, *, trust_remote_code: bool = False):
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad directory for the user
         raise TiltlmError(f"cannot load a tokenizer from '{path}' ({type(e).__name__}); save one there with tokenizer.save_pretrained") from e
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
         )
     except Exception as e:  # noqa: BLE001
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TiltlmError(f"cannot load a causal LM from '{path}' ({first}); it needs config.json and model.safetensors") from e
+    check_loading_info(path, info)  # nothing randomly initialised or dropped
+    check_tokenizer(tokenizer, int(model.get_output_embeddings().weight.shape[0]), model.config.eos_token_id)
     return model, tokenizer
 
 
@@ -125,16 +129,7 @@ class HFPolicy:
         self.lockstep = None
         self.model.eval()
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        if len(tokenizer) > self.vocab_size:
-            raise TiltlmError(
-                f"tokenizer has {len(tokenizer)} tokens but the model only {self.vocab_size}; use the tokenizer saved with this model"
-            )
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
-        if isinstance(eos, list):
-            eos = eos[0]
-        if eos is None:
-            raise TiltlmError("the tokenizer has no EOS token; set tokenizer.eos_token so sequences can end")
-        self.eos_id = int(eos)
+        self.eos_id = check_tokenizer(tokenizer, self.vocab_size, model.config.eos_token_id)  # ids within the vocabulary, an EOS
         self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
         self._context_cache: dict[str, list[int]] = {}
         # transformers renamed `past_key_values` to `cache` during 5.x; accept both
@@ -340,7 +335,12 @@ class HFPolicy:
 
     def encode_text(self, text: str) -> list[int]:
         """Tokens of an environment observation (no special tokens)."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        try:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        except Exception as e:  # noqa: BLE001 - e.g. a letters-only testbed tokenizer (no [UNK]) meets English text
+            why = " ".join(str(e).split())[:200] or type(e).__name__
+            raise TiltlmError(f"the tokenizer cannot encode the text {text[:40]!r} ({why}); use a model whose tokenizer "
+                              "covers the environment's text (e.g. 'default' or 'smollm2-135m')") from None
 
     @property
     def window(self) -> int | None:

@@ -44,7 +44,9 @@ def build_policies(config: TrainConfig, *, chat_template: bool | None = None) ->
         return HFPolicy(model, tokenizer, **options), HFPolicy(model, tokenizer, disable_adapters=True, **options)
     prior_model, tokenizer = load_model_and_tokenizer(config.prior)
     prior_model.requires_grad_(False)
-    policy_model, policy_tokenizer = load_model_and_tokenizer(config.policy or config.prior)
+    # the policy trains here: on CPU its gradients and optimiser state share this memory (the load checks room for them)
+    trained_with = None if torch.cuda.is_available() else config.optim.optimizer
+    policy_model, policy_tokenizer = load_model_and_tokenizer(config.policy or config.prior, trained_with=trained_with)
     if policy_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise TiltlmError("the policy's tokenizer differs from the prior's; both must share one vocabulary")
     return HFPolicy(policy_model, tokenizer, **options), HFPolicy(prior_model, tokenizer, **options)
