@@ -169,7 +169,8 @@ def test_read_only_disk_new_run_and_resume(ctx, tmp_path):
     ["sample", "-n", "2", "--max-new-tokens", "2", "--model", "{prior}", "--out", "{file}/s.jsonl"],
     ["sample", "-n", "2", "--max-new-tokens", "2", "--model", "{prior}", "--out", "{dir}"],
     ["chat", "--model", "{prior}", "--secret", "cat", "--out", "{file}/chats.jsonl"],
-], ids=["train", "sweep", "run", "run-out-is-a-file", "testbed", "pretrain", "sample", "sample-out-is-a-dir", "chat"])
+    ["report", "{file}"],
+], ids=["train", "sweep", "run", "run-out-is-a-file", "testbed", "pretrain", "sample", "sample-out-is-a-dir", "chat", "report"])
 def test_a_path_under_a_file_or_of_the_wrong_kind(ctx, tmp_path, monkeypatch, capsys, argv):
     root, config = ctx
     (tmp_path / "afile").write_text("mine")

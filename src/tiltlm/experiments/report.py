@@ -225,7 +225,8 @@ def load_cells(run_dir: Path) -> list[Cell]:
     `tiltlm train` directory is one cell; a sweep still running (no results.jsonl yet) is read from its done.json files."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise TiltlmError(f"report directory '{run_dir}' does not exist; pass {ACCEPTED}")
+        what = "is a file, not a directory" if run_dir.exists() else "does not exist"
+        raise TiltlmError(f"report directory '{run_dir}' {what}; pass {ACCEPTED}")
     path = run_dir / "results.jsonl"
     if not path.is_file():
         if (run_dir / "config.yaml").is_file() or (run_dir / "metrics.jsonl").is_file():
