@@ -23,11 +23,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tiltlm.errors import TiltlmError
-from tiltlm.io import atomic_write_text
+from tiltlm.io import atomic_write_text, load_yaml
 from tiltlm.train.config import parse_config
 
 
@@ -51,10 +50,7 @@ def load_sweep(path: Path) -> SweepConfig:
     path = Path(path)
     if not path.is_file():
         raise TiltlmError(f"sweep config '{path}' not found; pass the path of a YAML sweep config")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise TiltlmError(f"sweep config '{path}' is not valid YAML; fix its syntax") from None
+    data = load_yaml(path, f"sweep config '{path}'") or {}
     if isinstance(data, dict) and isinstance(data.get("base"), str):
         data = {**data, "base": _base_file(path, data["base"])}
     try:
@@ -71,10 +67,7 @@ def _base_file(sweep_path: Path, base: str) -> dict:
     if not path.is_file():
         raise TiltlmError(f"sweep config '{sweep_path}': base '{base}' is not a file ({path} not found); give the path of a "
                           "training config relative to the sweep file, or write the training config under base:")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise TiltlmError(f"sweep config '{sweep_path}': base '{path}' is not valid YAML; fix its syntax") from None
+    data = load_yaml(path, f"sweep config '{sweep_path}': base '{path}'") or {}
     if not isinstance(data, dict):
         raise TiltlmError(f"sweep config '{sweep_path}': base '{path}' must be a training config (a YAML mapping), "
                           f"not {type(data).__name__}")

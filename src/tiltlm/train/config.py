@@ -16,11 +16,11 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from tiltlm.algorithms.base import AlgorithmConfig, algorithm_class, make_config
 from tiltlm.errors import TiltlmError
+from tiltlm.io import load_yaml
 
 
 class _Strict(BaseModel):
@@ -312,15 +312,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise TiltlmError(f"config file '{path}' not found; pass the path of a YAML training config")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        if isinstance(e, yaml.constructor.ConstructorError):  # e.g. !!python/object: never constructed (safe_load)
-            raise TiltlmError(f"config '{path}' is not valid YAML{where}: {getattr(e, 'problem', '')}; "
-                              "a config is plain YAML, remove the tag") from None
-        raise TiltlmError(f"config '{path}' is not valid YAML{where}; fix its syntax") from None
+    data = load_yaml(path, f"config '{path}'") or {}
     if not isinstance(data, dict):
         raise TiltlmError(f"config '{path}' must be a YAML mapping (key: value), not {type(data).__name__}")
     return parse_config({**data, **(overrides or {})})
