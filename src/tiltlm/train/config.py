@@ -27,9 +27,9 @@ MAX_SEED = (2**63 - 1) // 1_000_003 - 1_000_003
 """Largest |seed|: step t draws with seed·1000003 + t (tiltlm.train.collect.step_seed), which torch takes as a
 64-bit integer; this leaves room for a million steps (`TrainConfig` checks the run's own)."""
 
-MAX_LR = 1e3
-"""Largest optim.lr (and weight_decay): no optimiser converges above it, and past ~3e38 torch cannot even
-apply the step to float32 weights."""
+MAX_LR = 1e6
+"""Largest optim.lr (and weight_decay): far past any that converges (the weights check stops such a run);
+past ~3e38 torch cannot even apply the step to float32 weights (a traceback inside Adam)."""
 
 
 def _seed_in_range(value: int | None) -> int | None:
