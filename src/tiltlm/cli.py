@@ -119,6 +119,31 @@ def run(
     console.print(f"report: {path / 'report.html'}  ({summary['seconds']:.0f} s)")
 
 
+REWARD_TIMEOUT_S = 300.0  # the --reward-timeout default, as target.reward_timeout_s in a training config
+
+
+def _limit(reward_timeout: float) -> float | None:
+    """--reward-timeout as Reward.limited takes it: 0 means no limit."""
+    if not (reward_timeout >= 0 and reward_timeout < float("inf")):
+        raise TiltlmError(f"--reward-timeout must be a finite number of seconds >= 0 (got {reward_timeout}); 0 means no limit")
+    return reward_timeout or None
+
+
+def _check_count(value: int, flag: str, what: str) -> None:
+    if value < 1:
+        raise TiltlmError(f"{flag} must be >= 1 (got {value}); it counts {what}")
+
+
+def _check_seed(seed: int, stride: int) -> None:
+    """Batch j samples with seed·stride + j, which torch takes as a 64-bit integer."""
+    from tiltlm.train.config import MAX_SEED
+
+    bound = MAX_SEED if stride > 1 else 2**63 - 1
+    why = f"batch j draws with seed·{stride:,} + j" if stride > 1 else "torch takes it"
+    if abs(seed) > bound:
+        raise TiltlmError(f"--seed {seed} is outside ±{bound:,} ({why} as a 64-bit integer); pick a smaller seed")
+
+
 def _numbers(text: str, flag: str, kind):
     try:
         values = tuple(kind(x) for x in text.split(",") if x.strip())
@@ -277,18 +302,23 @@ def sample(
     temperature: float = typer.Option(1.0),
     top_p: float = typer.Option(1.0),
     reward: Optional[str] = typer.Option(None, help="Also score each sample with this reward spec."),
+    reward_timeout: float = typer.Option(REWARD_TIMEOUT_S, help="Seconds the reward may take (0: no limit)."),
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, help="Write samples as JSONL here."),
 ) -> None:
     """Sample from a model and print each text with its log-prob (and reward)."""
     from tiltlm.policies import HFPolicy
+    from tiltlm.policies.base import check_batch_size
     from tiltlm.rewards import get_reward
 
     if out is not None:  # said before sampling, not after
         check_file_destination(out, "--out")
+    _check_count(n, "-n", "samples")
+    _check_seed(seed, 1)
     _quiet_transformers()
-    scorer = get_reward(reward) if reward else None
+    scorer = get_reward(reward).limited(_limit(reward_timeout)) if reward else None
     policy = HFPolicy.from_pretrained(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    check_batch_size(policy, n, max_new_tokens, rows_name="-n", tokens_name="--max-new-tokens")
     s = policy.sample([context], n, seed=seed)
     rewards = scorer(s.texts, [context] * n).tolist() if scorer else [None] * n
     rows = [{"text": t, "logp": lp, "tokens": int(k), "eos": bool(e), "reward": r}
@@ -314,22 +344,27 @@ def eval_(
     prompt_column: str = typer.Option("prompt", help="The column holding the prompts (text or chat messages)."),
     prior: Optional[str] = typer.Option(None, help="Also estimate KL(pi||pi0) against this prior (a model directory)."),
     chat: bool = typer.Option(False, "--chat", help="Render each prompt with the tokenizer's chat template."),
+    reward_timeout: float = typer.Option(REWARD_TIMEOUT_S, help="Seconds one reward call (a batch of prompts) may take (0: no limit)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Sample N completions per held-out prompt and report mean reward, pass@k and distinct correct answers."""
     from tiltlm.data import load_prompts
     from tiltlm.evaluate import evaluate
     from tiltlm.policies import HFPolicy
+    from tiltlm.policies.base import check_batch_size
     from tiltlm.rewards import get_reward
 
     if n < 1:
         raise TiltlmError(f"-n must be >= 1 (got {n}); pass@k needs at least one completion per prompt")
+    _check_seed(seed, 1_000_003)
     # the prompt as-is (BOS prepended) unless --chat: then the tokenizer's chat template renders it as the user's turn
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, chat_template=chat)
     _quiet_transformers()
     prompts = load_prompts(data, prompt_column=prompt_column)
-    scorer = get_reward(reward)
+    scorer = get_reward(reward).limited(_limit(reward_timeout))
     policy = HFPolicy.from_pretrained(model, **options)
+    check_batch_size(policy, min(len(prompts), 64) * n, max_new_tokens, rows_name="-n",
+                     tokens_name="--max-new-tokens")  # evaluate() samples 64 prompts at a time
     pi0 = HFPolicy.from_pretrained(prior, **options) if prior else None
     result = evaluate(policy, prompts, scorer, n=n, seed=seed, prior=pi0).to_json()
     if as_json:
@@ -352,16 +387,20 @@ def exact(
     policy: Optional[str] = typer.Option(None, help="A policy directory to compare with p*."),
     context: str = typer.Option("", help="Context ('' = just BOS)."),
     max_sequences: int = typer.Option(2_000_000, help="Refuse spaces larger than this."),
+    reward_timeout: float = typer.Option(REWARD_TIMEOUT_S, help="Seconds the reward may take on the whole space (0: no limit)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Enumerate the whole sample space and compute log Z, KLs, TV, entropies and rewards exactly."""
     from tiltlm.exact import enumerate_space, exact_report
     from tiltlm.policies import HFPolicy
+    from tiltlm.rewards import get_reward
     from tiltlm.targets import Prior, Tilt
 
+    _check_count(max_new_tokens, "--max-new-tokens", "tokens")
+    _check_count(max_sequences, "--max-sequences", "sequences")
     _quiet_transformers()
     start = time.perf_counter()
-    tilt = Tilt(reward, beta)
+    tilt = Tilt(get_reward(reward).limited(_limit(reward_timeout)), beta)
     pi0 = HFPolicy.from_pretrained(prior, max_new_tokens=max_new_tokens)
     pi = HFPolicy.from_pretrained(policy, max_new_tokens=max_new_tokens) if policy else None
     space = enumerate_space(pi0, context=context, max_sequences=max_sequences)

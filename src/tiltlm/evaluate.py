@@ -254,6 +254,6 @@ def build_exact_evaluation(config, eval_data: PromptData, target, verifier) -> E
     from tiltlm.exact import count_sequences
 
     m, length = config.metrics, config.sampling.max_new_tokens
-    if not config.eval.exact or count_sequences(target.prior.vocab_size, length) > m.exact_max_sequences:
+    if not config.eval.exact or count_sequences(target.prior.vocab_size, length, at_most=m.exact_max_sequences) > m.exact_max_sequences:
         return None
     return ExactEvaluation(eval_data, target, verifier, n=config.eval.n, max_new_tokens=length, max_sequences=m.exact_max_sequences)

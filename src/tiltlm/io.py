@@ -1,4 +1,6 @@
-"""Atomic writes: a reader (or a run resumed after kill -9) sees the old file or the new one, never half.
+"""Files in and out: atomic writes, and YAML read from users with bounded work.
+
+Atomic writes: a reader (or a run resumed after kill -9) sees the old file or the new one, never half.
 
 A file is written to a temporary name beside its destination (same directory, so the same file
 system) and moved into place with ``os.replace``; a directory is written in full under a temporary
@@ -8,6 +10,9 @@ digests, is in tiltlm.train.checkpoint.)
 Also here: what an operating-system error means for the user (``describe_os_error``: the CLI prints every
 ``OSError`` as one line), ``os_errors`` (safetensors' I/O failures become ``OSError``) and ``path_component``
 (a name from a config that becomes a file name must be exactly one path component).
+
+YAML a user wrote (configs, sweeps) is read by `load_yaml`: safe tags only, one-line errors, and a bound
+on how far aliases may expand, so that no file of a few lines can take the process's memory.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from tiltlm.errors import TiltlmError
 
@@ -134,3 +142,87 @@ def path_component(name: object, what: str) -> str:
         raise TiltlmError(f"{what} {shown} cannot name a directory; use a plain name (letters, digits, - _ . =, "
                           "no '/' or '\\', not '.' or '..', at most 200 bytes)")
     return text
+
+# --- reading YAML a user wrote ------------------------------------------------------------------
+
+YAML_MAX_ALIAS_EXPANSION = 100_000
+"""Values that aliases (``*name``) may add to a YAML document once expanded (beyond the file's own)."""
+
+
+def load_yaml(path: str | Path, what: str) -> Any:
+    """The data of the YAML file ``path`` (plain YAML: the safe tags only), every problem a one-line TiltlmError
+    that starts with ``what`` (e.g. ``"config 'train.yaml'"``). See `parse_yaml`."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TiltlmError(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "save the file as UTF-8") from None
+    return parse_yaml(text, what)
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """The data of the YAML document ``text`` (None when empty), read with yaml.SafeLoader.
+
+    Before anything is built the composed node graph is measured: aliases share nodes, so a few lines of
+    anchors nested ten deep stand for a billion values (the "billion laughs"), which a config's later
+    copies, validation and dumps would expand. The expanded size is counted once per distinct node, so
+    counting costs what composing cost; a document whose aliases add more than `YAML_MAX_ALIAS_EXPANSION`
+    values, or an alias inside its own anchor, is refused, as are malformed YAML (with its line and
+    column), tags such as ``!!python/object`` (never constructed) and nesting too deep to compose.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        distinct, expanded = _expanded_size(node)
+        if expanded is None:
+            raise TiltlmError(f"{what} has a YAML alias (*name) inside its own anchor (&name), a structure without end; "
+                              "remove that alias")
+        if expanded - distinct > YAML_MAX_ALIAS_EXPANSION:
+            raise TiltlmError(f"{what} has YAML aliases (*name) that expand to {expanded:,} values, more than "
+                              f"{YAML_MAX_ALIAS_EXPANSION:,} beyond the file's own {distinct:,}; alias smaller anchors or fewer times")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if isinstance(e, yaml.constructor.ConstructorError):  # e.g. !!python/object: never constructed
+            raise TiltlmError(f"{what} is not valid YAML{where}: {getattr(e, 'problem', '')}; "
+                              "a config is plain YAML, remove the tag") from None
+        raise TiltlmError(f"{what} is not valid YAML{where}; fix its syntax") from None
+    except RecursionError:
+        raise TiltlmError(f"{what} nests its values too deeply to read; flatten it") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> tuple[int, int | None]:
+    """(distinct nodes, nodes once every alias is expanded; None when an alias is inside its own anchor).
+
+    Depth-first without recursion; a node's size is memoised by identity, and the nodes whose subtree is
+    being counted are the current path, so meeting one of them again is a cycle."""
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            on_path.discard(key)
+            size[key] = 1 + sum(size[id(child)] for child in _children(node))
+        elif key in on_path:
+            return len(size), None
+        elif key not in size:
+            on_path.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node))
+    return len(size), size[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []

@@ -131,7 +131,10 @@ def load_user_object(spec: str, kind: str) -> Any:
         sys.modules[module_name] = module  # dataclasses and pickle look a module up while it runs
         try:
             module_spec.loader.exec_module(module)
-        except Exception as e:
+        except KeyboardInterrupt:
+            sys.modules.pop(module_name, None)
+            raise
+        except BaseException as e:  # noqa: BLE001 - sys.exit() in the file too: a failed import, never a quiet exit
             sys.modules.pop(module_name, None)
             raise UserCodeError(f"{kind} {spec!r}: running {str(path)!r} raised {describe(e)}; fix the file",
                                 reason="import-failed", path=path, cause=e, **where_args) from e
@@ -148,7 +151,9 @@ def load_user_object(spec: str, kind: str) -> Any:
                     reason="module-missing", cause=e, **where_args) from e
             raise UserCodeError(f"{kind} {spec!r}: importing {target!r} raised {describe(e)}; fix the module",
                                 reason="import-failed", cause=e, **where_args) from e
-        except Exception as e:  # noqa: BLE001 - the user's module failed to import
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the user's module failed to import (sys.exit() in it too)
             raise UserCodeError(f"{kind} {spec!r}: importing {target!r} raised {describe(e)}; fix the module",
                                 reason="import-failed", cause=e, **where_args) from e
         where = f"module {target!r}"

@@ -135,7 +135,9 @@ def call_with_timeout(fn: Callable[[], Any], timeout_s: float | None) -> Any:
     if timeout_s is None:
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - any env exception is a recorded episode failure
+        except KeyboardInterrupt:  # most likely the user's Ctrl-C
+            raise
+        except BaseException as e:  # noqa: BLE001 - any env exception (sys.exit() too) is a recorded episode failure
             raise EnvFault(f"raised {type(e).__name__}: {_first_line(e)}") from e
     box: dict[str, Any] = {}
 
@@ -235,7 +237,9 @@ def get_env(name: str, **options) -> Env:
         return cls(**options)
     except TiltlmError:
         raise
-    except Exception as e:  # noqa: BLE001 - a user environment failing to start is a one-line error too
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - a user environment failing to start (sys.exit() too) is a one-line error
         raise TiltlmError(f"environment '{name}' failed to start: {type(e).__name__}: {_first_line(e)}; check its options") from None
 
 

@@ -12,20 +12,38 @@ parent prefixes' KV cache instead of re-encoding every prefix from its first tok
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
 
 from tiltlm.errors import TiltlmError
-from tiltlm.policies.base import Policy, Samples
+from tiltlm.policies.base import Policy, Samples, device_memory
 
 DEFAULT_MAX_SEQUENCES = 2_000_000
 
 
-def count_sequences(vocab_size: int, max_new_tokens: int) -> int:
-    """sum_{d=0}^{L} (V-1)^d: the size of the sample space."""
-    n = vocab_size - 1
-    return sum(n**d for d in range(max_new_tokens + 1))
+def count_sequences(vocab_size: int, max_new_tokens: int, at_most: int | None = None) -> int:
+    """sum_{d=0}^{L} (V-1)^d = ((V-1)^(L+1) - 1) / (V-2): the size of the sample space.
+
+    With ``at_most`` any count above it is answered ``at_most + 1`` from logarithms, without forming
+    (V-1)^(L+1): a length of 10^12 is answered at once, not by a sum of 10^12 terms."""
+    n, length = vocab_size - 1, int(max_new_tokens)
+    if n <= 1:
+        total = length + 1 if n == 1 else 1
+    elif at_most is not None and length * math.log2(n) > math.log2(max(at_most, 1)) + 1:
+        return at_most + 1  # (V-1)^L alone is already more than at_most
+    else:
+        total = (n ** (length + 1) - 1) // (n - 1)
+    return total if at_most is None else min(total, at_most + 1)
+
+
+def _about(vocab_size: int, max_new_tokens: int) -> str:
+    """The size of a sample space in words, exact when it is small, as a power of ten when it is not."""
+    total = count_sequences(vocab_size, max_new_tokens, at_most=10**15)
+    if total <= 10**15 or vocab_size <= 2:
+        return f"{total:,}"
+    return f"about 10^{max_new_tokens * math.log10(vocab_size - 1):,.0f}"
 
 
 @dataclass
@@ -68,11 +86,17 @@ def enumerate_space(
     length = int(max_new_tokens if max_new_tokens is not None else policy.max_new_tokens)
     if length < 1:
         raise TiltlmError(f"max_new_tokens must be >= 1 to enumerate (got {length})")
-    total = count_sequences(policy.vocab_size, length)
+    total = count_sequences(policy.vocab_size, length, at_most=max_sequences)
     if total > max_sequences:
         raise TiltlmError(
-            f"a vocabulary of {policy.vocab_size} tokens over {length} new tokens has {total:.3g} sequences, over the limit of "
-            f"{max_sequences:.3g}; lower --max-new-tokens or use a small-vocabulary model (`tiltlm testbed`)"
+            f"a vocabulary of {policy.vocab_size} tokens over {length:,} new tokens has {_about(policy.vocab_size, length)} sequences, "
+            f"over the limit of {max_sequences:.3g}; lower --max-new-tokens or use a small-vocabulary model (`tiltlm testbed`)"
+        )
+    need, have = total * (length * 13 + 16), device_memory(torch.device("cpu"))  # ids, log-probs and mask per token
+    if have is not None and need > have:
+        raise TiltlmError(
+            f"the {total:,} sequences of up to {length:,} tokens need at least {need / 2**30:,.1f} GiB, more than the "
+            f"{have / 2**30:,.1f} GiB of memory; lower --max-new-tokens (or the limit on sequences)"
         )
     token_logp, ids = _walk(policy, context, length, need_ids=True)
     pad = getattr(policy, "pad_id", policy.eos_id)

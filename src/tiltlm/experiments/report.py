@@ -261,7 +261,7 @@ def _cells_of(run_dir: Path, rows: list, path: Path) -> list[Cell]:
 
 def _run_cell(run_dir: Path) -> Cell:
     """A `tiltlm train` directory as one cell: its name, config.yaml's algorithm, beta and seed, metrics.jsonl's rows."""
-    import yaml
+    from tiltlm.io import load_yaml
 
     config_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
@@ -270,9 +270,9 @@ def _run_cell(run_dir: Path) -> Cell:
     if not config_path.is_file():
         raise TiltlmError(f"'{run_dir}' has metrics.jsonl but no config.yaml; pass the --out directory of tiltlm train as it was written")
     try:
-        config = yaml.safe_load(config_path.read_text())
-    except yaml.YAMLError:
-        raise TiltlmError(f"'{config_path}' is not valid YAML; restore the config.yaml tiltlm train wrote") from None
+        config = load_yaml(config_path, f"'{config_path}'")
+    except TiltlmError as e:
+        raise TiltlmError(f"{str(e).rsplit('; ', 1)[0]}; restore the config.yaml tiltlm train wrote") from None
     config = config if isinstance(config, dict) else {}
     rows = _read_jsonl(metrics_path, strict=True)
     if not rows:

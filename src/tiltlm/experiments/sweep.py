@@ -34,7 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tiltlm.errors import TiltlmError
-from tiltlm.io import atomic_write_text, path_component
+from tiltlm.io import atomic_write_text, load_yaml, path_component
 from tiltlm.reuse import describe, diff
 from tiltlm.train.config import parse_config
 
@@ -59,10 +59,7 @@ def load_sweep(path: Path) -> SweepConfig:
     path = Path(path)
     if not path.is_file():
         raise TiltlmError(f"sweep config '{path}' not found; pass the path of a YAML sweep config")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise TiltlmError(f"sweep config '{path}' is not valid YAML; fix its syntax") from None
+    data = load_yaml(path, f"sweep config '{path}'") or {}
     if isinstance(data, dict) and isinstance(data.get("base"), str):
         data = {**data, "base": _base_file(path, data["base"])}
     try:
@@ -79,10 +76,7 @@ def _base_file(sweep_path: Path, base: str) -> dict:
     if not path.is_file():
         raise TiltlmError(f"sweep config '{sweep_path}': base '{base}' is not a file ({path} not found); give the path of a "
                           "training config relative to the sweep file, or write the training config under base:")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise TiltlmError(f"sweep config '{sweep_path}': base '{path}' is not valid YAML; fix its syntax") from None
+    data = load_yaml(path, f"sweep config '{sweep_path}': base '{path}'") or {}
     if not isinstance(data, dict):
         raise TiltlmError(f"sweep config '{sweep_path}': base '{path}' must be a training config (a YAML mapping), "
                           f"not {type(data).__name__}")

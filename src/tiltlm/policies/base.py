@@ -5,6 +5,8 @@ What a policy draws is a ``Samples`` record (tiltlm.records, where the sample sp
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -96,10 +98,51 @@ def batch_rows(n_contexts: int, n: int, rows: range | None) -> tuple[torch.Tenso
     return group[rows.start : rows.stop], rows
 
 
+MIN_TEMPERATURE = 1e-6
+"""Smallest sampling temperature: float32 logits divided by much less overflow (1e-300 gave NaN log-probs)."""
+
+
 def check_sampling_options(temperature: float, top_p: float, max_new_tokens: int) -> None:
-    if not (temperature > 0 and temperature == temperature):
-        raise TiltlmError(f"temperature must be > 0 (got {temperature}); use 1.0 to sample from the model as trained")
+    if not (temperature > 0 and math.isfinite(temperature)):  # inf would sample uniformly, nan anything
+        raise TiltlmError(f"temperature must be > 0 and finite (got {temperature}); use 1.0 to sample from the model as trained")
+    if temperature < MIN_TEMPERATURE:
+        raise TiltlmError(f"temperature must be > 0 and at least {MIN_TEMPERATURE:g} (got {temperature:g}): float32 logits divided "
+                          f"by less overflow; use {MIN_TEMPERATURE:g} for near-greedy sampling")
     if not (0 < top_p <= 1):
         raise TiltlmError(f"top_p must be in (0, 1] (got {top_p}); use 1.0 to disable nucleus sampling")
     if int(max_new_tokens) < 1:
         raise TiltlmError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+
+
+def check_batch_size(policy, rows: int, max_new_tokens: int, *, rows_name: str, tokens_name: str) -> None:
+    """Refuse, before any work, a batch of ``rows`` samples of up to ``max_new_tokens`` tokens that cannot fit.
+
+    The length must leave the context at least one position of the model's window (``policy.window``, when
+    it has one). While a token is drawn each row holds at least two (V,) float32 rows (the logits and their
+    log-softmax) and its (T,) ids, log-probs and mask (13 bytes a token): more than the device's whole memory
+    is refused, naming the setting to lower (``rows_name``, ``tokens_name``). A lower bound, so nothing that
+    fits is refused; what nearly fits meets the out-of-memory guard of the training loop instead.
+    """
+    window = getattr(policy, "window", None)
+    if isinstance(window, int) and max_new_tokens >= window:
+        raise TiltlmError(f"{tokens_name} {max_new_tokens:,} does not fit the model's window of {window} tokens (the context "
+                          f"needs at least one); lower {tokens_name} below {window}")
+    need = rows * (2 * 4 * policy.vocab_size + 13 * max_new_tokens)
+    device = getattr(policy, "device", torch.device("cpu"))
+    have = device_memory(device)
+    if have is not None and need > have:
+        raise TiltlmError(f"{rows:,} samples ({rows_name}) of up to {max_new_tokens:,} tokens over a vocabulary of "
+                          f"{policy.vocab_size:,} need at least {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB "
+                          f"of {device.type} memory; lower {rows_name} or {tokens_name}")
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total bytes of ``device``'s memory (this machine's RAM for the CPU), None when unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+    return None

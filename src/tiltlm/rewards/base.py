@@ -16,6 +16,14 @@ called with them as keyword lists, one value per text, TRL's convention ``f(prom
 exp(r/beta) multiplies probabilities, so a single NaN or a result of the wrong length would quietly
 corrupt a whole run. That is why `Reward.__call__` checks every result and raises a one-line
 `TiltlmError` that names the reward and the fix.
+
+A reward is user code, so nothing it does may end the program as if it had succeeded, or hang it:
+whatever it raises, ``SystemExit`` (``sys.exit(0)`` in a reward) and other BaseExceptions included, is a
+`TiltlmError`; and a reward with a time limit (``Reward.limited``; training sets ``target.reward_timeout_s``)
+runs in a daemon thread that is abandoned, its result unused, when a call overruns. A KeyboardInterrupt is
+the one exception let through when the reward runs in the caller's thread (without a limit), since it is
+then most likely the user's Ctrl-C; in the reward's own thread only the reward can raise it (a real Ctrl-C
+interrupts the waiting caller), so there it is an error like any other.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ import inspect
 import math
 import numbers
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +68,12 @@ class Reward:
     """The spec string (``"contains:dog"``) or the callable's qualified name (``"mymod:f"``)."""
     fn: Callable[..., Any] = field(repr=False)
     """Unchecked scorer: (texts, contexts or None, **columns) -> one number per text, in any sequence type."""
+    timeout_s: float | None = None
+    """Seconds one call may take before it is abandoned with a TiltlmError; None: no limit (runs in the caller's thread)."""
+
+    def limited(self, timeout_s: float | None) -> "Reward":
+        """This reward with at most ``timeout_s`` seconds per call (None: no limit)."""
+        return replace(self, timeout_s=timeout_s)
 
     def __call__(self, texts: Sequence[str], contexts: Sequence[str] | None = None,
                  columns: Mapping[str, Sequence] | None = None) -> torch.Tensor:
@@ -75,15 +90,55 @@ class Reward:
                 raise ValueError(f"got {len(texts)} texts but {len(v)} values of column {k!r}")
         if not texts:
             return torch.zeros(0, dtype=torch.float64)
-        try:
-            values = self.fn(texts, contexts, **columns) if columns and _takes_keywords(self.fn) else self.fn(texts, contexts)
-        except TiltlmError:
-            raise
-        except Exception as e:
-            raise TiltlmError(
-                f"reward {self.name!r} raised {_describe(e)}; fix the reward function"
-            ) from e
+        keywords = columns if columns and _takes_keywords(self.fn) else {}
+        values = _call_user_code(lambda: _materialise(self.fn(texts, contexts, **keywords)), self.name, self.timeout_s, len(texts))
         return _to_tensor(self.name, values, len(texts))
+
+
+def _call_user_code(score: Callable[[], Any], name: str, timeout_s: float | None, n: int) -> Any:
+    """score(), with whatever it raises (KeyboardInterrupt aside, in this thread) as a TiltlmError naming the
+    reward; with ``timeout_s`` it runs in a daemon thread, abandoned after that many seconds."""
+    if timeout_s is None:
+        try:
+            return score()
+        except (TiltlmError, KeyboardInterrupt):  # ours, or most likely the user's Ctrl-C
+            raise
+        except BaseException as e:  # noqa: BLE001 - SystemExit, GeneratorExit, …: the reward failed, the run did not succeed
+            raise _raised(name, e) from e
+    box: dict[str, Any] = {}  # the thread's result; once abandoned nothing reads it
+    grad = torch.is_grad_enabled()  # grad mode is per thread
+
+    def target() -> None:
+        try:
+            with torch.set_grad_enabled(grad):
+                box["value"] = score()
+        except BaseException as e:  # noqa: BLE001 - here even a KeyboardInterrupt was raised by the reward itself
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True, name=f"tiltlm-reward-{name}"[:60])
+    thread.start()
+    thread.join(timeout_s)  # a real Ctrl-C interrupts this wait and stops the program
+    if thread.is_alive():
+        raise TiltlmError(
+            f"reward {name!r} did not return within {timeout_s:g} s on {n} texts (the call is abandoned); make it faster, "
+            "or allow it more time: target.reward_timeout_s in a config, --reward-timeout on the command line"
+        )
+    if "error" in box:
+        e = box["error"]
+        if isinstance(e, TiltlmError):
+            raise e
+        raise _raised(name, e) from e
+    return box["value"]
+
+
+def _materialise(values: Any) -> Any:
+    """A generator's values, drawn where the reward runs (under its guard and limit), not later by the checks."""
+    return list(values) if isinstance(values, Iterator) else values
+
+
+def _raised(name: str, e: BaseException) -> TiltlmError:
+    ending = "" if isinstance(e, Exception) else " (a reward returns its scores; it must not end the program)"
+    return TiltlmError(f"reward {name!r} raised {_describe(e)}{ending}; fix the reward function")
 
 
 # --- checking results ---------------------------------------------------------------------------

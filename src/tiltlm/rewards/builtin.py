@@ -31,17 +31,37 @@ def contains(text: str) -> Scorer:
     return lambda texts: [float(text in t) for t in texts]
 
 
+REGEX_TIMEOUT_S = 1.0
+"""Seconds one ``regex:`` search may take on one text; a pattern that backtracks exponentially stops here."""
+
+
 @register_reward("regex", takes_argument=True, metavar="pattern", help="1 if re.search(<pattern>, x) matches, else 0")
 def regex(pattern: str) -> Scorer:
-    """r(x) = 1[re.search(pattern, x)]: the pattern may match anywhere; anchor it with ^ or $."""
+    """r(x) = 1[re.search(pattern, x)]: the pattern may match anywhere; anchor it with ^ or $.
+
+    Searched with the ``regex`` package (Python re syntax) under a time limit of `REGEX_TIMEOUT_S` per text:
+    ``(\\w+)+!`` on forty letters without a '!' backtracks 2^40 ways, and re would hold the interpreter until done.
+    """
+    import regex as regex_package
+
+    spec = "regex:" + pattern
     try:
-        compiled = re.compile(pattern)
-    except re.error as e:
+        compiled = regex_package.compile(pattern)
+    except (regex_package.error, re.error) as e:
         raise TiltlmError(
-            f"reward {'regex:' + pattern!r} has an invalid pattern {pattern!r} ({e}); "
-            "fix the regular expression (Python re syntax)"
+            f"reward {spec!r} has an invalid pattern {pattern!r} ({e}); fix the regular expression (Python re syntax)"
         ) from e
-    return lambda texts: [float(compiled.search(t) is not None) for t in texts]
+
+    def search(text: str) -> float:
+        try:
+            return float(compiled.search(text, timeout=REGEX_TIMEOUT_S) is not None)
+        except TimeoutError:
+            raise TiltlmError(
+                f"reward {spec!r} took more than {REGEX_TIMEOUT_S:g} s to search one text of {len(text):,} characters "
+                "(the pattern backtracks exponentially); simplify the pattern, e.g. (\\w+)+ -> \\w+"
+            ) from None
+
+    return lambda texts: [search(t) for t in texts]
 
 
 @register_reward("length", takes_argument=False, help="number of characters")

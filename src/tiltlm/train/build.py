@@ -56,7 +56,24 @@ def build(config: TrainConfig, *, chat_template: bool | None = None) -> tuple[HF
     """(policy, target) ready for Trainer (``chat_template``: see build_policies)."""
     policy, prior = (build_tabular_env_policies(config) if _tabular_env(config)
                      else build_policies(config, chat_template=chat_template))
+    check_sizes(config, policy)
     return policy, target_from_config(config, prior)
+
+
+def check_sizes(config: TrainConfig, policy) -> None:
+    """Refuse, before the run starts, batches that cannot fit the model's window or the device's memory: a
+    step's samples (n_per_context for each context, or each prompt drawn) and an evaluation's (eval.n per prompt)."""
+    from tiltlm.policies.base import check_batch_size
+
+    s = config.sampling
+    if config.env is not None:
+        tokens, tokens_name, contexts = config.env.max_action_tokens, "env.max_action_tokens", config.env.tasks_per_step or 1
+    else:
+        tokens, tokens_name = s.max_new_tokens, "sampling.max_new_tokens"
+        contexts = len(s.contexts) if config.data is None else config.data.prompts_per_step or 1  # at least one prompt
+    check_batch_size(policy, contexts * s.n_per_context, tokens, rows_name="sampling.n_per_context", tokens_name=tokens_name)
+    if config.eval is not None:
+        check_batch_size(policy, config.eval.n, tokens, rows_name="eval.n", tokens_name=tokens_name)
 
 
 def _tabular_env(config: TrainConfig) -> bool:
@@ -86,7 +103,9 @@ def build_tabular_env_policies(config: TrainConfig):
 
 def target_from_config(config: TrainConfig, prior) -> Target:
     """Prior(pi0) [* Tilt(reward, beta)] * Constraint(c) for each constraint of the config (no tilt when
-    target.reward is null: the prior conditioned on the constraints)."""
+    target.reward is null: the prior conditioned on the constraints); every reward call is limited to
+    target.reward_timeout_s seconds."""
+    from tiltlm.rewards import get_reward
     from tiltlm.targets import make_target
 
     reward = config.target.reward
@@ -95,7 +114,10 @@ def target_from_config(config: TrainConfig, prior) -> Target:
         from tiltlm.distributed.ray_rollout import ray_reward
 
         reward = ray_reward(reward, num_workers=r.num_workers, address=r.address, cpus_per_worker=r.cpus_per_worker)
-    return make_target(prior, reward=reward, beta=config.target.beta, constraints=config.target.constraints)
+    limit = config.target.reward_timeout_s
+    reward = get_reward(reward).limited(limit) if reward is not None else None
+    constraints = [get_reward(c).limited(limit) for c in config.target.constraints]
+    return make_target(prior, reward=reward, beta=config.target.beta, constraints=constraints)
 
 
 def trainable_module(policy) -> torch.nn.Module:
@@ -165,7 +187,7 @@ def build_exact(config: TrainConfig, target: Target, env, data=None) -> list | N
         if not isinstance(env, TabularEnv) or tilt is None or tilt.reward.name != "env" or len(target.factors) != 1:
             return None
         return [ExactEnvMetrics(env, prior.log_action_probs(), tilt.beta)]
-    if count_sequences(prior.vocab_size, config.sampling.max_new_tokens) > m.exact_max_sequences:
+    if count_sequences(prior.vocab_size, config.sampling.max_new_tokens, at_most=m.exact_max_sequences) > m.exact_max_sequences:
         return None  # not enumerable: estimates only
     contexts = [(c, None) for c in config.sampling.contexts] if data is None else [(p, data.row(i)) for i, p in enumerate(data.prompts)]
     return [exact_for_context(target, context, row=row, max_new_tokens=config.sampling.max_new_tokens,

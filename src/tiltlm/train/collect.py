@@ -73,7 +73,12 @@ class Collector:
     def _rollout(self, sampler, step: int):
         """Play this step's episodes: n_per_context per task, tasks drawn by the step's seed."""
         e, n = self.config.env, self.config.sampling.n_per_context
-        tasks = list(self.env.tasks())
+        from tiltlm.envs.base import EnvFault, call_with_timeout
+
+        try:  # user code: its exceptions, sys.exit() and hangs are one line, as its reset/step calls' are
+            tasks = call_with_timeout(lambda: list(self.env.tasks()), e.timeout_s)
+        except EnvFault as fault:
+            raise TiltlmError(f"environment '{e.name}': tasks() {fault}; fix the environment's tasks()") from None
         if e.tasks_per_step is not None and e.tasks_per_step < len(tasks):
             rng = torch.Generator().manual_seed(step_seed(self.config, step))
             tasks = [tasks[i] for i in sorted(torch.randperm(len(tasks), generator=rng)[: e.tasks_per_step].tolist())]

@@ -16,11 +16,27 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from tiltlm.algorithms.base import AlgorithmConfig, algorithm_class, make_config
 from tiltlm.errors import TiltlmError
+from tiltlm.io import load_yaml
+
+
+MAX_SEED = (2**63 - 1) // 1_000_003 - 1_000_003
+"""Largest |seed|: step t draws with seed·1000003 + t (tiltlm.train.collect.step_seed), which torch takes as a
+64-bit integer; this leaves room for a million steps (`TrainConfig` checks the run's own)."""
+
+MAX_LR = 1e6
+"""Largest optim.lr (and weight_decay): far past any that converges (the weights check stops such a run);
+past ~3e38 torch cannot even apply the step to float32 weights (a traceback inside Adam)."""
+
+
+def _seed_in_range(value: int | None) -> int | None:
+    if value is not None and abs(value) > MAX_SEED:
+        raise ValueError(f"must be between -{MAX_SEED} and {MAX_SEED} (got {value}): each step (or evaluation batch) draws "
+                         "with seed·1000003 + its number, a 64-bit integer")
+    return value
 
 
 class _Strict(BaseModel):
@@ -32,13 +48,24 @@ class TargetConfig(_Strict):
                                                         "p* ∝ pi0·1[constraints] (the prior conditioned on the constraints)")
     beta: float = Field(0.1, gt=0, allow_inf_nan=False, description="tilt temperature: p* ∝ pi0·exp(r/beta)")
     constraints: tuple[str, ...] = Field((), description="pointwise constraints b(x) (reward specs; > 0 means satisfied)")
+    reward_timeout_s: float | None = Field(300.0, gt=0, allow_inf_nan=False, description="seconds one call of the reward (or of "
+                                           "a constraint) may take on a batch before the run stops; null = no limit")
 
 
 class SamplingConfig(_Strict):
     contexts: tuple[str, ...] = Field(("",), min_length=1, description="contexts to sample after ('' = just BOS)")
     n_per_context: int = Field(8, ge=2, description="samples per context per step (>= 2 for leave-one-out baselines)")
     max_new_tokens: int = Field(32, ge=1, description="length limit of a sequence")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs account for it")
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="sampling temperature (at least 1e-6); log-probs account for it")
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_tiny(cls, value: float) -> float:
+        from tiltlm.policies.base import MIN_TEMPERATURE
+
+        if value < MIN_TEMPERATURE:
+            raise ValueError(f"must be at least {MIN_TEMPERATURE:g} (got {value:g}): float32 logits divided by less overflow")
+        return value
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass; log-probs account for it")
     chat_template: bool | None = Field(None, description="contexts are the user's turn of a chat, rendered by the tokenizer's "
                                                          "chat template (the sample space is the reply); null = when the tokenizer has one")
@@ -46,10 +73,10 @@ class SamplingConfig(_Strict):
 
 class OptimConfig(_Strict):
     steps: int = Field(100, ge=1, description="optimiser steps (batches)")
-    lr: float = Field(1e-4, gt=0, allow_inf_nan=False, description="learning rate")
+    lr: float = Field(1e-4, gt=0, le=MAX_LR, allow_inf_nan=False, description="learning rate")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="torch.optim.Adam or plain SGD")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=MAX_LR, allow_inf_nan=False)
     schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="learning-rate decay to 0 over the run")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the schedule")
 
@@ -143,7 +170,7 @@ class DataConfig(_Strict):
     eval_fraction: float | None = Field(None, gt=0, lt=1, description="fraction of rows held out (instead of eval_size)")
     eval_path: str | None = Field(None, description="a separate file of held-out prompts (same prompt_column and format; "
                                                     "instead of eval_size / eval_fraction)")
-    split_seed: int = Field(0, description="seed of the train/eval split")
+    split_seed: int = Field(0, ge=-(2**63), lt=2**63, description="seed of the train/eval split")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -161,6 +188,8 @@ class EvalConfig(_Strict):
     every: int = Field(0, ge=0, description="evaluate every N steps (0: only at step 0 and at the end)")
     n: int = Field(8, ge=1, description="completions per held-out prompt (pass@k for k = 1, 2, 4, … up to n)")
     seed: int | None = Field(None, description="sampling seed, the same at every evaluation; null = the run's seed")
+
+    _seed = field_validator("seed")(_seed_in_range)
     at_start: bool = Field(True, description="evaluate the prior pi0 at step 0")
     exact: bool = Field(True, description="also the exact pass@k, distinct correct and KLs to p*(.|x) when pi0's space "
                                           "after a prompt has <= metrics.exact_max_sequences sequences (enumerated once per prompt)")
@@ -186,6 +215,8 @@ class TrainConfig(_Strict):
     rollout: RolloutConfig = Field(RolloutConfig(), description="where episodes and rewards run: this process or Ray actors")
     distributed: DistributedConfig = Field(DistributedConfig(), description="replicated or fully sharded weights under torchrun")
     seed: int = Field(0, description="every random draw derives from this seed and the step number")
+
+    _seed = field_validator("seed")(_seed_in_range)
 
     @model_validator(mode="before")
     @classmethod
@@ -223,6 +254,9 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _target_fits_algorithm(self) -> "TrainConfig":
+        if abs(self.seed) * 1_000_003 + self.optim.steps >= 2**63:
+            raise TiltlmError(f"config 'seed' ({self.seed}) with optim.steps {self.optim.steps}: step t draws with "
+                              "seed·1000003 + t, past a 64-bit integer; pick a smaller seed")
         t = self.target
         if t.reward is None and not t.constraints:
             raise TiltlmError("config 'target' has neither a reward nor a constraint (p* would be the prior itself); "
@@ -312,15 +346,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise TiltlmError(f"config file '{path}' not found; pass the path of a YAML training config")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        if isinstance(e, yaml.constructor.ConstructorError):  # e.g. !!python/object: never constructed (safe_load)
-            raise TiltlmError(f"config '{path}' is not valid YAML{where}: {getattr(e, 'problem', '')}; "
-                              "a config is plain YAML, remove the tag") from None
-        raise TiltlmError(f"config '{path}' is not valid YAML{where}; fix its syntax") from None
+    data = load_yaml(path, f"config '{path}'") or {}
     if not isinstance(data, dict):
         raise TiltlmError(f"config '{path}' must be a YAML mapping (key: value), not {type(data).__name__}")
     return parse_config({**data, **(overrides or {})})
