@@ -305,3 +305,25 @@ def test_one_row_through_the_console_script(ctx, tmp_path):
                 "small beta follows the reward closely, large beta stays near the prior")
     assert r.stdout == "" and r.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_hostile_users_catalogue_names_real_tests():
+    """docs/reliability.md's second catalogue: at least 40 rows, each naming a test function that exists, with its
+    parameter id written in that test file (ids abridged with … are checked by function only)."""
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    section = (root / "docs" / "reliability.md").read_text().split("## The hostile user's catalogue", 1)[1]
+    ids = re.findall(r"^\|.*\| 2 \| `(tests/test_\w+\.py::\w+(?:\[.*\])?)` \|$", section, flags=re.M)
+    assert len(ids) >= 40, len(ids)
+    assert len(ids) == len(set(ids)), "a test id is listed twice"
+    for node in ids:
+        path, rest = node.split("::")
+        name, _, param = rest.partition("[")
+        source = (root / path).read_text()
+        functions = {f.name for f in ast.walk(ast.parse(source)) if isinstance(f, ast.FunctionDef)}
+        assert name in functions, node
+        param = param[:-1].replace("\\|", "|")
+        if param and "…" not in param:
+            assert f'"{param}"' in source or f"'{param}'" in source, node
