@@ -210,7 +210,8 @@ def test_cli_off_policy_dpg_with_proposal_updates_checkpoints_a_tied_model(llama
     _cli(path, tmp_path / "run", "--resume", "--steps", "3")
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["dpg/proposal_updates"] >= 1 and "kl/target_exact" in rows[-1]
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".tiltlm.lock", "checkpoint", "config.yaml", "config_changes.jsonl", "metrics.jsonl", "policy"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".tiltlm.lock", "checkpoint", "config.yaml", "config_changes.jsonl",
+                                                                     "metrics.jsonl", "policy"]  # the extension is recorded
     assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["has_proposal"]
     assert _tied(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "policy"))
 
