@@ -258,3 +258,25 @@ def test_resume_equals_the_uninterrupted_run(tmp_path):
     assert resumed.algorithm.state_dict() == full.algorithm.state_dict()
     assert len(full.algorithm.table) == 2
     torch.testing.assert_close(policy3.logits, policy.logits, atol=0, rtol=0)
+
+
+def test_unnormalised_tb_with_leave_one_out_log_z_is_kl_pg_times_two_over_beta():
+    """log_z: batch gives delta_i = u_i − mean_{j≠i} u_j with u = log pi − log pi0 − r/beta, and kl-pg's advantage
+    (k1 in the reward, leave-one-out baseline) is A_i = −beta·delta_i: the same gradient up to 2/beta, sample by sample."""
+    beta = 0.5
+    prior, policy, _ = make_testbed(("x", "y"), (0.5, -0.5))
+    target = Prior(prior) * Tilt("count:a", beta)
+    with torch.no_grad():
+        policy.logits.add_(torch.randn(policy.logits.shape, generator=torch.Generator().manual_seed(1)))
+    s = policy.sample(["x", "y"], 16, seed=0)
+    scores = target.score(s)
+    batch = Batch(samples=s, logq=s.logp.double(), token_logq=s.token_logp, logp_prior=scores.logp_prior,
+                  log_target=scores.log_target, reward=scores.reward, beta=target.beta)
+    grads = []
+    for alg in (get_algorithm("flowrl", log_z="batch"), get_algorithm("kl-pg")):
+        policy.logits.grad = None
+        token_logp = policy.log_prob(s, grad=True, per_token=True)
+        alg.loss(batch, token_logp.sum(-1), token_logp)[0].backward()
+        grads.append(policy.logits.grad.clone())
+    torch.testing.assert_close(grads[0], 2 / beta * grads[1], atol=1e-6, rtol=1e-5)
+    assert grads[1].abs().max() > 1e-3

@@ -13,7 +13,9 @@ batch is used once, at the weights that drew it, where that weight is exactly 1 
 **Fixed point** (docs/math.md §7). delta = 0 for every y ⇔ pi(y|x) = pi0·phi / Z(x) = p*(y|x) and
 log Z(x) = the true log normaliser. More strongly, the expected gradient in theta is
 2 E_pi[delta grad log pi] = 2 grad KL(pi || p*) for *any* value of log Z (a per-context constant times
-E_pi[grad log pi] = 0): log Z is only a baseline, and on-policy TB is reverse-KL descent (as kl-pg).
+E_pi[grad log pi] = 0): log Z is only a baseline, and on-policy TB is reverse-KL descent (as kl-pg). With
+``log_z: batch`` the per-sample gradient is exactly 2/beta times kl-pg's (k1 in the reward, leave-one-out
+baseline): delta = −A/beta.
 
 ``length_normalize`` (FlowRL's 1/|y| on the log-probability terms, reward not divided):
 
@@ -21,10 +23,12 @@ E_pi[grad log pi] = 0): log Z is only a baseline, and on-policy TB is reverse-KL
 
 changes the target. delta_n = 0 everywhere ⇔ pi(y|x) = pi0(y|x) exp(|y| (log phi(x, y) − c(x))) with c(x)
 the unique root of sum_y pi0(y|x) exp(|y| (log phi − c)) = 1 (the sum falls strictly from +inf to 0 as
-c grows, since |y| >= 1) — a length-dependent tilt, *not* p* (unless every sequence has one length);
-log Z(x) converges to c(x), not to log Z*(x). That solution is the only interior stationary point of the
-on-policy loss jointly in (pi, log Z): ``length_normalized_fixed_point`` computes it exactly.
-Here the value of log Z matters (E_pi[grad log pi / |y|] != 0), so it must be at its own optimum.
+c grows, since |y| >= 1). This length tilt is *not* p*: among sequences of one length l it is
+∝ pi0·phi^l (for the tilt, p* at temperature beta/l), and length l is reweighted by e^{−l c}; it equals p*
+only where |y| = 1 for all y or phi is constant. log Z(x) converges to c(x), not to log Z*(x). It is the
+only interior stationary point of the on-policy loss jointly in (pi, log Z) (docs/math.md §7.3);
+``length_normalized_fixed_point`` computes it exactly. Here the value of log Z matters
+(E_pi[grad log pi / |y|] != 0), so it must be at its own optimum.
 
 **log Z** is a table of scalars, one per context (keyed by a digest of the context string, the
 ``log_z_max_contexts`` most recently seen kept), checkpointed with the algorithm's state; FlowRL's Z is an
