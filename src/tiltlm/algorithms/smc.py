@@ -1,7 +1,7 @@
 """Token-level sequential Monte Carlo (SMC) toward p* ∝ pi0·phi, with a policy q as the proposal.
 
 N particles per context grow one token at a time from q; after each token a particle's weight is
-multiplied by the incremental weight of the intermediate targets (docs/math.md §7)
+multiplied by the incremental weight of the intermediate targets (docs/math.md §7.1)
 
     gamma_t(z) = pi0(z) psi(z)   z an unfinished prefix of t tokens (psi = 1 without a twist),
     gamma_t(x) = pi0(x) phi(x)   x a sequence finished (EOS or length limit) by step t,
@@ -30,8 +30,8 @@ of one ``sample`` call.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -93,7 +93,8 @@ def _check_policies(prior: Policy, q: Policy) -> None:
 def _samples(q: Policy, contexts: list[str], g: int, ids: torch.Tensor, mask: torch.Tensor, token_lq: torch.Tensor) -> Samples:
     """Samples of context g from (k, d) particle arrays; token_logp = log q. Context tokens are added later."""
     k = ids.shape[0]
-    texts = q.decode([[t for t, m in zip(row, mrow) if m] for row, mrow in zip(ids.tolist(), mask.tolist())])
+    # texts without the EOS token, as every sampler writes them (an HF tokenizer would spell it out)
+    texts = q.decode([[t for t, m in zip(row, mrow) if m and t != q.eos_id] for row, mrow in zip(ids.tolist(), mask.tolist())])
     return Samples(
         contexts=list(contexts), group=torch.full((k,), g, dtype=torch.long),
         context_ids=torch.zeros((k, 0), dtype=torch.long), context_attn=torch.zeros((k, 0), dtype=torch.bool),
@@ -291,7 +292,7 @@ def log_z_bounds(
     runs, n = int(runs), int(n_particles)
     if runs < 1:
         raise TiltlmError(f"runs must be >= 1 (got {runs}); use >= 2 for an interval")
-    options = dict(ess_threshold=ess_threshold, scheme=resampling, twist=twist)
+    options = {"ess_threshold": ess_threshold, "scheme": resampling, "twist": twist}
     lower = []
     for k in range(runs):
         gen = torch.Generator().manual_seed(_child_seed(seed, f"smc-lower/{k}"))
@@ -323,4 +324,4 @@ def exact_posterior(target: Target, context: str = "") -> Callable[[int, int], S
     return draw
 
 
-__all__ = ["LogZBounds", "RESAMPLING", "SMCResult", "Twist", "exact_posterior", "log_z_bounds", "resample", "reward_twist", "smc"]
+__all__ = ["RESAMPLING", "LogZBounds", "SMCResult", "Twist", "exact_posterior", "log_z_bounds", "resample", "reward_twist", "smc"]
