@@ -14,6 +14,7 @@ from tiltlm.algorithms.inference import (
     qrs_exact_distribution,
     quasi_rejection_sample,
 )
+from tiltlm.algorithms.smc import LogZBounds, SMCResult, exact_posterior, log_z_bounds, reward_twist, smc
 from tiltlm.registry import import_submodules
 
 import_submodules(__name__, __path__)  # every module here registers its algorithms: a new one is one new file
@@ -22,4 +23,5 @@ __all__ = [
     "Algorithm", "Batch", "InferenceResult", "available_algorithms", "best_of_n", "best_of_n_exact_distribution",
     "get_algorithm", "importance_resample", "qrs_acceptance_exact", "qrs_exact_distribution", "quasi_rejection_sample",
     "register_algorithm",
+    "LogZBounds", "SMCResult", "exact_posterior", "log_z_bounds", "reward_twist", "smc",  # tiltlm.algorithms.smc
 ]
