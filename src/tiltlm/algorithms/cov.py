@@ -21,7 +21,8 @@ brake's signal, and restrains only the few tokens with the largest Cov:
 
 Both are reward maximisers on reinforce's path: sequence advantage A = r - b_loo (leave-one-out,
 ``policy_gradient_loss``), broadcast to the tokens, no KL to pi0 (the target's beta is not used).
-Tokens are selected once per batch from the sampling policy's log-probs (``Batch.token_logq``).
+Tokens are selected once per batch from the sampling policy's log-probs (``Batch.token_logq``), among
+the rows the loss sees (under data parallel: each rank's shard, with that shard's means).
 
 **Fixed point: collapse, as reinforce** (docs/math.md §7.3). Every deterministic policy gives A = 0
 to every sample and is a fixed point; the maximiser of r is the attractor. Clip-Cov removes a few
@@ -29,8 +30,9 @@ tokens' terms from the gradient, it does not zero it; KL-Cov's anchor pi_old is 
 same step, so the penalty vanishes at any stationary point and changes only the path. One on-policy
 pass (``epochs=1``) has grad |log pi - log pi_old| = 0 at pi = pi_old: kl-cov is then reinforce
 exactly (tested); its brake acts from the second pass over a batch (the paper's PPO minibatches).
-On the tabular testbed both collapse onto argmax r; they are slower than reinforce at fixed budgets
-with the paper's fractions scaled to a small batch (measured in tests/test_cov.py and docs).
+On the tabular testbed (300 steps x 64 samples) both end with pi(argmax) > 0.99 like reinforce;
+with larger fractions than the paper's they keep up to 3.7x the entropy of the same update
+without the brake (0.146 vs 0.040 nats; p* has 2.2), and by 3000 steps all have H < 0.002.
 """
 
 from __future__ import annotations
