@@ -17,7 +17,12 @@ import torch
 
 from tiltlm.algorithms import get_algorithm
 from tiltlm.algorithms.base import Batch
-from tiltlm.algorithms.cov import batch_covariance, clip_cov_keep, kl_cov_select, token_covariance
+from tiltlm.algorithms.cov import (
+    batch_covariance,
+    clip_cov_keep,
+    kl_cov_select,
+    token_covariance,
+)
 from tiltlm.errors import TiltlmError
 from tiltlm.exact import enumerate_space
 from tiltlm.policies import TabularPolicy
@@ -284,18 +289,17 @@ def test_options_are_checked():
 # ---- 3. where training goes ---------------------------------------------------------------------------
 
 def train(algorithm: dict, steps: int, n: int = 64):
-    prior, policy, target = setup()
+    _, policy, target = setup()
     config = parse_config({
         "algorithm": algorithm, "target": {"reward": "count:a", "beta": BETA},
         "sampling": {"n_per_context": n, "max_new_tokens": 3}, "seed": 0,
         "optim": {"steps": steps, "lr": 0.05, "schedule": "constant"},
         "metrics": {"exact_every": steps, "diversity": False},
     })
-    trainer = Trainer(config, policy=policy, target=target)
-    rows = trainer.run()
+    rows = Trainer(config, policy=policy, target=target).run()
     space = enumerate_space(policy)
     kl_to_collapse = -float(space.logp[space.samples.texts.index("aaa")])  # KL(delta_aaa || pi) = -log pi(aaa)
-    return rows[-1], kl_to_collapse, trainer
+    return rows[-1], kl_to_collapse
 
 
 def test_both_collapse_onto_argmax_r_like_reinforce():
@@ -303,7 +307,7 @@ def test_both_collapse_onto_argmax_r_like_reinforce():
     KL(pi||p*) -> -log p*(aaa) = 2.79 nats (p* itself has entropy 2.2 nats here)."""
     for algorithm, steps in (({"name": "clip-cov"}, 300), ({"name": "kl-cov"}, 300),
                              ({"name": "clip-cov", "clip_ratio": 0.3}, 1000)):  # a brake 1500x the paper's still collapses
-        last, kl_to_collapse, _ = train(algorithm, steps)
+        last, kl_to_collapse = train(algorithm, steps)
         assert kl_to_collapse < 0.01, (algorithm, last)
         assert last["kl/policy_target_exact"] > 2.6 and last["entropy/exact"] < 0.05, (algorithm, last)
         assert math.isfinite(last["entropy/cov_logp_adv"])
@@ -311,11 +315,11 @@ def test_both_collapse_onto_argmax_r_like_reinforce():
 
 def test_the_brakes_keep_more_entropy_at_a_fixed_budget():
     """300 steps x 64 samples: more entropy than the same update without the brake, and still collapsing."""
-    reinforce, _, _ = train({"name": "reinforce"}, 300)
-    clip_cov, _, _ = train({"name": "clip-cov", "clip_ratio": 0.1}, 300)
+    reinforce, _ = train({"name": "reinforce"}, 300)
+    clip_cov, _ = train({"name": "clip-cov", "clip_ratio": 0.1}, 300)
     assert clip_cov["entropy/exact"] > 3 * reinforce["entropy/exact"]  # 0.146 vs 0.040 nats
-    no_brake, _, _ = train({"name": "kl-cov", "kl_coef": 0.0}, 300)  # 4 unpenalised passes per batch
-    kl_cov, _, trainer = train({"name": "kl-cov", "top_k": 0.3}, 300)
+    no_brake, _ = train({"name": "kl-cov", "kl_coef": 0.0}, 300)  # 4 unpenalised passes per batch
+    kl_cov, _ = train({"name": "kl-cov", "top_k": 0.3}, 300)
     assert kl_cov["entropy/exact"] > 3 * no_brake["entropy/exact"]  # 0.017 vs 0.005 nats
     for row in (clip_cov, kl_cov):
         assert row["entropy/exact"] < 0.2 and row["reward/exact"] > 2.95  # a brake, not a stop

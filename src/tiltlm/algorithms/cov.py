@@ -40,7 +40,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from tiltlm.algorithms.base import Algorithm, AlgorithmConfig, Batch, leave_one_out, register_algorithm, safe_exp
+from tiltlm.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    Batch,
+    leave_one_out,
+    register_algorithm,
+    safe_exp,
+)
 from tiltlm.algorithms.reinforce import policy_gradient_loss
 
 
