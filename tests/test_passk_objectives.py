@@ -144,3 +144,145 @@ def test_maxrl_weights_by_hand():
     # group 0: n = 4, c = 2 -> 4/2 on the correct; group 1: none correct -> 0; group 2: n = 2, c = 1 -> 2
     assert maxrl_weights(correct, group, baseline=False).tolist() == [2, 0, 0, 2, 0, 0, 0, 2]
     assert maxrl_weights(correct, group, baseline=True).tolist() == [1, -1, -1, 1, 0, 0, -1, 1]
+
+
+def test_pass_at_1_credit_with_loo_is_reinforce():
+    """Two routes: set_reward max at k = 1 with the loo baseline is RLOO; the loss (n·s_i) equals reinforce's, bit for bit."""
+    prior, _, _ = testbed()
+    target = Prior(prior) * Tilt(VERIFIER, 1.0)
+    s = prior.sample([""], 16, seed=3)
+    lp0, lt, r = target.score(s)
+    from tiltlm.algorithms.base import Batch
+
+    batch = Batch(samples=s, logq=s.logp.double(), token_logq=s.token_logp, logp_prior=lp0, log_target=lt, reward=r, beta=1.0)
+    logp = s.logp.double()
+    plain, _ = get_algorithm("reinforce").loss(batch, logp, None)
+    pass1, _ = get_algorithm("reinforce", set_reward="max", k=1, set_baseline="loo").loss(batch, logp, None)
+    assert 0 < r.sum() < 16
+    assert float(pass1) == pytest.approx(float(plain), rel=1e-12)
+
+
+# ---- fixed points on the exact verifier testbed --------------------------------------------------------------
+def testbed():
+    prior = TabularPolicy.random(list("ab") + ["<eos>"], max_new_tokens=3, seed=0, scale=1.0)
+    prior.logits.requires_grad_(False)
+    space = enumerate_space(prior)
+    correct = get_reward(VERIFIER)(space.samples.texts) >= 0.5
+    return prior, space, correct
+
+
+def _conditional(logp: torch.Tensor, correct: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(pass rate p, log of pi's conditional on the correct set)."""
+    log_pass = torch.logsumexp(logp[correct], 0)
+    return float(log_pass.exp()), logp[correct] - log_pass
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> float:
+    return float((log_a.exp() * (log_a - log_b)).sum())
+
+
+def _entropy(log_a: torch.Tensor) -> float:
+    return float(-(log_a.exp() * log_a).sum())
+
+
+def _flow_path(prior, space, correct, step: float = 0.02, p_max: float = 0.9999) -> list[tuple[float, torch.Tensor]]:
+    """The exact gradient-flow path of the pass rate in the tabular logits: (p, conditional) points, small normalised
+    steps along grad p (the path of every f(p) with f' > 0: grad f = f'(p) grad p, docs/math.md §7.3)."""
+    pol = prior.copy()
+    pol.logits.requires_grad_(True)
+    path = []
+    while True:
+        logp = pol.log_prob(space.samples, grad=True).double()
+        log_pass = torch.logsumexp(logp[correct], 0)
+        path.append((float(log_pass.detach().exp()), (logp[correct] - log_pass).detach()))
+        if path[-1][0] > p_max:
+            return path
+        (g,) = torch.autograd.grad(log_pass, pol.logits)
+        with torch.no_grad():
+            pol.logits += step * g / g.norm()
+
+
+def _train(prior, algorithm: dict, target, steps: int, *, lr: float, n: int = 64, optimizer: str = "adam", schedule: str = "constant"):
+    policy = prior.copy()
+    policy.logits.requires_grad_(True)
+    tilt = target.tilt
+    target_cfg = {"reward": VERIFIER, "beta": tilt.beta} if tilt is not None else {"reward": None, "constraints": [VERIFIER]}
+    config = parse_config({
+        "algorithm": algorithm, "target": target_cfg, "sampling": {"n_per_context": n, "max_new_tokens": 3},
+        "optim": {"steps": steps, "lr": lr, "optimizer": optimizer, "schedule": schedule,
+                  "grad_clip": None if optimizer == "sgd" else 1.0},  # SGD unclipped: small steps along the gradient
+        "metrics": {"exact_every": steps, "diversity": False},
+    })
+    row = Trainer(config, policy=policy, target=target).run()[-1]
+    return policy, row
+
+
+@pytest.mark.parametrize("name,algorithm,n", [
+    ("reinforce", {"name": "reinforce"}, 64),
+    ("pkpo k=4", {"name": "reinforce", "set_reward": "any", "k": 4}, 256),
+    ("maxrl", {"name": "maxrl"}, 64),
+])
+def test_pass_rate_objectives_follow_one_path_and_do_not_keep_the_posterior(name, algorithm, n):
+    """pass@1, pass@4 and log p are all increasing functions of the pass rate p alone (one context): the same
+    maximisers (every pi with pi(correct) = 1) and, under gradient flow, the same path; only the speed differs.
+    SGD (small steps) lands on the exact flow path at its own p: pi's conditional on the correct set is the
+    flow's at that p, sharper than the posterior's p* = pi0·1[c]/Z0 — pass@k keeps more spread only by going
+    slower, with more mass left on wrong answers (its gradient is 4(1-p)^3 grad p)."""
+    prior, space, correct = testbed()
+    log_star = space.logp[correct] - torch.logsumexp(space.logp[correct], 0)  # p*'s log-probs on the correct set
+    target = Prior(prior) * Constraint(VERIFIER)  # the verifier's 0/1 is the reward; p* = pi0·1[c]/Z0
+    policy, row = _train(prior, algorithm, target, 600, lr=0.5, n=n, optimizer="sgd")
+    p, cond = _conditional(policy.log_prob(space.samples).double(), correct)
+    p_flow, cond_flow = min(_flow_path(prior, space, correct), key=lambda point: abs(point[0] - p))
+    assert abs(p_flow - p) < 1e-3
+    on_path, to_star = _kl(cond, cond_flow), _kl(cond, log_star)
+    assert on_path < 0.02, (name, p, on_path)  # measured 0.007 (reinforce), 0.011 (pkpo, n = 256), 0.008 (maxrl)
+    assert to_star > 5 * on_path and row["kl/target_exact"] > 0.2, (name, to_star, row)  # not the posterior
+    assert _entropy(cond) < _entropy(log_star) - 0.2
+    if name == "pkpo k=4":
+        assert 0.75 < p < 0.9  # wrong answers keep mass: the pass@4 gradient vanishes as (1-p)^3
+    else:
+        assert p > 0.99 and _entropy(cond) < 0.5  # collapsing along the path (H(p*) = 1.52 on the correct set)
+
+
+def _tilt(space, correct, lam: float) -> torch.Tensor:
+    log_t = space.logp + lam * correct.double()
+    return log_t - torch.logsumexp(log_t, 0)
+
+
+def _maxrl_kl_fixed_point(z0: float, beta: float, n: int) -> tuple[float, float]:
+    """(p, lambda) with p = Z0 e^lambda / (Z0 e^lambda + 1 - Z0), lambda = J'(p)/beta, J' = (1 - (1-p)^(n-1))/p: the
+    baseline's truncation J_{n-1} (docs/math.md §7.2). Bisection: the right side decreases in p, the left increases."""
+    lo, hi = 1e-9, 1 - 1e-12
+    for _ in range(200):
+        p = (lo + hi) / 2
+        lam = (1 - (1 - p) ** (n - 1)) / p / beta
+        lo, hi = (p, hi) if z0 * math.exp(lam) / (z0 * math.exp(lam) + 1 - z0) > p else (lo, p)
+    return p, lam
+
+
+def test_maxrl_with_the_kl_reaches_its_tilt_not_p_star_beta():
+    """log p - beta KL(pi || pi0) has the unique optimum pi ∝ pi0·exp(lambda 1[c]), lambda = J'(p)/beta ≈ 1/(beta p):
+    the posterior's shape on the correct set, with more correct mass than kl-pg's p*_beta ∝ pi0·exp(1[c]/beta)."""
+    prior, space, correct = testbed()
+    beta, n = 1.0, 64
+    z0 = float(space.logp[correct].exp().sum())
+    p_pred, lam = _maxrl_kl_fixed_point(z0, beta, n)
+    predicted, p_star_beta = _tilt(space, correct, lam), _tilt(space, correct, 1 / beta)
+    assert p_pred == pytest.approx(0.6584, abs=1e-4) and _kl(predicted, p_star_beta) > 0.03
+    policy, row = _train(prior, {"name": "maxrl", "kl": True}, Prior(prior) * Tilt(VERIFIER, beta), 300, lr=0.05, n=n, schedule="linear")
+    logp = policy.log_prob(space.samples).double()
+    assert _kl(logp, predicted) < 0.01  # measured 4e-5
+    assert row["kl/policy_target_exact"] > 0.02  # KL(pi || p*_beta), measured 0.030
+    p, cond = _conditional(logp, correct)
+    assert _kl(cond, space.logp[correct] - math.log(z0)) < 0.01  # the conditional is the posterior p* exactly
+
+
+def test_distribution_matching_reaches_the_posterior():
+    """gdc++ (DPG with its baseline) toward p* = pi0·1[c]/Z0: the one method here that keeps the posterior.
+    KL(p* || pi) >= -log pi(correct), so it needs p -> 1 too: a constant lr 0.2 (measured 0.0015; plain dpg 0.009)."""
+    prior, space, correct = testbed()
+    policy, row = _train(prior, {"name": "gdc++"}, Prior(prior) * Constraint(VERIFIER), 300, lr=0.2)
+    assert row["kl/target_exact"] < 0.01  # KL(p* || pi)
+    p, cond = _conditional(policy.log_prob(space.samples).double(), correct)
+    assert p > 0.99 and abs(_entropy(cond) - 1.518) < 0.05

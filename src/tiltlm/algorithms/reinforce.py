@@ -11,7 +11,8 @@ Two explicit diversity objectives (shared with kl-pg):
   R(S minus x_i) does not depend on x_i, so it is a valid baseline and the credit of x_i is its
   marginal contribution. R is ``max`` (best-of-k reward), ``any`` (pass@k: some sample is correct)
   or ``distinct`` (number of distinct correct samples), with correct meaning r(x) >= threshold.
-  The per-sample reward is replaced by the credit, and no further baseline is subtracted (a
+  The per-sample reward is replaced by n times the credit (the loss averages over the n samples of
+  a context, so its gradient estimates grad E[R(S)]), and no further baseline is subtracted (a
   baseline built from the other credits would depend on x_i).
 
 pass@k and max@k for any k <= n (PKPO, Walder & Karkhanis 2025, "Pass@k Policy Optimization";
@@ -23,12 +24,12 @@ terms of x_i survive only in the subsets that contain i, so
     grad pass@k ≈ sum_i s_i grad log pi(x_i),   s_i = (k/n) · mean_{|T| = k-1, T ⊂ others} max(f_i, max_T f)
 
 (binary: k/n when correct, (k/n)·(1 - C(n-1-c, k-1)/C(n-1, k-1)) when not), unbiased. A baseline of
-the other samples keeps it unbiased (``set_baseline``): ``loo-1`` (the paper's recommended one, the
+the other samples keeps it unbiased (``set_baseline``): ``loo-1`` (the
 default) subtracts (k/n)·mean_T max_T f, so s_i = (k/n)·mean_T [max(f_i, max_T f) - max_T f] is x_i's
 average marginal contribution to a (k-1)-subset (binary: (k/n)·C(n-c, k-1)/C(n-1, k-1) when correct, 0
 when not). k = n (or k unset) is exactly the set credit above. ``loo`` subtracts (k/n)·rho(others, k)
-(needs n > k; k = 1 gives RLOO / n). For one context pass@k = 1 - (1-p)^k is a function of the pass
-rate p alone, so its maximisers are those of pass@1: every pi with pi(correct) = 1; it does not prefer
+(needs n > k; k = 1 gives RLOO / n: the n·s_i the loss uses is then reinforce's advantage). For one
+context pass@k = 1 - (1-p)^k is a function of the pass rate p alone, so its maximisers are those of pass@1: every pi with pi(correct) = 1; it does not prefer
 spreading over the correct set (docs/math.md §7.3).
 """
 
@@ -122,7 +123,10 @@ def shaped_reward(batch, c: "SetRewardConfig") -> tuple[torch.Tensor, bool]:
     """The per-sample reward an on-policy gradient uses, and whether a leave-one-out baseline applies."""
     reward = batch.reward
     if c.set_reward != "none":
-        reward = set_credit(batch.samples.texts, reward, batch.group, c.set_reward, c.correct_threshold, c.k, c.set_baseline)
+        credit = set_credit(batch.samples.texts, reward, batch.group, c.set_reward, c.correct_threshold, c.k, c.set_baseline)
+        # sum_i credit_i grad log pi(x_i) estimates grad E[R]; the loss is a mean over the batch, so scale by the
+        # group's size n: the loss's gradient is then grad E[R] averaged over the contexts (at k = 1 with loo: RLOO exactly)
+        reward = credit * torch.bincount(batch.group).double()[batch.group]
     return reward + entropy_pseudo_reward(batch.logq, c.entropy_coef), c.set_reward == "none"
 
 
