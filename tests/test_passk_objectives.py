@@ -148,7 +148,7 @@ def test_maxrl_weights_by_hand():
 
 def test_pass_at_1_credit_with_loo_is_reinforce():
     """Two routes: set_reward max at k = 1 with the loo baseline is RLOO; the loss (n·s_i) equals reinforce's, bit for bit."""
-    prior, _, _ = testbed()
+    prior, _, _ = verifier_testbed()
     target = Prior(prior) * Tilt(VERIFIER, 1.0)
     s = prior.sample([""], 16, seed=3)
     lp0, lt, r = target.score(s)
@@ -163,7 +163,7 @@ def test_pass_at_1_credit_with_loo_is_reinforce():
 
 
 # ---- fixed points on the exact verifier testbed --------------------------------------------------------------
-def testbed():
+def verifier_testbed():
     prior = TabularPolicy.random(list("ab") + ["<eos>"], max_new_tokens=3, seed=0, scale=1.0)
     prior.logits.requires_grad_(False)
     space = enumerate_space(prior)
@@ -228,7 +228,7 @@ def test_pass_rate_objectives_follow_one_path_and_do_not_keep_the_posterior(name
     SGD (small steps) lands on the exact flow path at its own p: pi's conditional on the correct set is the
     flow's at that p, sharper than the posterior's p* = pi0·1[c]/Z0 — pass@k keeps more spread only by going
     slower, with more mass left on wrong answers (its gradient is 4(1-p)^3 grad p)."""
-    prior, space, correct = testbed()
+    prior, space, correct = verifier_testbed()
     log_star = space.logp[correct] - torch.logsumexp(space.logp[correct], 0)  # p*'s log-probs on the correct set
     target = Prior(prior) * Constraint(VERIFIER)  # the verifier's 0/1 is the reward; p* = pi0·1[c]/Z0
     policy, row = _train(prior, algorithm, target, 600, lr=0.5, n=n, optimizer="sgd")
@@ -264,7 +264,7 @@ def _maxrl_kl_fixed_point(z0: float, beta: float, n: int) -> tuple[float, float]
 def test_maxrl_with_the_kl_reaches_its_tilt_not_p_star_beta():
     """log p - beta KL(pi || pi0) has the unique optimum pi ∝ pi0·exp(lambda 1[c]), lambda = J'(p)/beta ≈ 1/(beta p):
     the posterior's shape on the correct set, with more correct mass than kl-pg's p*_beta ∝ pi0·exp(1[c]/beta)."""
-    prior, space, correct = testbed()
+    prior, space, correct = verifier_testbed()
     beta, n = 1.0, 64
     z0 = float(space.logp[correct].exp().sum())
     p_pred, lam = _maxrl_kl_fixed_point(z0, beta, n)
@@ -281,7 +281,7 @@ def test_maxrl_with_the_kl_reaches_its_tilt_not_p_star_beta():
 def test_distribution_matching_reaches_the_posterior():
     """gdc++ (DPG with its baseline) toward p* = pi0·1[c]/Z0: the one method here that keeps the posterior.
     KL(p* || pi) >= -log pi(correct), so it needs p -> 1 too: a constant lr 0.2 (measured 0.0015; plain dpg 0.009)."""
-    prior, space, correct = testbed()
+    prior, space, correct = verifier_testbed()
     policy, row = _train(prior, {"name": "gdc++"}, Prior(prior) * Constraint(VERIFIER), 300, lr=0.2)
     assert row["kl/target_exact"] < 0.01  # KL(p* || pi)
     p, cond = _conditional(policy.log_prob(space.samples).double(), correct)
