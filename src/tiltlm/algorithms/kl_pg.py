@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 
 from tiltlm.algorithms.base import Algorithm, AlgorithmConfig, Batch, kl_coefficient, leave_one_out, register_algorithm
-from tiltlm.algorithms.reinforce import SetReward, policy_gradient_loss, shaped_reward
+from tiltlm.algorithms.reinforce import SetRewardConfig, policy_gradient_loss, shaped_reward
 
 
 def kl_estimate(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -58,12 +58,11 @@ def kl_pg_loss(
     return pg + beta * kl_estimate(log_ratio, estimator).mean(), adv
 
 
-class KlPgConfig(AlgorithmConfig):
+class KlPgConfig(SetRewardConfig):
+    """entropy_coef (an extra bonus beside the KL), set_reward, correct_threshold, k, set_baseline: as reinforce's."""
+
     kl_in: Literal["reward", "loss"] = Field("reward", description="put the KL in the reward or in the loss")
     estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-sample KL estimator (module docstring)")
-    entropy_coef: float = Field(0.0, ge=0, description="extra entropy bonus alpha·H(pi) beside the KL")
-    set_reward: SetReward = Field("none", description="score each context's samples as a set (see reinforce)")
-    correct_threshold: float = Field(0.5, description="a sample is correct when r(x) >= this (set rewards)")
 
 
 @register_algorithm
@@ -74,7 +73,7 @@ class KlPg(Algorithm):
 
     def loss(self, batch: Batch, logp: torch.Tensor, token_logp: torch.Tensor):
         c = self.config
-        reward, baseline = shaped_reward(batch, c.entropy_coef, c.set_reward, c.correct_threshold)
+        reward, baseline = shaped_reward(batch, c)
         loss, adv = kl_pg_loss(logp, batch.logq, batch.logp_prior, reward, batch.group,
                                beta=kl_coefficient(batch, self.name), kl_in=c.kl_in, estimator=c.estimator, baseline=baseline)
         return loss, {"loss/advantage_abs": float(adv.abs().mean())}
