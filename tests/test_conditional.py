@@ -305,7 +305,6 @@ def test_held_out_evaluation_scores_a_constraint_only_target_by_its_constraints(
     the rows' columns reaching a TRL-style constraint; pi0 at step 0, the policy later."""
     from tiltlm.data import load_prompts
     from tiltlm.evaluate import evaluate
-    from tiltlm.policies import HFPolicy
     from tiltlm.testbed import make_testbed
 
     tb = make_testbed(tmp_path / "tb", vocab_size=4, n_layer=1, n_embd=16, n_head=2, seed=0)

@@ -5,8 +5,6 @@ The LM part runs on a small testbed prior here, so the test stays fast.
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 from browser import needs_chromium, render_in_chromium

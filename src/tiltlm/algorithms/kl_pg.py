@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tiltlm.algorithms.base import Algorithm, AlgorithmConfig, Batch, kl_coefficient, leave_one_out, register_algorithm
+from tiltlm.algorithms.base import Algorithm, Batch, kl_coefficient, leave_one_out, register_algorithm
 from tiltlm.algorithms.reinforce import SetRewardConfig, policy_gradient_loss, shaped_reward
 
 
