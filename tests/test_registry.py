@@ -50,7 +50,7 @@ def test_the_three_registries_keep_their_messages():
 
     with pytest.raises(TiltlmError) as e:
         get_algorithm("kl-pgg")
-    assert str(e.value) == "unknown algorithm 'kl-pgg' (did you mean 'kl-pg'?); available: dpg, f-dpg, gdc++, kl-pg, ppo-kl, reinforce"
+    assert str(e.value) == "unknown algorithm 'kl-pgg' (did you mean 'kl-pg'?); available: dpg, f-dpg, gdc++, grpo, kl-pg, ppo-kl, reinforce"
     with pytest.raises(TiltlmError) as e:
         get_env("serch")
     assert str(e.value) == "unknown environment 'serch' (did you mean 'search'?); available: api, dialogue, search, tabular"

@@ -41,7 +41,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from tiltlm.algorithms.base import Algorithm, AlgorithmConfig, Batch, kl_coefficient, register_algorithm
+from tiltlm.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    Batch,
+    kl_coefficient,
+    register_algorithm,
+)
 from tiltlm.algorithms.kl_pg import kl_estimate
 from tiltlm.errors import TiltlmError
 
@@ -88,7 +94,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, max_length:
 def grpo_loss(
     token_logp: torch.Tensor, token_logq: torch.Tensor, token_logp_prior: torch.Tensor | None, mask: torch.Tensor,
     advantage: torch.Tensor, *, clip_low: float, clip_high: float, aggregation: str, beta: float = 0.0,
-    estimator: str = "k3", max_length: int | None = None,
+    estimator: str = "k3", kl_level: str = "token", max_length: int | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The aggregated clipped surrogate (+ beta·k per token when ``token_logp_prior`` is given); (loss, clipped fraction).
 
@@ -99,7 +105,12 @@ def grpo_loss(
     surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
     per_token = -surrogate
     if token_logp_prior is not None:
-        per_token = per_token + beta * kl_estimate(token_logp_prior.to(token_logp.dtype) - token_logp, estimator)
+        log_ratio = (token_logp_prior.to(token_logp.dtype) - token_logp) * mask  # (B, T)
+        if kl_level == "token":
+            per_token = per_token + beta * kl_estimate(log_ratio, estimator)
+        else:  # k of the sequence's log-ratio, spread evenly over its tokens: weighted per sequence as A_i is
+            lengths = mask.sum(-1, keepdim=True).clamp(min=1)
+            per_token = per_token + beta * kl_estimate(log_ratio.sum(-1, keepdim=True), estimator) / lengths
     clipped = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high))[mask]
     return aggregate(per_token, mask, aggregation, max_length), float(clipped.float().mean()) if clipped.numel() else 0.0
 
@@ -118,7 +129,9 @@ class GrpoConfig(AlgorithmConfig):
     kl_in: Literal["loss", "reward", "none"] = Field(
         description="loss: beta·k per token in the loss (GRPO); reward: R − beta·sum_t k (verl use_kl_in_reward); none: no KL")
     kl_estimator: Literal["k1", "k2", "k3"] | None = Field(
-        None, description="per-token KL estimator; null = k3 in the loss (GRPO's), k1 in the reward")
+        None, description="KL estimator; null = k3 in the loss (GRPO's), k1 in the reward")
+    kl_level: Literal["token", "sequence"] = Field(
+        "token", description="kl_in loss: k of each token's log-ratio (TRL, verl) or of the sequence's (as kl-pg)")
 
     @model_validator(mode="before")
     @classmethod
@@ -154,10 +167,11 @@ class Grpo(Algorithm):
                               "(Batch.token_logp_prior); build batches with the Trainer, or set kl_in: none")
         reward = batch.reward.double()
         if c.kl_in == "reward":
-            kl = kl_estimate((prior.double() - batch.token_logq.double()) * mask, c.estimator) * mask  # (B, T)
-            reward = reward - beta * kl.sum(-1)
+            log_ratio = (prior.double() - batch.token_logq.double()) * mask  # (B, T)
+            kl = kl_estimate(log_ratio, c.estimator).sum(-1) if c.kl_level == "token" else kl_estimate(log_ratio.sum(-1), c.estimator)
+            reward = reward - beta * kl
         advantage = group_advantages(reward, batch.group, scale_std=c.scale_std)
         loss, clipped = grpo_loss(token_logp, batch.token_logq, prior if c.kl_in == "loss" else None, mask, advantage,
                                   clip_low=c.clip_low, clip_high=c.clip_high, aggregation=c.aggregation, beta=beta,
-                                  estimator=c.estimator, max_length=c.max_length)
+                                  estimator=c.estimator, kl_level=c.kl_level, max_length=c.max_length)
         return loss, {"loss/clip_fraction": clipped, "loss/advantage_abs": float(advantage.abs().mean())}
