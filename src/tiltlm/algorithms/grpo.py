@@ -23,14 +23,15 @@ by (G−1)/G and not the loss's KL):
 
 - ``kl_in: reward`` (k1), any ``aggregation``, ``scale_std`` or not: **p*** — the 1/|y| weights and the
   1/std scale leave the per-prompt stationary point where the shaped reward is constant.
-- ``kl_in: loss`` (k3 per token), ``aggregation`` token or constant, no std: the per-token *forward*-KL
-  projection pi(a|h) = beta'·pi0(a|h) / (lambda_h − Q(h, a)), Q the expected reward after (h, a)
-  under pi, lambda_h normalising (backed up from the last token); not p*.
-- with ``scale_std`` and the KL in the loss, each prompt's coefficient becomes beta'·sigma_x, sigma_x the
-  reward's std under the fixed point itself (self-consistent); prompts with a wide reward spread are
-  held closer to pi0.
-- ``aggregation: sequence`` with the KL in the loss weights each sequence's KL and advantage by 1/|y|:
-  the fixed point moves again (towards longer sequences here; docs/math.md §7.4 gives the numbers).
+- ``kl_in: loss`` (k3), ``aggregation`` token or constant, no std: the forward KL to the prior. Per token
+  (``kl_level: token``, TRL/verl): pi(a|h) = beta'·pi0(a|h) / (lambda_h − Q(h, a)), Q the expected reward
+  after (h, a) under pi, lambda_h normalising (backed up from the last token). Per sequence
+  (``kl_level: sequence``, as kl-pg): pi(y) = beta'·pi0(y) / (lambda − r(y)). Neither is p*.
+- with ``scale_std`` and the KL in the loss, prompt x's coefficient becomes beta'·sigma_x, sigma_x the
+  reward's std under the fixed point itself (self-consistent): with sequence k2 (the reverse KL's exact
+  gradient) pi(.|x) ∝ pi0·exp(r/(beta'·sigma_x)); prompts with a narrow spread are pushed past p*(.|x).
+- ``aggregation: sequence`` with the KL in the loss (sequence k2): the 1/|y| weights add a length tilt,
+  pi ∝ pi0·exp(((G−1)/G·r − k|y|)/beta), k normalising (k < 0, longer, on the count:a testbed).
 - ``kl_in: none``: E[R] alone: collapse onto the argmax of R (beta = 0).
 """
 
