@@ -60,6 +60,7 @@ class Algorithm:
     Config: ClassVar[type[AlgorithmConfig]]
     on_policy: bool = True  # False: samples come from ``self.proposal`` (off-policy DPG)
     needs_tilt: ClassVar[bool] = False  # True: the KL coefficient is the target's beta (kl_coefficient)
+    needs_token_prior: ClassVar[bool] = False  # True: batches carry log pi0 per token (Batch.token_logp_prior)
 
     def __init__(self, config: AlgorithmConfig):
         self.config = config

@@ -58,7 +58,7 @@ class Collector:
         logq = samples.logp.double()
         is_prior = sampler is self.target.prior
         token_logp_prior = None
-        if samples.trajectories is not None:  # per-token log pi0 for the per-turn KL
+        if samples.trajectories is not None or self.algorithm.needs_token_prior:  # per-token log pi0: per-turn / per-token KL
             token_logp_prior = samples.token_logp if is_prior else self.target.prior.log_prob(samples, per_token=True).detach().cpu()
             scores = self.target.score(samples, prior_logp=token_logp_prior.sum(-1).double())
         else:
