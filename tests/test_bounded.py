@@ -132,6 +132,8 @@ CASES = {
                     ["100,000,000,000 samples (eval.n)", "lower eval.n"], 30),
     "lr-huge": (_set("optim.lr", 1.0e300), None, ["'optim.lr'", "less than or equal to 1000000"], 30),
     "weight-decay-huge": (_set("optim.weight_decay", 1.0e300), None, ["'optim.weight_decay'", "less than or equal to 1000000"], 30),
+    "steps-past-int64": (_set("optim.steps", 10**30), None, ["with optim.steps 1,000,000,000,000,000,000,000,000,000,000",
+                                                             "pick fewer steps or a smaller seed"], 30),
     "seed-huge": (_set("seed", 10**20), None, ["config 'seed': must be between -9223343366818 and 9223343366818",
                                                 "seed·1000003 + its number, a 64-bit integer"], 30),
     "eval-seed-huge": (lambda cfg, ctx: cfg.update(data={"path": str(ctx.root / "prompts.jsonl"), "eval_size": 1}, eval={"seed": 2**63}), None,

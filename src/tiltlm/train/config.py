@@ -255,8 +255,8 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _target_fits_algorithm(self) -> "TrainConfig":
         if abs(self.seed) * 1_000_003 + self.optim.steps >= 2**63:
-            raise TiltlmError(f"config 'seed' ({self.seed}) with optim.steps {self.optim.steps}: step t draws with "
-                              "seed·1000003 + t, past a 64-bit integer; pick a smaller seed")
+            raise TiltlmError(f"config 'seed' ({self.seed}) with optim.steps {self.optim.steps:,}: step t draws with "
+                              "seed·1000003 + t, past a 64-bit integer; pick fewer steps or a smaller seed")
         t = self.target
         if t.reward is None and not t.constraints:
             raise TiltlmError("config 'target' has neither a reward nor a constraint (p* would be the prior itself); "
