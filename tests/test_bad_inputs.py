@@ -91,6 +91,18 @@ def tiltlm(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
     return code, out.out + out.err
 
 
+def one_line(code: int, printed: str, needles=()) -> str:
+    """The catalogue's contract: exit 2 and exactly one output line ``error: …`` holding every needle, no traceback;
+    returns that line."""
+    lines = printed.strip().splitlines()
+    assert code == 2, printed
+    assert len(lines) == 1 and lines[0].startswith("error: "), printed
+    assert "Traceback" not in printed
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
 def snapshot(path: Path) -> dict | None:
     if not path.exists():
         return None
@@ -239,15 +251,9 @@ def test_bad_input_ends_in_one_line_and_exit_2(row, ctx, tmp_path, monkeypatch, 
 
     code, printed = tiltlm(["train", str(cfg_path), "--out", str(out), *extra], monkeypatch, capsys)
 
-    lines = printed.strip().splitlines()
-    assert code == 2, printed
-    assert len(lines) == 1 and lines[0].startswith("error: "), printed
-    assert "Traceback" not in printed
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+    print(one_line(code, printed, needles))  # shown by `pytest -rA`: the catalogue's message column
     assert snapshot(out) == before  # nothing half-written (a new run leaves no directory at all)
     assert not (ctx.root / "PWNED").exists() and not (ctx.root / "UNPICKLED").exists()
-    print(lines[0])  # shown by `pytest -rA`: the catalogue's message column
 
 
 def test_catalogue_size():

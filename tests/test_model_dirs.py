@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from test_bad_inputs import tiltlm
+from test_bad_inputs import one_line, tiltlm
 
 from tiltlm.errors import TiltlmError
 from tiltlm.policies import modeldir
@@ -117,16 +117,6 @@ def _other(command: str, model: Path, d, tmp_path: Path) -> tuple[list[str], Pat
     }[command], out
 
 
-def _one_line(code: int, printed: str, needles: list[str]) -> str:
-    lines = printed.strip().splitlines()
-    assert code == 2, printed
-    assert len(lines) == 1 and lines[0].startswith("error: "), printed
-    assert "Traceback" not in printed
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 # fault -> (directory attribute, the other command it is also run through, needles of the message)
 FAULTS = {
     "tokenizer-files-missing": ("no_tokenizer", "eval", ["has no tokenizer files (tokenizer.json", "copy the tokenizer saved with these weights"]),
@@ -154,11 +144,11 @@ def test_a_bad_model_dir_is_one_line_in_train_and_another_command(fault, dirs, t
     model = getattr(dirs, attr)
     start = time.perf_counter()
     code, printed, out = _train(str(model), tmp_path, monkeypatch, capsys)
-    line = _one_line(code, printed, needles)
+    line = one_line(code, printed, needles)
     assert not out.exists()
     assert time.perf_counter() - start < 30  # refused before allocating (the Llama config over GPT-2 weights is 6.5B parameters)
     argv, out = _other(command, model, dirs, tmp_path)
-    assert _one_line(*tiltlm(argv, monkeypatch, capsys), needles) == line
+    assert one_line(*tiltlm(argv, monkeypatch, capsys), needles) == line
     assert not out.exists()
     print(line)  # shown by `pytest -rA`: the message column of docs/reliability.md
 
@@ -167,7 +157,7 @@ def test_chat_with_a_model_that_cannot_read_english_is_one_line(dirs, tmp_path, 
     """`tiltlm chat` on a letters testbed: its tokenizer has no [UNK] for the game's English opening."""
     argv, out = _other("chat", dirs.tb, dirs, tmp_path)
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("yes\n" * 20))
-    line = _one_line(*tiltlm(argv, monkeypatch, capsys), ["the tokenizer cannot encode the text 'I am thinking of an animal",
+    line = one_line(*tiltlm(argv, monkeypatch, capsys), ["the tokenizer cannot encode the text 'I am thinking of an animal",
                                                            "use a model whose tokenizer covers the environment's text"])
     assert not out.exists()
     print(line)
@@ -189,14 +179,14 @@ def test_a_model_too_large_for_memory_is_refused_before_loading(dirs, tmp_path, 
     assert weights.n_params == 7_872 and weights.nbytes == 31_488
     monkeypatch.setenv(modeldir.MEMORY_ENV, "100000")
     code, printed, out = _train(str(dirs.tb), tmp_path, monkeypatch, capsys)
-    line = _one_line(code, printed, ["needs at least 125.95 kB (7,872 parameters × 4 bytes × 4: weights, gradients and Adam's two moments)",
+    line = one_line(code, printed, ["needs at least 125.95 kB (7,872 parameters × 4 bytes × 4: weights, gradients and Adam's two moments)",
                                      "but only 100.00 kB of memory is available", "LoRA"])
     assert not out.exists()
     code, printed, out = _train(str(dirs.tb), tmp_path, monkeypatch, capsys, optim={"steps": 2, "lr": 0.01, "optimizer": "sgd"})
     assert code == 0, printed  # SGD keeps no moments: 62.98 kB fits
     monkeypatch.setenv(modeldir.MEMORY_ENV, "30000")
     argv, out = _other("sample", dirs.tb, dirs, tmp_path)
-    frozen = _one_line(*tiltlm(argv, monkeypatch, capsys), ["needs at least 31.49 kB (7,872 parameters × 4 bytes) but only 30.00 kB"])
+    frozen = one_line(*tiltlm(argv, monkeypatch, capsys), ["needs at least 31.49 kB (7,872 parameters × 4 bytes) but only 30.00 kB"])
     assert not out.exists()
     print(line, frozen, sep="\n")
 

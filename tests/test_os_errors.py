@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_bad_inputs import snapshot, tiltlm
+from test_bad_inputs import one_line, snapshot, tiltlm
 
 CONFIG = {"target": {"reward": "count:a", "beta": 1.0}, "algorithm": {"name": "kl-pg"},
           "sampling": {"n_per_context": 4, "max_new_tokens": 3}, "optim": {"steps": 4, "lr": 0.01}, "checkpoint": {"every": 1}}
@@ -83,15 +83,6 @@ def _in_namespace(script: str, tmp_path: Path) -> tuple[int, str, list[str]]:
     return code, done.stderr.rsplit("RC=", 1)[0], left
 
 
-def _one_line(code: int, printed: str) -> str:
-    lines = [x for x in printed.strip().splitlines() if x.strip()]
-    assert code == 2, printed
-    assert len(lines) == 1 and lines[0].startswith("error: "), printed
-    assert "Traceback" not in printed
-    print(lines[0])
-    return lines[0]
-
-
 @needs_mounts
 @pytest.mark.parametrize("size", ["4k", "64k"])
 def test_a_new_run_on_a_full_disk_leaves_nothing(ctx, tmp_path, size):
@@ -99,7 +90,7 @@ def test_a_new_run_on_a_full_disk_leaves_nothing(ctx, tmp_path, size):
     _, config = ctx
     code, err, left = _in_namespace(f'mount -t tmpfs -o size={size} tmpfs "$M"\n'
                                     f'"$PY" -m tiltlm.cli train {config} --out "$M/run"; RC=$?', tmp_path)
-    line = _one_line(code, err)
+    line = one_line(code, err)
     assert "no space left on device; free some space or write to another disk" in line
     assert left == []
 
@@ -125,7 +116,7 @@ def test_a_disk_that_fills_mid_run_keeps_the_checkpoint_and_resume_finishes_it_i
               f'cp -r "$M/run" {tmp_path}/after_fault\nrm "$M/filler"\n'
               f'"$PY" -m tiltlm.cli train {cfg} --out "$M/run" --resume; RC=$?\ncp -r "$M/run" {tmp_path}/resumed')
     code, err, _ = _in_namespace(script, tmp_path)
-    line = _one_line(int((tmp_path / "first_rc").read_text()), (tmp_path / "first.txt").read_text())
+    line = one_line(int((tmp_path / "first_rc").read_text()), (tmp_path / "first.txt").read_text())
     assert "no space left on device" in line and "the run keeps its last checkpoint, and `--resume` continues it" in line
     state = json.loads((tmp_path / "after_fault" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2 and not (tmp_path / "after_fault" / "checkpoint.tmp").exists()
@@ -146,7 +137,7 @@ def test_read_only_disk_new_run_and_resume(ctx, tmp_path):
     _, config = ctx
     code, err, left = _in_namespace(f'mount -t tmpfs -o ro tmpfs "$M"\n"$PY" -m tiltlm.cli train {config} --out "$M/run"; RC=$?',
                                     tmp_path)
-    assert "read-only file system; write to a writable directory" in _one_line(code, err) and left == []
+    assert "read-only file system; write to a writable directory" in one_line(code, err) and left == []
 
     done = subprocess.run([sys.executable, "-m", "tiltlm.cli", "train", str(config), "--out", str(tmp_path / "run"), "--steps", "2"],
                           capture_output=True, text=True, env={**os.environ, "TILTLM_THREADS": "1"}, timeout=300)
@@ -155,7 +146,7 @@ def test_read_only_disk_new_run_and_resume(ctx, tmp_path):
     code, err, _ = _in_namespace(f'mount -t tmpfs tmpfs "$M"\ncp -r {tmp_path}/run "$M/run"\nmount -o remount,ro "$M"\n'
                                  f'"$PY" -m tiltlm.cli train {config} --out "$M/run" --resume --steps 4; RC=$?\n'
                                  f'cp -r "$M/run" {tmp_path}/after', tmp_path)
-    assert "read-only file system" in _one_line(code, err)
+    assert "read-only file system" in one_line(code, err)
     assert _digests(tmp_path / "after") == before
 
 
@@ -178,7 +169,7 @@ def test_a_path_under_a_file_or_of_the_wrong_kind(ctx, tmp_path, monkeypatch, ca
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"base": str(config), "grid": {"algorithms": ["kl-pg"], "betas": [1.0], "seeds": [0]}}))
     names = {"config": config, "file": tmp_path / "afile", "dir": tmp_path / "adir", "sweep": tmp_path / "sweep.yaml", "prior": root / "tb"}
     before = snapshot(tmp_path)
-    line = _one_line(*tiltlm([a.format(**names) for a in argv], monkeypatch, capsys))
+    line = one_line(*tiltlm([a.format(**names) for a in argv], monkeypatch, capsys))
     assert "is a file, not a directory" in line or "is a directory; give the path of a file" in line or "not a directory" in line
     assert snapshot(tmp_path) == before
 
@@ -192,7 +183,7 @@ def test_a_sweep_label_must_be_one_path_component(ctx, tmp_path, monkeypatch, ca
     sweep = {"base": str(config), "grid": {"algorithms": [{"name": "kl-pg", "label": label}], "betas": [1.0], "seeds": [0]}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     before = snapshot(tmp_path)
-    line = _one_line(*tiltlm(["sweep", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")], monkeypatch, capsys))
+    line = one_line(*tiltlm(["sweep", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")], monkeypatch, capsys))
     assert "sweep label" in line and "cannot name a directory" in line
     assert snapshot(tmp_path) == before
 
@@ -249,6 +240,6 @@ def test_a_file_size_limit_is_one_line_not_a_killed_process(ctx, tmp_path):
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # noqa: E731 - smaller than a checkpoint file
     done = subprocess.run([sys.executable, "-m", "tiltlm.cli", "train", str(config), "--out", str(tmp_path / "run")], capture_output=True,
                           text=True, env={**os.environ, "TILTLM_THREADS": "1"}, timeout=300, preexec_fn=limit)
-    line = _one_line(done.returncode, done.stderr)
+    line = one_line(done.returncode, done.stderr)
     assert "file too large" in line and "ulimit -f" in line
     assert not (tmp_path / "run").exists()
