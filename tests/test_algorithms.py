@@ -259,3 +259,21 @@ def test_distinct_set_reward_keeps_diversity_where_reinforce_collapses():
     assert rows["distinct"]["entropy/exact"] > 0.9 * math.log(11)  # near-uniform over the correct sequences
     assert rows["distinct"]["entropy/exact"] > rows["reinforce"]["entropy/exact"] + 0.3
     assert rows["distinct"]["reward/exact"] > 0.95  # still correct almost always
+
+
+def test_dpg_baseline_option_is_gdc_plus_plus():
+    """``dpg`` with ``baseline: true`` is ``gdc++`` (same gradient); ``gdc++`` with ``baseline: false`` is ``dpg``."""
+    prior, policy, target = setup()
+    batch = _batch(policy, target)
+
+    def grad(name, **options):
+        alg = get_algorithm(name, **options)
+        alg.observe(batch)
+        fn = lambda lp, tlp: alg.loss(batch, lp, tlp)  # noqa: E731
+        fn.samples = batch.samples
+        return _grad(policy, fn)
+
+    torch.testing.assert_close(grad("dpg", baseline=True), grad("gdc++"), rtol=0, atol=0)
+    torch.testing.assert_close(grad("gdc++", baseline=False), grad("dpg"), rtol=0, atol=0)
+    assert not torch.allclose(grad("dpg"), grad("gdc++"))
+    assert get_algorithm("dpg").config.baseline is None  # the algorithm's own choice unless set

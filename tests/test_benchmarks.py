@@ -89,3 +89,26 @@ def test_threads_quick(bench):
     assert result["cores"] >= 1 and len(result["seconds"]) == 6
     _finite(result["seconds"], list(result["seconds"]))
     _finite(result["slowdown_beside_busy"], list(result["slowdown_beside_busy"]))
+
+
+def test_sample_efficiency_quick(bench, tmp_path):
+    """Two steps of each tiltlm default, scored by enumeration: finite exact KLs that the training moved."""
+    out = tmp_path / "se.json"
+    payload = bench("sample_efficiency").main(["--quick", "--no-trl", "--methods", "kl-pg", "dpg@schedule=linear",
+                                               "--json", str(out)])
+    rows = _payload(payload, "sample_efficiency")
+    assert {r["method"] for r in rows} == {"kl-pg", "dpg@schedule=linear"} and out.is_file()
+    for r in rows:
+        _finite(r, ["budget", "kl_policy_target", "kl_target_policy", "seconds", "clip_fraction", "grad_norm_median"])
+        assert r["kl_policy_target_min"] <= r["kl_policy_target"] <= r["kl_policy_target_max"]
+    testbed = payload["testbed"]
+    assert testbed["n_sequences"] == 1 + 4 + 16 + 64 + 256 and testbed["kl_target_prior"] > 0
+
+
+def test_sample_efficiency_against_trl(bench):
+    pytest.importorskip("trl")
+    payload = bench("sample_efficiency").main(["--quick", "--methods", "kl-pg"])
+    rows = _payload(payload, "sample_efficiency")
+    (trl_row,) = [r for r in rows if r["method"].startswith("trl-rloo@lr=")]
+    _finite(trl_row, ["kl_policy_target", "kl_target_policy", "seconds"])
+    assert payload["trl_lr"] in payload["trl_grid"]

@@ -205,16 +205,20 @@ class DpgConfig(AlgorithmConfig):
         "per_context", description="normalise each row by its context's running log Z(c) (the conditional p(y|c), CDPG) or by one "
                                    "log Z pooled over every context (the joint; the behaviour before per_context)")
     log_z_max_contexts: int = Field(65536, ge=1, description="per_context: running estimates kept (least recently seen context dropped first)")
+    baseline: bool | None = Field(
+        None, description="subtract GDC++'s baseline pi/q from the weight (unbiased; the gradient noise vanishes as pi -> p); "
+                          "null = the algorithm's own: off for dpg, on for gdc++")
 
 
 @register_algorithm
 class Dpg(DistributionMatching):
     name = "dpg"
     Config = DpgConfig
-    baseline = False
+    baseline = False  # the class's own choice; config.baseline overrides it
 
     def loss(self, batch: Batch, logp: torch.Tensor, token_logp: torch.Tensor):
-        loss, weight = dpg_loss(logp, batch.logq, batch.log_target, self.row_log_z(batch), baseline=self.baseline)
+        baseline = self.baseline if self.config.baseline is None else self.config.baseline
+        loss, weight = dpg_loss(logp, batch.logq, batch.log_target, self.row_log_z(batch), baseline=baseline)
         return loss, {"loss/weight_abs": float(weight.abs().mean()), "loss/weight_max": float(weight.abs().max())}
 
 
