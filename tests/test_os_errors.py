@@ -83,6 +83,13 @@ def _in_namespace(script: str, tmp_path: Path) -> tuple[int, str, list[str]]:
     return code, done.stderr.rsplit("RC=", 1)[0], left
 
 
+def _shown(code: int, printed: str) -> str:
+    """one_line's check, and the line printed for `pytest -rA` (the catalogue's message column)."""
+    line = one_line(code, printed)
+    print(line)
+    return line
+
+
 @needs_mounts
 @pytest.mark.parametrize("size", ["4k", "64k"])
 def test_a_new_run_on_a_full_disk_leaves_nothing(ctx, tmp_path, size):
@@ -90,7 +97,7 @@ def test_a_new_run_on_a_full_disk_leaves_nothing(ctx, tmp_path, size):
     _, config = ctx
     code, err, left = _in_namespace(f'mount -t tmpfs -o size={size} tmpfs "$M"\n'
                                     f'"$PY" -m tiltlm.cli train {config} --out "$M/run"; RC=$?', tmp_path)
-    line = one_line(code, err)
+    line = _shown(code, err)
     assert "no space left on device; free some space or write to another disk" in line
     assert left == []
 
@@ -116,7 +123,7 @@ def test_a_disk_that_fills_mid_run_keeps_the_checkpoint_and_resume_finishes_it_i
               f'cp -r "$M/run" {tmp_path}/after_fault\nrm "$M/filler"\n'
               f'"$PY" -m tiltlm.cli train {cfg} --out "$M/run" --resume; RC=$?\ncp -r "$M/run" {tmp_path}/resumed')
     code, err, _ = _in_namespace(script, tmp_path)
-    line = one_line(int((tmp_path / "first_rc").read_text()), (tmp_path / "first.txt").read_text())
+    line = _shown(int((tmp_path / "first_rc").read_text()), (tmp_path / "first.txt").read_text())
     assert "no space left on device" in line and "the run keeps its last checkpoint, and `--resume` continues it" in line
     state = json.loads((tmp_path / "after_fault" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2 and not (tmp_path / "after_fault" / "checkpoint.tmp").exists()
@@ -137,7 +144,7 @@ def test_read_only_disk_new_run_and_resume(ctx, tmp_path):
     _, config = ctx
     code, err, left = _in_namespace(f'mount -t tmpfs -o ro tmpfs "$M"\n"$PY" -m tiltlm.cli train {config} --out "$M/run"; RC=$?',
                                     tmp_path)
-    assert "read-only file system; write to a writable directory" in one_line(code, err) and left == []
+    assert "read-only file system; write to a writable directory" in _shown(code, err) and left == []
 
     done = subprocess.run([sys.executable, "-m", "tiltlm.cli", "train", str(config), "--out", str(tmp_path / "run"), "--steps", "2"],
                           capture_output=True, text=True, env={**os.environ, "TILTLM_THREADS": "1"}, timeout=300)
@@ -146,7 +153,7 @@ def test_read_only_disk_new_run_and_resume(ctx, tmp_path):
     code, err, _ = _in_namespace(f'mount -t tmpfs tmpfs "$M"\ncp -r {tmp_path}/run "$M/run"\nmount -o remount,ro "$M"\n'
                                  f'"$PY" -m tiltlm.cli train {config} --out "$M/run" --resume --steps 4; RC=$?\n'
                                  f'cp -r "$M/run" {tmp_path}/after', tmp_path)
-    assert "read-only file system" in one_line(code, err)
+    assert "read-only file system" in _shown(code, err)
     assert _digests(tmp_path / "after") == before
 
 
@@ -169,7 +176,7 @@ def test_a_path_under_a_file_or_of_the_wrong_kind(ctx, tmp_path, monkeypatch, ca
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"base": str(config), "grid": {"algorithms": ["kl-pg"], "betas": [1.0], "seeds": [0]}}))
     names = {"config": config, "file": tmp_path / "afile", "dir": tmp_path / "adir", "sweep": tmp_path / "sweep.yaml", "prior": root / "tb"}
     before = snapshot(tmp_path)
-    line = one_line(*tiltlm([a.format(**names) for a in argv], monkeypatch, capsys))
+    line = _shown(*tiltlm([a.format(**names) for a in argv], monkeypatch, capsys))
     assert "is a file, not a directory" in line or "is a directory; give the path of a file" in line or "not a directory" in line
     assert snapshot(tmp_path) == before
 
@@ -183,7 +190,7 @@ def test_a_sweep_label_must_be_one_path_component(ctx, tmp_path, monkeypatch, ca
     sweep = {"base": str(config), "grid": {"algorithms": [{"name": "kl-pg", "label": label}], "betas": [1.0], "seeds": [0]}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     before = snapshot(tmp_path)
-    line = one_line(*tiltlm(["sweep", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")], monkeypatch, capsys))
+    line = _shown(*tiltlm(["sweep", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")], monkeypatch, capsys))
     assert "sweep label" in line and "cannot name a directory" in line
     assert snapshot(tmp_path) == before
 
@@ -240,6 +247,6 @@ def test_a_file_size_limit_is_one_line_not_a_killed_process(ctx, tmp_path):
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # noqa: E731 - smaller than a checkpoint file
     done = subprocess.run([sys.executable, "-m", "tiltlm.cli", "train", str(config), "--out", str(tmp_path / "run")], capture_output=True,
                           text=True, env={**os.environ, "TILTLM_THREADS": "1"}, timeout=300, preexec_fn=limit)
-    line = one_line(done.returncode, done.stderr)
+    line = _shown(done.returncode, done.stderr)
     assert "file too large" in line and "ulimit -f" in line
     assert not (tmp_path / "run").exists()
