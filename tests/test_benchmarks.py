@@ -89,3 +89,13 @@ def test_threads_quick(bench):
     assert result["cores"] >= 1 and len(result["seconds"]) == 6
     _finite(result["seconds"], list(result["seconds"]))
     _finite(result["slowdown_beside_busy"], list(result["slowdown_beside_busy"]))
+
+
+def test_real_model_quick(bench):
+    """The SmolLM2 step benchmark on a tiny tied Llama: parts timed, the step's own peak, metrics rows."""
+    rows = _payload(bench("real_model").main(["--quick"]), "real_model")
+    assert [r["config"].split()[1] for r in rows] == ["full", "lora"]
+    for r in rows:
+        _finite(r, ["rss_built_mb", "peak_step_mb", "step_s", "sample_s", "reference_s", "score_s", "backward_s"])
+        assert len(r["metrics"]) == 2 and r["metrics"][-1]["step"] == 2
+    assert rows[1]["prior_is_policy_model"] and not rows[0]["prior_is_policy_model"]
