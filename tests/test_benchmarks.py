@@ -112,3 +112,13 @@ def test_sample_efficiency_against_trl(bench):
     (trl_row,) = [r for r in rows if r["method"].startswith("trl-rloo@lr=")]
     _finite(trl_row, ["kl_policy_target", "kl_target_policy", "seconds"])
     assert payload["trl_lr"] in payload["trl_grid"]
+
+
+def test_real_model_quick(bench):
+    """The SmolLM2 step benchmark on a tiny tied Llama: parts timed, the step's own peak, metrics rows."""
+    rows = _payload(bench("real_model").main(["--quick"]), "real_model")
+    assert [r["config"].split()[1] for r in rows] == ["full", "lora"]
+    for r in rows:
+        _finite(r, ["rss_built_mb", "peak_step_mb", "step_s", "sample_s", "reference_s", "score_s", "backward_s"])
+        assert len(r["metrics"]) == 2 and r["metrics"][-1]["step"] == 2
+    assert rows[1]["prior_is_policy_model"] and not rows[0]["prior_is_policy_model"]

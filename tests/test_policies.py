@@ -137,3 +137,97 @@ def test_bad_options_and_dirs(tmp_path, testbed_dir):
         HFPolicy.from_pretrained(tmp_path / "empty")
     with pytest.raises(TiltlmError, match="window"):
         HFPolicy.from_pretrained(testbed_dir, max_new_tokens=60).sample(["abcdabcd"], 1)
+
+
+@pytest.fixture(scope="module")
+def tied_llama_dir(tmp_path_factory):
+    from tiltlm.testbed import make_testbed
+
+    return make_testbed(tmp_path_factory.mktemp("llama"), arch="llama", vocab_size=12, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
+                        seed=0, train_steps=20)
+
+
+def _full_logits_token_logp(policy: HFPolicy, s) -> torch.Tensor:
+    """The direct route: the model's (B, T, V) logits, the sampling transform, the tokens' entries. (B, T)"""
+    c = s.context_ids.shape[1]
+    ids = torch.cat([s.context_ids, s.ids], dim=1)
+    attn = torch.cat([s.context_attn, s.attn], dim=1).long()
+    logits = policy._forward(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits[:, c - 1 : -1]
+    tok = transform_logits(logits, policy.temperature, policy.top_p).gather(-1, s.ids[..., None]).squeeze(-1)
+    return torch.where(s.mask, tok, torch.zeros(()))
+
+
+def _policies(kind: str, testbed_dir, tied_llama_dir, **options) -> list[HFPolicy]:
+    """The policies to check: GPT-2; a tied GQA Llama; LoRA on it (adapters on, and off as the prior)."""
+    if kind == "gpt2":
+        return [HFPolicy.from_pretrained(testbed_dir, **options)]
+    if kind == "llama":
+        return [HFPolicy.from_pretrained(tied_llama_dir, **options)]
+    from peft import LoraConfig, get_peft_model
+
+    from tiltlm.policies.hf import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(tied_llama_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, task_type="CAUSAL_LM"))
+    with torch.no_grad():  # adapters that change the outputs (B starts at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return [HFPolicy(model, tokenizer, **options), HFPolicy(model, tokenizer, disable_adapters=True, **options)]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "lora"])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (1.3, 0.8)])
+def test_blockwise_log_prob_and_gradient_equal_the_full_logits_route(kind, temperature, top_p, testbed_dir, tied_llama_dir):
+    """Scoring through final hidden states in blocks of 3 rows (checkpointed under grad) gives the token
+    log-probs and the gradients of the (B, T, V) logits route, to float rounding."""
+    pytest.importorskip("peft") if kind == "lora" else None
+    for policy in _policies(kind, testbed_dir, tied_llama_dir, max_new_tokens=5, temperature=temperature, top_p=top_p):
+        policy.logits_chunk = 3 * policy.vocab_size
+        s = policy.sample(["", "ab"], 4, seed=1)
+        assert s.mask.sum() > 3 * 2  # several blocks
+        weights = torch.randn(s.ids.shape, generator=torch.Generator().manual_seed(0))
+        if policy.disable_adapters:  # the LoRA prior: nothing of it trains, its values only
+            assert (policy.log_prob(s, per_token=True) - _full_logits_token_logp(policy, s)).abs().max() <= 1e-6
+            continue
+        grads = []
+        for route in (lambda: policy.log_prob(s, grad=True, per_token=True), lambda: _full_logits_token_logp(policy, s)):
+            policy.model.zero_grad(set_to_none=True)
+            token_logp = route()
+            (weights * token_logp.masked_fill(~s.mask, 0)).sum().backward()
+            named = [(n, p.grad.clone()) for n, p in policy.model.named_parameters() if p.grad is not None]
+            grads.append((token_logp.detach(), dict(named)))
+        (mine, g_mine), (ref, g_ref) = grads
+        assert (mine - ref).abs().max() <= 1e-6
+        assert g_mine.keys() == g_ref.keys() and g_ref
+        diff = torch.cat([(g_mine[n] - g_ref[n]).flatten() for n in g_ref]).norm()
+        assert diff <= 1e-6 * torch.cat([g.flatten() for g in g_ref.values()]).norm()  # the whole gradient, relative
+        for name in g_ref:  # each tensor (a small one, e.g. position embeddings, sums fewer terms: float32 rounding shows)
+            assert (g_mine[name] - g_ref[name]).norm() <= 1e-5 * g_ref[name].norm() + 1e-12, name
+        print(f"{kind} T={temperature} p={top_p}: token {float((mine - ref).abs().max()):.2e}, grad {float(diff / torch.cat([g.flatten() for g in g_ref.values()]).norm()):.2e}, "
+              f"worst tensor {max(float((g_mine[n] - g_ref[n]).norm() / g_ref[n].norm().clamp(min=1e-30)) for n in g_ref):.2e}")
+        with torch.no_grad():
+            assert (policy.log_prob(s, per_token=True) - ref).abs().max() <= 1e-6
+    if kind == "lora":  # the prior (adapters off) scores like the plain model, with no second copy of the weights
+        on, off = _policies(kind, testbed_dir, tied_llama_dir, max_new_tokens=5)
+        plain = HFPolicy.from_pretrained(tied_llama_dir, max_new_tokens=5)
+        s = on.sample(["ab"], 4, seed=2)
+        assert (off.log_prob(s) - plain.log_prob(s)).abs().max() <= 1e-5 and (on.log_prob(s) - off.log_prob(s)).abs().max() > 1e-3
+        assert on.model is off.model
+
+
+def test_a_model_whose_logits_are_post_processed_is_refused(testbed_dir):
+    """The final hidden states route checks once that head(hidden) is the model's logits."""
+    policy = HFPolicy.from_pretrained(testbed_dir, max_new_tokens=3)
+    s = policy.sample([""], 2, seed=0)
+    forward = policy.model.forward
+
+    def soft_capped(*args, **kwargs):  # like Gemma 2: logits = cap * tanh(head(hidden) / cap)
+        out = forward(*args, **kwargs)
+        out["logits"] = 2.0 * torch.tanh(out.logits / 2.0)
+        return out
+
+    policy.model.forward = soft_capped
+    with pytest.raises(TiltlmError, match="post-processes"):
+        policy.log_prob(s)

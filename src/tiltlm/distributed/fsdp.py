@@ -155,5 +155,5 @@ def unsharded_policy(policy, world: World):
     if tied:
         fresh.tie_weights()
     return HFPolicy(fresh, policy.tokenizer, max_new_tokens=policy.max_new_tokens, temperature=policy.temperature,
-                    top_p=policy.top_p, prepend_bos=policy.prepend_bos, chunk_size=policy.chunk_size,
+                    top_p=policy.top_p, prepend_bos=policy.prepend_bos, chunk_size=policy.chunk_size, logits_chunk=policy.logits_chunk,
                     chat_template=policy.chat_template)

@@ -8,11 +8,13 @@ The model runs in eval mode (dropout off) so that log pi is a deterministic func
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from tiltlm.errors import TiltlmError
 from tiltlm.policies.base import Samples, batch_rows, check_sampling_options, row_draw, seeded_draw, transform_logits
@@ -108,6 +110,7 @@ class HFPolicy:
         chunk_size: int = 2048,
         disable_adapters: bool = False,
         chat_template: bool | None = None,
+        logits_chunk: int = 1 << 22,
     ):
         check_sampling_options(temperature, top_p, max_new_tokens)
         has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -121,6 +124,9 @@ class HFPolicy:
         self.top_p = float(top_p)
         self.prepend_bos = prepend_bos
         self.chunk_size = chunk_size
+        # scoring never holds more than this many float logits at once: (rows, V) blocks of max(1, logits_chunk // V)
+        # tokens instead of the (B, T, V) logits of the whole batch (see _token_logp)
+        self.logits_chunk = int(logits_chunk)
         # a LoRA prior: the same peft model with its adapters switched off for every forward pass,
         # so pi0 costs no second copy of the weights
         self.disable_adapters = disable_adapters
@@ -134,24 +140,77 @@ class HFPolicy:
         self._context_cache: dict[str, list[int]] = {}
         # transformers renamed `past_key_values` to `cache` during 5.x; accept both
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        forward_params = inspect.signature(base.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+        # only the last position's logits where the model can skip the others (sampling needs no more)
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_params else {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", *, trust_remote_code: bool = False, **options) -> "HFPolicy":
         model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, **options)
 
+    def _adapters(self):
+        """A LoRA prior's context: the adapters off (a plain model: nothing)."""
+        return self.model.disable_adapter() if self.disable_adapters else contextlib.nullcontext()
+
     def _forward(self, **inputs):
-        if self.disable_adapters:
-            with self.model.disable_adapter():
-                return self.model(**inputs)
-        return self.model(**inputs)
+        with self._adapters():
+            return self.model(**inputs)
+
+    def _scored_forward(self, score, **inputs) -> torch.Tensor:
+        """One forward pass of the whole model with its LM head's work replaced by ``score``, which maps
+        the final hidden states (b, L, d) the head would see to what the caller needs (not (b, L, V) logits).
+
+        The same route for every architecture (and under peft or sharded weights): the model runs as it
+        always does and calls its output embeddings, whose ``forward`` is ``score`` for this call, so
+        sharded weights are gathered as in any forward pass and ``score``'s result is the model's output
+        (``logits``), which backward enters as usual. A model that post-processes its logits (e.g.
+        soft-capping) would return something else: that is refused rather than scored wrongly.
+        """
+        head = self.model.get_output_embeddings()
+        patched = head.__dict__.get("forward")
+        scored = []
+        head.forward = lambda hidden: scored.append(score(hidden)) or scored[-1]
+        try:
+            out = self._forward(**inputs)
+        finally:
+            if patched is None:
+                del head.forward
+            else:
+                head.forward = patched
+        if len(scored) != 1 or out.logits is not scored[0]:
+            raise TiltlmError(f"{type(self.model).__name__} does not return its output embeddings' result as its logits (it "
+                              "post-processes them); tiltlm cannot score this model")
+        return out.logits
+
+    def _token_logp(self, head, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """log pi(token | hidden state) for n positions: (n, d), (n,) -> (n,), the sampling transform applied.
+        ``head``: the output embeddings' own forward (called inside the model's forward, _scored_forward).
+
+        The (n, V) logits are computed ``logits_chunk // V`` rows at a time and only each row's token
+        log-prob is kept. With grad, each block is checkpointed: backward recomputes its logits (one more
+        head matmul per token) instead of keeping all n x V of them, so the step's logit memory is one
+        block's, not the batch's (B, T, V) float32 logits and their log-softmax.
+        """
+
+        def block(h, tok):  # (m, d), (m,) -> (m,)
+            return transform_logits(head(h), self.temperature, self.top_p).gather(-1, tok[:, None]).squeeze(-1)
+
+        rows = max(1, self.logits_chunk // self.vocab_size)
+        if hidden.shape[0] <= rows:  # one block: nothing to save by recomputing it
+            return block(hidden, tokens)
+        # a LoRA prior's blocks are not recomputed: backward runs outside its adapters-off context (and it never trains)
+        grad = torch.is_grad_enabled() and hidden.requires_grad and not self.disable_adapters
+        parts = [checkpoint(block, h, tok, use_reentrant=False) if grad else block(h, tok)
+                 for h, tok in zip(hidden.split(rows), tokens.split(rows))]
+        return torch.cat(parts)
 
     def copy(self) -> "HFPolicy":
         """An independent copy (deep-copied weights, same tokenizer and sampling options)."""
         return HFPolicy(copy.deepcopy(self.model), self.tokenizer, max_new_tokens=self.max_new_tokens,
                         temperature=self.temperature, top_p=self.top_p, prepend_bos=self.prepend_bos, chunk_size=self.chunk_size,
-                        disable_adapters=self.disable_adapters, chat_template=self.chat_template)
+                        disable_adapters=self.disable_adapters, chat_template=self.chat_template, logits_chunk=self.logits_chunk)
 
     def save(self, directory: str | Path) -> Path:
         """A save_pretrained directory plain transformers can load (LoRA adapters merged into a copy)."""
@@ -278,7 +337,8 @@ class HFPolicy:
         attn = context_attn.to(device).long()  # (B, P + C + t)
         position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -k:]  # real tokens before each one: holes do not count
         cache = {} if past is None else {self._cache_kwarg: past}
-        out = self._forward(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True, **cache)
+        out = self._forward(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True,
+                            **cache, **self._last_only)
         past, logits = _cache_of(out), out.logits[:, -1]  # (B, V)
         next_position = position[:, -1] + 1  # (B,)
         fed = 0
@@ -349,7 +409,11 @@ class HFPolicy:
         return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
 
     def log_prob(self, samples: Samples, *, grad: bool = False, per_token: bool = False) -> torch.Tensor:
-        """log pi(x | context): (B,), or (B, T) per token with zeros off the policy mask."""
+        """log pi(x | context): (B,), or (B, T) per token with zeros off the policy mask.
+
+        One forward pass per row chunk; its final hidden states at the policy's positions only are mapped to
+        logits, in blocks (``_token_logp``), so no (B, T, V) tensor exists, with grad or without.
+        """
         device = self.device
         with torch.set_grad_enabled(grad):
             rows = []
@@ -358,11 +422,15 @@ class HFPolicy:
                 ids = torch.cat([samples.context_ids[sl], samples.ids[sl]], dim=1).to(device)  # (b, C+T)
                 attn = torch.cat([samples.context_attn[sl], samples.attn[sl]], dim=1).to(device).long()
                 position = (attn.cumsum(-1) - 1).clamp(min=0)
-                logits = self._forward(input_ids=ids, attention_mask=attn, position_ids=position).logits
-                logits = logits[:, c - 1 : -1]  # (b, T, V): position C-1+t predicts generated token t
-                logp = transform_logits(logits, self.temperature, self.top_p)
-                tok = logp.gather(-1, samples.ids[sl].to(device)[..., None]).squeeze(-1)  # (b, T)
-                rows.append(torch.where(samples.mask[sl].to(device), tok, torch.zeros((), device=device)))
+                mask, tokens = samples.mask[sl].to(device), samples.ids[sl].to(device)  # (b, T)
+                head = self.model.get_output_embeddings().forward
+
+                def score(hidden, c=c, mask=mask, tokens=tokens, head=head):  # (b, C+T, d) -> (b, T)
+                    # position C-1+t predicts generated token t; only the policy's positions are scored
+                    tok = self._token_logp(head, hidden[:, c - 1 : -1][mask], tokens[mask])  # (n,)
+                    return torch.zeros(mask.shape, dtype=tok.dtype, device=device).masked_scatter(mask, tok)
+
+                rows.append(self._scored_forward(score, input_ids=ids, attention_mask=attn, position_ids=position))
             token_logp = torch.cat(rows) if rows else torch.zeros(0, samples.ids.shape[1], device=device)
         return token_logp if per_token else token_logp.sum(-1)
 
@@ -374,7 +442,7 @@ class HFPolicy:
         for start in range(0, prefixes.shape[0], self.chunk_size):
             chunk = prefixes[start : start + self.chunk_size]
             ids = torch.cat([ctx.expand(chunk.shape[0], -1), chunk], dim=1).to(self.device)
-            logits = self._forward(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+            logits = self._forward(input_ids=ids, attention_mask=torch.ones_like(ids), **self._last_only).logits[:, -1]
             out.append(transform_logits(logits, self.temperature, self.top_p).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.vocab_size)
 
@@ -394,7 +462,7 @@ class HFPolicy:
         device = self.device
         ctx = torch.tensor(self.encode_context(context), dtype=torch.long, device=device)[None]  # (1, C)
         c = ctx.shape[1]
-        out = self._forward(input_ids=ctx, attention_mask=torch.ones_like(ctx), use_cache=True)
+        out = self._forward(input_ids=ctx, attention_mask=torch.ones_like(ctx), use_cache=True, **self._last_only)
         cache = _cache_of(out)
         if type(cache) is not DynamicCache or not all(type(layer) is DynamicLayer for layer in cache.layers):
             return None
