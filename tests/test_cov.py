@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from test_algorithms import BETA, setup  # the same exact tabular testbed
 
 from tiltlm.algorithms import get_algorithm
 from tiltlm.algorithms.base import Batch
@@ -27,22 +28,9 @@ from tiltlm.errors import TiltlmError
 from tiltlm.exact import enumerate_space
 from tiltlm.policies import TabularPolicy
 from tiltlm.policies.base import Samples
-from tiltlm.targets import Prior, Tilt
 from tiltlm.train.config import parse_config
 from tiltlm.train.loop import Trainer
 
-BETA = 1.0
-
-
-def setup(seed: int = 0):
-    prior = TabularPolicy.random(list("ab") + ["<eos>"], max_new_tokens=3, seed=seed, scale=1.0)
-    prior.logits.requires_grad_(False)
-    policy = prior.copy()
-    policy.logits.requires_grad_(True)
-    return prior, policy, Prior(prior) * Tilt("count:a", BETA)
-
-
-# ---- 1. the entropy mechanism, exactly ---------------------------------------------------------------
 
 def nodes(policy: TabularPolicy) -> list[str]:
     """The prefix (as text) of every node of the tabular tree, in node order."""
