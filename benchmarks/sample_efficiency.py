@@ -43,7 +43,7 @@ from common import emit, quiet_transformers, set_threads
 TESTBED = {"vocab_size": 5, "n_layer": 2, "n_embd": 32, "n_head": 2, "seed": 0, "train_steps": 200}
 QUICK_TESTBED = {**TESTBED, "train_steps": 20}
 MAX_NEW_TOKENS, REWARD_SPEC, LETTER, BETA, PER_STEP = 4, "count:a", "a", 1.0, 64
-OPTIM_KEYS = {"lr", "schedule", "grad_clip", "warmup_steps", "optimizer", "weight_decay"}
+OPTIM_KEYS = {"lr", "schedule", "grad_clip", "warmup_steps", "optimizer", "weight_decay", "minibatch_size"}
 TRL_GRID = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 
 

@@ -112,10 +112,19 @@ class Batch:
     reward: torch.Tensor = rows()  # (B,) float64, r(x) of the target's tilt (0 without one)
     token_logp_prior: torch.Tensor | None = tokens(0.0, None)  # (B, T) log pi0 per token; environment rollouts (per-turn KL)
     beta: float | None = shared(None)  # the target's tilt temperature (Target.beta)
+    logp_start: torch.Tensor | None = rows(None)  # (B,) float64, log pi at the step's start when a step makes several
+    # updates (optim.minibatch_size): the score-function losses weight a later minibatch by pi/pi_start (stale_weight)
 
     @property
     def group(self) -> torch.Tensor:
         return self.samples.group
+
+    def stale_weight(self, logp: torch.Tensor) -> torch.Tensor | None:
+        """pi_theta(x)/pi_start(x) per row, float64 (detached), for a minibatch drawn before the current weights:
+        the importance weight that keeps an on-policy score-function gradient unbiased; None within one update."""
+        if self.logp_start is None:
+            return None
+        return torch.exp(logp.detach().double() - self.logp_start)
 
     def __len__(self) -> int:
         return len(self.samples)

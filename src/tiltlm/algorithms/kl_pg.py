@@ -41,19 +41,25 @@ def kl_estimate(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
 
 def kl_pg_loss(
     logp: torch.Tensor, logq: torch.Tensor, logp_prior: torch.Tensor, reward: torch.Tensor, group: torch.Tensor,
-    *, beta: float, kl_in: str = "reward", estimator: str = "k1", baseline: bool = True,
+    *, beta: float, kl_in: str = "reward", estimator: str = "k1", baseline: bool = True, logp_start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss whose gradient is the chosen estimate (see module docstring); returns (loss, advantages).
 
     logp: (B,) log pi_theta with grad; logq: (B,) log-prob at sampling (= logp's value on-policy).
+    logp_start: (B,) log pi at the step's start when this is a later minibatch of the step (Batch.logp_start): the
+    KL term is then taken at the current weights and each row weighted by pi/pi_start (unbiased at pi).
     """
+    weight = None
+    if logp_start is not None:
+        shift = logp.detach().double() - logp_start  # log pi_theta - log pi_start
+        logq, weight = logq.double() + shift, torch.exp(shift)
     if kl_in == "reward":
         log_ratio = logp_prior.double() - logq.double()
         kl = beta * kl_estimate(log_ratio, estimator)
         if not baseline:  # set-level credits carry their own baseline; the KL part keeps the leave-one-out one
             kl = kl - leave_one_out(kl, group)
-        return policy_gradient_loss(logp, reward.double() - kl, group, baseline=baseline)
-    pg, adv = policy_gradient_loss(logp, reward, group, baseline=baseline)
+        return policy_gradient_loss(logp, reward.double() - kl, group, baseline=baseline, weight=weight)
+    pg, adv = policy_gradient_loss(logp, reward, group, baseline=baseline, weight=weight)
     log_ratio = logp_prior.to(logp.dtype) - logp  # grad flows through log pi
     return pg + beta * kl_estimate(log_ratio, estimator).mean(), adv
 
@@ -75,5 +81,6 @@ class KlPg(Algorithm):
         c = self.config
         reward, baseline = shaped_reward(batch, c)
         loss, adv = kl_pg_loss(logp, batch.logq, batch.logp_prior, reward, batch.group,
-                               beta=kl_coefficient(batch, self.name), kl_in=c.kl_in, estimator=c.estimator, baseline=baseline)
+                               beta=kl_coefficient(batch, self.name), kl_in=c.kl_in, estimator=c.estimator, baseline=baseline,
+                               logp_start=batch.logp_start)
         return loss, {"loss/advantage_abs": float(adv.abs().mean())}

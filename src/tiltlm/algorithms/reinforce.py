@@ -46,12 +46,14 @@ from tiltlm.errors import TiltlmError
 
 
 def policy_gradient_loss(
-    logp: torch.Tensor, reward: torch.Tensor, group: torch.Tensor, *, baseline: bool = True
+    logp: torch.Tensor, reward: torch.Tensor, group: torch.Tensor, *, baseline: bool = True, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score-function loss -mean((R - b_loo) log pi); returns (loss, advantages). reward: (B,) treated as constant."""
+    """Score-function loss -mean(w·(R - b_loo)·log pi); returns (loss, advantages). reward: (B,) treated as constant;
+    ``weight`` w: importance weights of rows drawn by an earlier policy (``Batch.stale_weight``; None = 1)."""
     reward = reward.detach().double()
     advantage = reward - leave_one_out(reward, group) if baseline else reward
-    return -(advantage.to(logp.dtype) * logp).mean(), advantage
+    scaled = advantage if weight is None else advantage * weight
+    return -(scaled.to(logp.dtype) * logp).mean(), advantage
 
 
 SetReward = Literal["none", "max", "any", "distinct"]
@@ -166,5 +168,5 @@ class Reinforce(Algorithm):
 
     def loss(self, batch: Batch, logp: torch.Tensor, token_logp: torch.Tensor):
         reward, baseline = shaped_reward(batch, self.config)
-        loss, adv = policy_gradient_loss(logp, reward, batch.group, baseline=baseline)
+        loss, adv = policy_gradient_loss(logp, reward, batch.group, baseline=baseline, weight=batch.stale_weight(logp))
         return loss, {"loss/advantage_abs": float(adv.abs().mean())}

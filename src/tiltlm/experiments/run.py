@@ -26,6 +26,7 @@ from typing import Callable
 import yaml
 
 from tiltlm.errors import TiltlmError
+from tiltlm.experiments.rlvr import STUDY_OPTIM
 from tiltlm.io import atomic_write_text, check_file_destination, replace_dir
 
 
@@ -33,11 +34,11 @@ def lm_sweep(prior: str, reward: str, betas: list[float], main_beta: float, step
     return {
         "base": {"prior": prior, "target": {"reward": reward},
                  "sampling": {"contexts": [""], "n_per_context": 16, "max_new_tokens": 32},
-                 "optim": {"steps": steps, "lr": 1e-4}, "checkpoint": {"every": 10}},
+                 "optim": {**STUDY_OPTIM, "steps": steps, "lr": 1e-4}, "checkpoint": {"every": 10}},
         "grid": {"betas": betas, "seeds": [seed], "algorithms": [
             {"name": "reinforce", "betas": [main_beta]},
             {"name": "kl-pg"},
-            {"name": "dpg", "betas": [main_beta]},
+            {"name": "dpg", "label": "dpg", "baseline": False, "betas": [main_beta]},
             {"name": "gdc++", "betas": [main_beta]},
         ]},
     }
@@ -47,12 +48,12 @@ def testbed_sweep(prior: str, betas: list[float], main_beta: float, steps: int, 
     return {
         "base": {"prior": prior, "target": {"reward": "count:a"},
                  "sampling": {"n_per_context": 32, "max_new_tokens": 4},
-                 "optim": {"steps": steps, "lr": 3e-3}, "metrics": {"exact_every": max(1, steps // 10)},
+                 "optim": {**STUDY_OPTIM, "steps": steps, "lr": 3e-3}, "metrics": {"exact_every": max(1, steps // 10)},
                  "checkpoint": {"every": 20}},
         "grid": {"betas": betas, "seeds": [seed], "algorithms": [
             {"name": "reinforce", "betas": [main_beta]},
             {"name": "kl-pg"},
-            {"name": "dpg", "betas": [main_beta]},
+            {"name": "dpg", "label": "dpg", "baseline": False, "betas": [main_beta]},
             {"name": "gdc++", "betas": [main_beta]},
         ]},
     }
@@ -63,9 +64,9 @@ def tabular_env_sweep(stochasticity: float, steps: int, seed: int) -> dict:
     return {
         "base": {"env": {"name": "tabular", "options": {"depth": 2, "seed": 3, "reward_scale": 2.0, "stochasticity": stochasticity},
                          "timeout_s": None},
-                 "sampling": {"n_per_context": 64}, "optim": {"steps": steps, "lr": 0.05, "schedule": "linear"},
+                 "sampling": {"n_per_context": 64}, "optim": {**STUDY_OPTIM, "steps": steps, "lr": 0.05, "schedule": "linear"},
                  "metrics": {"exact_every": max(1, steps // 10), "diversity": False}, "checkpoint": {"every": 100}},
-        "grid": {"betas": [1.0], "seeds": [seed], "algorithms": ["dpg", "kl-pg", {"name": "reinforce"}]},
+        "grid": {"betas": [1.0], "seeds": [seed], "algorithms": [{"name": "dpg", "label": "dpg", "baseline": False}, "kl-pg", {"name": "reinforce"}]},
     }
 
 
@@ -81,9 +82,9 @@ def dialogue_sweep(prior: str, steps: int, seed: int, beta: float = 0.05) -> dic
     return {
         "base": {"prior": prior, "env": {"name": "dialogue", "options": {"retry_cue": True, "max_turns": 2, "things": list(DIALOGUE_THINGS)},
                                          "tasks_per_step": 4, "max_action_tokens": 5},
-                 "sampling": {"n_per_context": 8}, "optim": {"steps": steps, "lr": 2e-4}, "checkpoint": {"every": 10},
+                 "sampling": {"n_per_context": 8}, "optim": {**STUDY_OPTIM, "steps": steps, "lr": 2e-4}, "checkpoint": {"every": 10},
                  "metrics": {"diversity": False}},
-        "grid": {"betas": [beta], "seeds": [seed], "algorithms": ["kl-pg", "dpg", "reinforce"]},
+        "grid": {"betas": [beta], "seeds": [seed], "algorithms": ["kl-pg", {"name": "dpg", "label": "dpg", "baseline": False}, "reinforce"]},
     }
 
 

@@ -14,6 +14,7 @@ import argparse
 import json
 
 from tiltlm.exact import enumerate_space, exact_report
+from tiltlm.experiments.rlvr import STUDY_OPTIM
 from tiltlm.policies import TabularPolicy
 from tiltlm.targets import Prior, Tilt
 from tiltlm.train.config import parse_config
@@ -23,7 +24,7 @@ ALGORITHMS: dict[str, dict] = {
     "reinforce": {"name": "reinforce"},
     "kl-pg": {"name": "kl-pg"},
     "ppo-kl": {"name": "ppo-kl", "epochs": 4},
-    "dpg": {"name": "dpg"},
+    "dpg": {"name": "dpg", "baseline": False},  # plain DPG beside gdc++
     "gdc++": {"name": "gdc++"},
     "f-dpg (js)": {"name": "f-dpg", "divergence": "js"},
 }
@@ -40,7 +41,7 @@ def compare(steps: int = 300, beta: float = 1.0, seed: int = 0, n: int = 64, lr:
         policy.logits.requires_grad_(True)
         config = parse_config({"algorithm": algorithm, "target": {"reward": "count:a", "beta": beta}, "seed": seed,
                                "sampling": {"n_per_context": n, "max_new_tokens": 3},
-                               "optim": {"steps": steps, "lr": lr, "schedule": "linear"},
+                               "optim": {**STUDY_OPTIM, "steps": steps, "lr": lr, "schedule": "linear"},
                                "metrics": {"exact_every": steps, "diversity": False}})
         Trainer(config, policy=policy, target=target).run()
         rows[label] = _keys(exact_report(space, target, policy))

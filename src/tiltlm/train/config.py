@@ -73,12 +73,14 @@ class SamplingConfig(_Strict):
 
 class OptimConfig(_Strict):
     steps: int = Field(100, ge=1, description="optimiser steps (batches)")
-    lr: float = Field(1e-4, gt=0, le=MAX_LR, allow_inf_nan=False, description="learning rate")
+    lr: float = Field(2e-4, gt=0, le=MAX_LR, allow_inf_nan=False, description="learning rate")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="torch.optim.Adam or plain SGD")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
     weight_decay: float = Field(0.0, ge=0, le=MAX_LR, allow_inf_nan=False)
-    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="learning-rate decay to 0 over the run")
+    schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="learning-rate decay to 0 over the run")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the schedule")
+    minibatch_size: int | None = Field(16, ge=1, description="rows per optimiser update: a larger batch is cut into "
+                                       "minibatches, one update each (tiltlm.train.loop.minibatches); null: one update per batch")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of step ``step`` (0-based): a pure function of the step, so resuming needs no scheduler state."""

@@ -9,6 +9,7 @@ tiltlm.train.rundir, and how the step is laid over processes from the strategy
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +29,27 @@ from tiltlm.train.collect import Collector
 from tiltlm.train.config import TrainConfig
 from tiltlm.train.rundir import RunDir
 
-__all__ = ["Trainer", "target_from_config", "trainable_module"]
+__all__ = ["Trainer", "minibatches", "target_from_config", "trainable_module"]
+
+
+def minibatches(group: torch.Tensor, size: int | None) -> list[torch.Tensor | None]:
+    """The rows of each optimiser update of one batch: ``[None]`` (the whole batch, one update) when ``size`` is
+    None or the batch has at most ``size`` rows; else consecutive minibatches of at most ``size`` rows, a context's
+    group kept whole when it fits and otherwise cut into near-equal parts (64 samples of one context, size 16:
+    4 minibatches of 16)."""
+    n = len(group)
+    if size is None or n <= size:
+        return [None]
+    pieces = []
+    for g in dict.fromkeys(group.tolist()):  # contexts in order of first appearance
+        rows = (group == g).nonzero().flatten()
+        pieces.extend(rows.tensor_split(-(-len(rows) // size)))
+    out: list[list[torch.Tensor]] = [[]]
+    for piece in pieces:
+        if out[-1] and sum(map(len, out[-1])) + len(piece) > size:
+            out.append([])
+        out[-1].append(piece)
+    return [torch.cat(parts) for parts in out]
 
 
 class Trainer:
@@ -106,23 +127,49 @@ class Trainer:
         self.module.train(False)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.optim.lr_at(step)
-        stats, logp_before, token_logp_before = {}, None, None
+        parts = minibatches(batch.group, self.config.optim.minibatch_size)
+        token_logp_before = None
+        if len(parts) > 1:  # every row's log pi at the step's start: the other rows' values in each minibatch's loss
+            with torch.no_grad():
+                token_logp_before = self.strategy.token_logp(self.policy, batch).detach()
+            batch = dataclasses.replace(batch, logp_start=token_logp_before.sum(-1).double())
+        stats, losses, norms = {}, [], []
         for _ in range(self.algorithm.epochs):
-            token_logp = self.strategy.token_logp(self.policy, batch)  # (B, T) with grad
-            logp = token_logp.sum(-1)
-            if logp_before is None:
-                logp_before, token_logp_before = logp.detach(), token_logp.detach()
-            loss, stats = self.algorithm.loss(batch, logp, token_logp)
-            stats.update(self._descend(loss, batch, logp, step))
+            losses.clear()
+            for rows in parts:
+                token_logp = self._token_logp(batch, rows, token_logp_before)  # (B, T), with grad on ``rows``
+                logp = token_logp.sum(-1)
+                if token_logp_before is None:
+                    token_logp_before = token_logp.detach()
+                loss, stats = self.algorithm.loss(batch, logp, token_logp)
+                stats.update(self._descend(loss, batch, logp, step))
+                losses.append(float(loss.detach()))
+                norms.append(stats.pop("grad/norm", None))
+        if norms[0] is not None:  # the mean over the step's updates, and how many of them the clip shortened
+            stats["grad/norm"] = sum(norms) / len(norms)
+            stats["grad/clipped"] = sum(n > self.config.optim.grad_clip for n in norms) / len(norms)
+        if len(parts) > 1:
+            stats["optim/updates"] = len(parts) * self.algorithm.epochs
+        logp_before = token_logp_before.sum(-1)
         stats.update(self.algorithm.after_step(batch, self.policy, logp_before))
         if self.generator is not None:
             self.generator.sync()
         self.step = step + 1
-        self._log(row := {"step": self.step, "loss": float(loss.detach()), **stats, **self._metrics(batch, token_logp_before)})
+        self._log(row := {"step": self.step, "loss": sum(losses) / len(losses), **stats, **self._metrics(batch, token_logp_before)})
         every = self.config.checkpoint.every
         if self.run_dir is not None and self.strategy.joins_io and ((every and self.step % every == 0) or self.step == self.config.optim.steps):
             self.save_checkpoint()
         return row
+
+    def _token_logp(self, batch: Batch, rows: torch.Tensor | None, before: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) log pi of the whole batch for the loss: all rows with grad (one minibatch), or ``rows`` at the
+        current weights with their gradient scaled by B/len(rows) and the other rows at the step's start."""
+        if rows is None:
+            return self.strategy.token_logp(self.policy, batch)
+        part = self.strategy.token_logp(self.policy, batch.select(rows))
+        scale = len(batch) / len(rows)  # the minibatch's gradient estimates the whole batch's
+        part = part * scale - part.detach() * (scale - 1)  # value unchanged, gradient x scale
+        return before.to(part.dtype).index_put((rows.to(part.device),), part)
 
     def _descend(self, loss: torch.Tensor, batch: Batch, logp: torch.Tensor, step: int) -> dict:
         """Backward, the full-batch gradient, clipping and the optimiser step, each guarded."""
