@@ -281,7 +281,7 @@ def train(algorithm: dict, steps: int, n: int = 64):
     config = parse_config({
         "algorithm": algorithm, "target": {"reward": "count:a", "beta": BETA},
         "sampling": {"n_per_context": n, "max_new_tokens": 3}, "seed": 0,
-        "optim": {"steps": steps, "lr": 0.05, "schedule": "constant"},
+        "optim": {"steps": steps, "lr": 0.05, "schedule": "constant", "minibatch_size": None},  # one update (x epochs) per batch, as measured
         "metrics": {"exact_every": steps, "diversity": False},
     })
     rows = Trainer(config, policy=policy, target=target).run()

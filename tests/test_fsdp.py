@@ -62,6 +62,7 @@ def _check_same_run(one: Path, two: Path, initial: dict[str, torch.Tensor], weig
 
 
 def _run_both(tmp_path: Path, config: dict, initial: dict[str, torch.Tensor], weights_atol: float, checkpoint_atol: float) -> None:
+    """The configs set a constant lr: a run stopped by --steps 2 and extended by --resume --steps 4 is then the 4-step run."""
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     _train(path, tmp_path / "one")
@@ -82,7 +83,7 @@ def test_fsdp_full_fine_tuning_with_exact_metrics_equals_one_process(tmp_path):
         # SGD here: with Adam, weights whose gradient is 0 up to rounding (embeddings of rare tokens, key biases) take
         # lr-sized steps decided by float noise, so even 1 thread vs 2 threads in one process differs by 3e-4 on this model;
         # the LoRA case below checks the sharded Adam moments
-        "optim": {"steps": 4, "lr": 0.05, "optimizer": "sgd", "grad_clip": 1.0}, "metrics": {"exact_every": 2}, "checkpoint": {"every": 2},
+        "optim": {"steps": 4, "lr": 0.05, "optimizer": "sgd", "grad_clip": 1.0, "schedule": "constant"}, "metrics": {"exact_every": 2}, "checkpoint": {"every": 2},
         "distributed": {"strategy": "fsdp"}, "seed": 3,
     }
     _run_both(tmp_path, config, load_file(str(model / "model.safetensors")), weights_atol=1e-6, checkpoint_atol=1e-6)  # measured 1.2e-7
@@ -100,10 +101,13 @@ def test_fsdp_lora_on_the_default_lm_equals_one_process(tmp_path):
     from tiltlm.policies.hf import resolve_model_dir
 
     config = {
-        "lora": {"r": 4}, "algorithm": {"name": "dpg"}, "target": {"reward": "contains:dog", "beta": 0.2},
+        # plain DPG: with GDC++'s baseline every weight P/(Zq) - pi/q is ~0 at the first step (no sample contains 'dog'),
+        # so the first gradient is rounding noise that Adam scales to lr-sized steps: even one process on 1 vs 2 threads
+        # then differs by 0.02 in the step-2 loss (3.7613 vs 3.7417, measured 2026-12-01), as FSDP does
+        "lora": {"r": 4}, "algorithm": {"name": "dpg", "baseline": False}, "target": {"reward": "contains:dog", "beta": 0.2},
         # 2 contexts x 3 rows: each rank draws one context's rows, which end at different lengths
         "sampling": {"contexts": ["Once upon a time", "The dog"], "n_per_context": 3, "max_new_tokens": 8},
-        "optim": {"steps": 4, "lr": 2e-3}, "metrics": {"diversity": False}, "checkpoint": {"every": 2},
+        "optim": {"steps": 4, "lr": 2e-3, "schedule": "constant"}, "metrics": {"diversity": False}, "checkpoint": {"every": 2},
         "distributed": {"strategy": "fsdp"}, "seed": 0,
     }
     initial = load_file(str(resolve_model_dir("default") / "model.safetensors"))
@@ -122,7 +126,7 @@ def test_fsdp_episodes_that_end_at_different_turns_on_each_rank_equal_one_proces
     config = {
         # 2 tasks x 3 episodes: rank 0 plays the three 1-turn episodes, rank 1 the three 3-turn ones
         "algorithm": {"name": "kl-pg"}, "env": {"name": env, "max_action_tokens": 4}, "target": {"beta": 0.5},
-        "sampling": {"n_per_context": 3}, "optim": {"steps": 4, "lr": 0.01, "optimizer": "sgd"}, "metrics": {"diversity": False},
+        "sampling": {"n_per_context": 3}, "optim": {"steps": 4, "lr": 0.01, "optimizer": "sgd", "schedule": "constant"}, "metrics": {"diversity": False},
         # reshard_after_forward false: a unit's gathered weights stay from the decoding forwards until the backward
         "checkpoint": {"every": 2}, "distributed": {"strategy": "fsdp", "reshard_after_forward": False}, "seed": 1,
     }

@@ -209,7 +209,7 @@ def _train(prior, algorithm: dict, target, steps: int, *, lr: float, n: int = 64
     target_cfg = {"reward": VERIFIER, "beta": tilt.beta} if tilt is not None else {"reward": None, "constraints": [VERIFIER]}
     config = parse_config({
         "algorithm": algorithm, "target": target_cfg, "sampling": {"n_per_context": n, "max_new_tokens": 3},
-        "optim": {"steps": steps, "lr": lr, "optimizer": optimizer, "schedule": schedule,
+        "optim": {"steps": steps, "lr": lr, "optimizer": optimizer, "schedule": schedule, "minibatch_size": None,  # as measured
                   "grad_clip": None if optimizer == "sgd" else 1.0},  # SGD unclipped: small steps along the gradient
         "metrics": {"exact_every": steps, "diversity": False},
     })

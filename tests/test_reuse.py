@@ -24,7 +24,7 @@ def tb(tmp_path_factory):
 
 def config(tb, **edits) -> dict:
     cfg = {"prior": str(tb), "target": {"reward": "contains:a", "beta": 1.0}, "algorithm": {"name": "kl-pg"},
-           "sampling": {"n_per_context": 4, "max_new_tokens": 3}, "optim": {"steps": 2, "lr": 0.01}}
+           "sampling": {"n_per_context": 4, "max_new_tokens": 3}, "optim": {"steps": 2, "lr": 0.01, "schedule": "constant"}}
     for key, value in edits.items():
         *parents, last = key.split("__")
         node = cfg
@@ -138,7 +138,7 @@ def test_accept_config_continues_with_the_new_config_and_records_the_change(run,
 
 def sweep_file(path, tb, reward="count:a", seeds=(0,), betas=(1.0,)):
     data = {"base": {"prior": str(tb), "target": {"reward": reward}, "sampling": {"n_per_context": 4, "max_new_tokens": 3},
-                     "optim": {"steps": 2, "lr": 0.01}, "metrics": {"diversity": False}},
+                     "optim": {"steps": 2, "lr": 0.01, "schedule": "constant"}, "metrics": {"diversity": False}},
             "grid": {"algorithms": ["kl-pg"], "betas": list(betas), "seeds": list(seeds)}}
     return write(path, data)
 

@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
     model = make_testbed(root / "tb", vocab_size=4, n_layer=1, n_embd=16, n_head=2, seed=0, train_steps=0)
     (root / "slow.py").write_text(SLOW_REWARD.format(hold=str(root / "hold")))
     config = {"prior": str(model), "target": {"reward": f"{root / 'slow.py'}:slow", "beta": 1.0}, "algorithm": {"name": "kl-pg"},
-              "sampling": {"n_per_context": 4, "max_new_tokens": 3}, "optim": {"steps": 12, "lr": 0.01},
+              "sampling": {"n_per_context": 4, "max_new_tokens": 3}, "optim": {"steps": 12, "lr": 0.01, "schedule": "constant"},  # --steps may extend it
               "checkpoint": {"every": 5}, "seed": 1}
     (root / "cfg.yaml").write_text(yaml.safe_dump(config))
     return root

@@ -97,7 +97,7 @@ ALGORITHMS = [
 def _config(prior, algorithm: dict, lora: bool, steps: int = 3) -> dict:
     return {"prior": str(prior), "algorithm": algorithm, "target": {"reward": "count:a", "beta": 1.0},
             "sampling": {"contexts": ["", "ab"], "n_per_context": 4, "max_new_tokens": LENGTH},
-            "optim": {"steps": steps, "lr": 0.01 if lora else 0.001}, "metrics": {"exact_every": 1, "diversity": False},
+            "optim": {"steps": steps, "lr": 0.01 if lora else 0.001, "schedule": "constant"}, "metrics": {"exact_every": 1, "diversity": False},
             "checkpoint": {"every": 1}, "seed": 5, **({"lora": {"r": 2, "alpha": 4}} if lora else {})}
 
 

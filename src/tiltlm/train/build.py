@@ -163,7 +163,8 @@ def build_optimizer(config: TrainConfig, module: torch.nn.Module) -> torch.optim
     if not params:
         raise TiltlmError("the policy has no trainable parameters; check that its weights require grad")
     o = config.optim
-    if o.optimizer == "adam":
+    if o.optimizer == "adam":  # not fused: its rounding differs, and Adam amplifies rounding where a gradient is ~0, so a
+        # fused one-process run and an FSDP run (DTensor, unfused) would part (tests/test_fsdp.py)
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
 

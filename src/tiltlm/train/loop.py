@@ -145,6 +145,7 @@ class Trainer:
                 stats.update(self._descend(loss, batch, logp, step))
                 losses.append(float(loss.detach()))
                 norms.append(stats.pop("grad/norm", None))
+        guards.check_weights(self.module, self.strategy, step + 1)  # once a step: a later update's loss check catches the rest
         if norms[0] is not None:  # the mean over the step's updates, and how many of them the clip shortened
             stats["grad/norm"] = sum(norms) / len(norms)
             stats["grad/clipped"] = sum(n > self.config.optim.grad_clip for n in norms) / len(norms)
@@ -183,7 +184,6 @@ class Trainer:
         if self.config.optim.grad_clip is not None:
             stats["grad/norm"] = float(self.strategy.full(torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)))
         self.optimizer.step()
-        guards.check_weights(self.module, self.strategy, step + 1)
         return stats
 
     def _metrics(self, batch: Batch, token_logp_before: torch.Tensor) -> dict:
