@@ -10,7 +10,7 @@ target p* ∝ pi0·exp(count:a / 1). Each run spends ``budget`` samples at 64 pe
 - tiltlm: ``tiltlm.train.fit`` (the path `tiltlm train` takes) with the algorithm's and the optimiser's
   **defaults**; the config sets only the prior, the target, the context, 64 samples per step, the
   4-token length, optim.steps = budget / 64 and the seed. A method ``algo@key=value,...`` overrides
-  options: keys of ``optim`` (lr, schedule, grad_clip, warmup_steps, optimizer) go there, the rest
+  options: keys of ``optim`` (lr, schedule, grad_clip, warmup_steps, optimizer, minibatch_size) go there, the rest
   are the algorithm's (e.g. ``dpg@log_z=global``); ``grad_clip=null`` disables clipping.
 - TRL: ``trl.RLOOTrainer`` on the same model, prompt (BOS), reward, beta and 64 completions per step
   (KL in the reward, leave-one-out baseline: the objective of kl-pg), TRL's other defaults (AdamW,
@@ -59,17 +59,24 @@ def parse_method(spec: str) -> tuple[str, dict, dict]:
     return name, optim, options
 
 
-def tiltlm_run(spec: str, prior: Path, budget: int, seed: int, per_step: int, out: Path) -> dict:
-    """Train through tiltlm.train.fit; returns the policy directory, seconds and gradient-norm statistics."""
-    from tiltlm.train.build import fit
+def tiltlm_config(spec: str, prior: Path, steps: int, seed: int, per_step: int):
+    """The TrainConfig of a method spec on the testbed: prior, target, context, samples per step, length, steps and
+    seed; everything else (lr, schedule, clipping, ...) is the library's default unless the spec overrides it."""
     from tiltlm.train.config import parse_config
 
     name, optim, options = parse_method(spec)
-    config = parse_config({
+    return parse_config({
         "prior": str(prior), "target": {"reward": REWARD_SPEC, "beta": BETA}, "algorithm": {"name": name, **options},
         "sampling": {"contexts": [""], "n_per_context": per_step, "max_new_tokens": MAX_NEW_TOKENS},
-        "optim": {"steps": budget // per_step, **optim}, "seed": seed,
+        "optim": {"steps": steps, **optim}, "seed": seed,
     })
+
+
+def tiltlm_run(spec: str, prior: Path, budget: int, seed: int, per_step: int, out: Path) -> dict:
+    """Train through tiltlm.train.fit; returns the policy directory, seconds and gradient-norm statistics."""
+    from tiltlm.train.build import fit
+
+    config = tiltlm_config(spec, prior, budget // per_step, seed, per_step)
     t0 = time.perf_counter()
     _, rows = fit(config, out)
     seconds = time.perf_counter() - t0
@@ -82,14 +89,13 @@ def tiltlm_run(spec: str, prior: Path, budget: int, seed: int, per_step: int, ou
     return stats
 
 
-def trl_run(lr: float, prior: Path, budget: int, seed: int, per_step: int, out: Path) -> dict:
-    """RLOOTrainer with 64 completions of BOS per step, beta = the tilt's, ``lr``; the policy saved to out/policy."""
+def trl_trainer(lr: float, prior: Path, steps: int, seed: int, per_step: int, out: Path, callbacks=None):
+    """RLOOTrainer with ``per_step`` completions of BOS per step, beta = the tilt's, ``lr``, ``steps`` steps."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import RLOOConfig, RLOOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(prior)
-    steps = budget // per_step
 
     def reward(completions, **kwargs):
         return [float(c.count(LETTER)) for c in completions]
@@ -100,7 +106,14 @@ def trl_run(lr: float, prior: Path, budget: int, seed: int, per_step: int, out: 
         logging_steps=10**6, disable_tqdm=True, seed=seed, temperature=1.0, top_p=1.0, top_k=0, dataloader_num_workers=0,
     )
     dataset = Dataset.from_dict({"prompt": [tokenizer.bos_token] * (steps + 4)})
-    trainer = RLOOTrainer(model=str(prior), reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return RLOOTrainer(model=str(prior), reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer,
+                       callbacks=callbacks)
+
+
+def trl_run(lr: float, prior: Path, budget: int, seed: int, per_step: int, out: Path) -> dict:
+    """trl_trainer trained for ``budget`` samples; the policy saved to out/policy."""
+    trainer = trl_trainer(lr, prior, budget // per_step, seed, per_step, out)
+    tokenizer, args = trainer.processing_class, trainer.args
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -126,7 +139,25 @@ class ExactScorer:
         self.prior_report = exact_report(self.space, self.target)
 
     def __call__(self, policy_dir: Path) -> dict:
-        r = self._report(self.space, self.target, self._load(policy_dir))
+        return self.score(self._load(policy_dir))
+
+    def live(self, model, tokenizer) -> dict:
+        """Score a model being trained, as it is now (eval mode and no grad for the enumeration, then its mode back)."""
+        import torch
+
+        from tiltlm.policies import HFPolicy
+
+        was_training = model.training
+        model.train(False)
+        try:
+            with torch.no_grad():
+                return self.score(HFPolicy(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS))
+        finally:
+            model.train(was_training)
+
+    def score(self, policy) -> dict:
+        """KL(pi||p*), KL(p*||pi) and E_pi[reward] of a policy (an HFPolicy, or anything tiltlm.exact enumerates)."""
+        r = self._report(self.space, self.target, policy)
         return {"kl_policy_target": r["kl_policy_target"], "kl_target_policy": r["kl_target_policy"],
                 "reward_policy": r["reward_policy"]}
 
