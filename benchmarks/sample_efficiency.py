@@ -12,7 +12,7 @@ target p* ∝ pi0·exp(count:a / 1). Each run spends ``budget`` samples at 64 pe
   4-token length, optim.steps = budget / 64 and the seed. A method ``algo@key=value,...`` overrides
   options: keys of ``optim`` (lr, schedule, grad_clip, warmup_steps, optimizer, minibatch_size) go there, the rest
   are the algorithm's (e.g. ``dpg@log_z=global``); ``grad_clip=null`` disables clipping.
-- TRL: ``trl.RLOOTrainer`` on the same model, prompt (BOS), reward, beta and 64 completions per step
+- TRL: ``trl.RLOOTrainer`` (and ``trl.GRPOTrainer``, its defaults: std-scaled advantages, k3 in the loss) on the same model, prompt (BOS), reward, beta and 64 completions per step
   (KL in the reward, leave-one-out baseline: the objective of kl-pg), TRL's other defaults (AdamW,
   linear decay, max_grad_norm 1). Its lr is tuned on the smallest budget over ``--trl-grid`` (lowest
   mean KL(pi||p*) over the seeds) and then kept for every budget.
@@ -89,30 +89,33 @@ def tiltlm_run(spec: str, prior: Path, budget: int, seed: int, per_step: int, ou
     return stats
 
 
-def trl_trainer(lr: float, prior: Path, steps: int, seed: int, per_step: int, out: Path, callbacks=None):
-    """RLOOTrainer with ``per_step`` completions of BOS per step, beta = the tilt's, ``lr``, ``steps`` steps."""
+def trl_trainer(lr: float, prior: Path, steps: int, seed: int, per_step: int, out: Path, callbacks=None, kind: str = "rloo"):
+    """TRL's RLOOTrainer (``kind`` rloo) or GRPOTrainer (grpo) with ``per_step`` completions of BOS per step, beta = the
+    tilt's, ``lr``, ``steps`` steps; everything else TRL's defaults (GRPO: std-scaled group advantages, k3 in the loss)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import RLOOConfig, RLOOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    Config, Trainer = (GRPOConfig, GRPOTrainer) if kind == "grpo" else (RLOOConfig, RLOOTrainer)
 
     tokenizer = AutoTokenizer.from_pretrained(prior)
 
     def reward(completions, **kwargs):
         return [float(c.count(LETTER)) for c in completions]
 
-    args = RLOOConfig(
+    args = Config(
         output_dir=str(out), per_device_train_batch_size=per_step, num_generations=per_step, max_completion_length=MAX_NEW_TOKENS,
         beta=BETA, learning_rate=lr, max_steps=steps, use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
         logging_steps=10**6, disable_tqdm=True, seed=seed, temperature=1.0, top_p=1.0, top_k=0, dataloader_num_workers=0,
     )
     dataset = Dataset.from_dict({"prompt": [tokenizer.bos_token] * (steps + 4)})
-    return RLOOTrainer(model=str(prior), reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer,
-                       callbacks=callbacks)
+    return Trainer(model=str(prior), reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer,
+                   callbacks=callbacks)
 
 
-def trl_run(lr: float, prior: Path, budget: int, seed: int, per_step: int, out: Path) -> dict:
+def trl_run(lr: float, prior: Path, budget: int, seed: int, per_step: int, out: Path, kind: str = "rloo") -> dict:
     """trl_trainer trained for ``budget`` samples; the policy saved to out/policy."""
-    trainer = trl_trainer(lr, prior, budget // per_step, seed, per_step, out)
+    trainer = trl_trainer(lr, prior, budget // per_step, seed, per_step, out, kind=kind)
     tokenizer, args = trainer.processing_class, trainer.args
     t0 = time.perf_counter()
     trainer.train()
@@ -164,8 +167,9 @@ class ExactScorer:
 
 def one_cell(method: str, budget: int, seed: int, prior: Path, score: ExactScorer, per_step: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        if method.startswith("trl-rloo@lr="):
-            stats = trl_run(float(method.split("=", 1)[1]), prior, budget, seed, per_step, Path(tmp) / "run")
+        if method.startswith(("trl-rloo@lr=", "trl-grpo@lr=")):
+            kind = method[4:8]
+            stats = trl_run(float(method.split("=", 1)[1]), prior, budget, seed, per_step, Path(tmp) / "run", kind=kind)
         else:
             stats = tiltlm_run(method, prior, budget, seed, per_step, Path(tmp) / "run")
         row = {"method": method, "budget": budget, "seed": seed, **score(stats.pop("policy")), **stats}
@@ -203,7 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", default=["kl-pg", "dpg", "gdc++"], help="tiltlm methods: algo[@k=v,...]")
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--trl-grid", type=float, nargs="+", default=None, help="TRL lrs tried at the smallest budget")
-    parser.add_argument("--trl-lr", type=float, default=None, help="skip the tuning: TRL's lr")
+    parser.add_argument("--trl-lr", type=float, default=None, help="skip the tuning: TRL RLOO's lr")
+    parser.add_argument("--trl-grpo-lr", type=float, default=None, help="skip the tuning: TRL GRPO's lr")
+    parser.add_argument("--trl-trainers", nargs="+", default=["rloo", "grpo"], choices=["rloo", "grpo"])
     parser.add_argument("--testbed-dir", type=Path, default=None, help="where the testbed model is kept (default: a temp dir)")
     args = parser.parse_args(argv)
     quiet_transformers()
@@ -240,19 +246,19 @@ def main(argv: list[str] | None = None) -> dict:
             for method in args.methods:
                 for seed in seeds:
                     run(method, budget, seed)
-        trl_lr, grid = args.trl_lr, None
-        if use_trl:
-            if trl_lr is None:
+        trl_lr, grid = {"rloo": args.trl_lr, "grpo": args.trl_grpo_lr}, None
+        for kind in args.trl_trainers if use_trl else ():
+            if trl_lr[kind] is None:  # tuned on the smallest budget, then kept
                 grid = args.trl_grid or (TRL_GRID[2:3] if args.quick else TRL_GRID)
                 for lr in grid:
                     for seed in seeds:
-                        run(f"trl-rloo@lr={lr:g}", budgets[0], seed)
-                mean_kl = {lr: statistics.fmean(r["kl_policy_target"] for r in rows if r["method"] == f"trl-rloo@lr={lr:g}"
+                        run(f"trl-{kind}@lr={lr:g}", budgets[0], seed)
+                mean_kl = {lr: statistics.fmean(r["kl_policy_target"] for r in rows if r["method"] == f"trl-{kind}@lr={lr:g}"
                                                 and r["budget"] == budgets[0]) for lr in grid}
-                trl_lr = min(mean_kl, key=mean_kl.get)
+                trl_lr[kind] = min(mean_kl, key=mean_kl.get)
             for budget in budgets:
                 for seed in seeds:
-                    run(f"trl-rloo@lr={trl_lr:g}", budget, seed)
+                    run(f"trl-{kind}@lr={trl_lr[kind]:g}", budget, seed)
         prior_report = {k: score.prior_report[k] for k in ("n_sequences", "log_z", "kl_target_prior", "kl_prior_target",
                                                             "reward_prior", "reward_target")}
     table = summarise(rows)

@@ -109,9 +109,10 @@ def test_sample_efficiency_against_trl(bench):
     pytest.importorskip("trl")
     payload = bench("sample_efficiency").main(["--quick", "--methods", "kl-pg"])
     rows = _payload(payload, "sample_efficiency")
-    (trl_row,) = [r for r in rows if r["method"].startswith("trl-rloo@lr=")]
-    _finite(trl_row, ["kl_policy_target", "kl_target_policy", "seconds"])
-    assert payload["trl_lr"] in payload["trl_grid"]
+    for kind in ("rloo", "grpo"):  # each trainer's lr tuned on the grid, then run
+        (trl_row,) = [r for r in rows if r["method"].startswith(f"trl-{kind}@lr=")]
+        _finite(trl_row, ["kl_policy_target", "kl_target_policy", "seconds"])
+        assert payload["trl_lr"][kind] in payload["trl_grid"]
 
 
 def test_real_model_quick(bench):

@@ -49,7 +49,13 @@ class Single:
         return self.world.is_main
 
     def prepare(self, config, policy, prior) -> None:
-        """Lay the policy's and the prior's weights out for this strategy (before the optimiser sees them)."""
+        """Lay the policy's and the prior's weights out for this strategy (before the optimiser sees them): one
+        process moves CPU models to cuda:LOCAL_RANK when CUDA is available (not checked on a GPU); a model the
+        caller placed on a device stays there."""
+        on_cpu = [p for p in (policy, prior) if isinstance(getattr(p, "model", None), torch.nn.Module)
+                  and next(p.model.parameters()).device.type == "cpu"]
+        if torch.cuda.is_available() and on_cpu:
+            place_on_rank_device(*on_cpu)
 
     def rows(self, n: int) -> range | None:
         """This rank's contiguous rows of an n-row batch (None: all of them)."""
