@@ -1,4 +1,4 @@
-"""The GPU check (issue 18, part 4): vLLM generation and the nccl distributed path on one NVIDIA GPU.
+"""The GPU check (README "Performance", 6): vLLM generation and the nccl distributed path on one NVIDIA GPU.
 
     bash scripts/gpu_check.sh                      # venv + CUDA torch + vLLM + tiltlm, then this script
     python scripts/gpu_check.py --out gpu_check_out    # in an environment that already has them
@@ -23,9 +23,9 @@ chat template, kl-pg toward pi0·exp(sentiment/0.1), the optimiser's defaults):
                   (FSDP2 gathers and reduce-scatters over nccl even with one rank) against the same steps in
                   one process on the GPU: max |weight difference| and the losses
 
-Placement: a one-process run (``tiltlm train`` without torchrun) leaves the models where from_pretrained put
-them, the CPU; only the distributed strategies move them to cuda:LOCAL_RANK. So the train and sampler parts
-move the policy and the prior to cuda themselves (``--device``), as the vLLM test does. With W = 1,
+Placement: a one-process run moves CPU models to cuda:LOCAL_RANK when CUDA is available (the one-process
+strategy's prepare); the train and sampler parts also place the policy and the prior themselves (``--device``),
+as the vLLM test does, so they check the same thing either way. With W = 1,
 ``make_strategy`` gives the one-process strategy, so the dist part builds Replicate / Fsdp itself.
 
 A vLLM part that fails with a serialisation error is run once more with VLLM_ALLOW_INSECURE_SERIALIZATION=1 (vLLM's

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 18 (part 4), for a machine with one NVIDIA GPU, offline except PyPI; a few minutes.
+# The GPU check (README "Performance", 6), for a machine with one NVIDIA GPU, offline except PyPI; a few minutes.
 #
 #   bash scripts/gpu_check.sh                       # venv, installs, then every part; summary + OUT/gpu_check.json
 #   bash scripts/gpu_check.sh --parts sampler dist  # any scripts/gpu_check.py option is passed on
