@@ -87,8 +87,8 @@ ALGORITHMS = [
     {"name": "reinforce"},
     {"name": "kl-pg"},
     {"name": "ppo-kl", "epochs": 2},
-    {"name": "dpg"},
-    {"name": "dpg", "off_policy": True, "proposal_check_every": 1},
+    {"name": "dpg", "baseline": False},  # plain DPG (dpg's default is gdc++'s baseline, the case below)
+    {"name": "dpg", "off_policy": True, "proposal_check_every": 1, "baseline": False},  # plain DPG: moves enough in 3 steps to update q
     {"name": "gdc++"},
     {"name": "f-dpg"},
 ]
