@@ -231,3 +231,32 @@ def test_a_model_whose_logits_are_post_processed_is_refused(testbed_dir):
     policy.model.forward = soft_capped
     with pytest.raises(TiltlmError, match="post-processes"):
         policy.log_prob(s)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "lora"])
+def test_each_context_is_encoded_once_for_its_n_samples(kind, testbed_dir, tied_llama_dir):
+    """sample() runs the contexts' forward pass on one row per context and repeats its KV cache for the n
+    samples: the same tokens and the same token log-probs (to float rounding) as encoding every row."""
+    pytest.importorskip("peft") if kind == "lora" else None
+    from tiltlm.policies.base import batch_rows, row_draw
+
+    for policy in _policies(kind, testbed_dir, tied_llama_dir, max_new_tokens=6):
+        contexts = ["", "abcd", "b"]  # different lengths: left padding in the shared rows too
+        group, rows = batch_rows(len(contexts), 4, None)
+        ids, attn = policy.contexts_tensor(contexts, group)
+        runs = []
+        for same_as in (None, group):
+            seen = []
+            hook = policy.model.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"].shape), with_kwargs=True)
+            try:
+                gen = torch.Generator().manual_seed(5)
+                runs.append(policy._decode(ids, attn, 6, row_draw(gen, len(group), rows), same_as=same_as))
+            finally:
+                hook.remove()
+            assert seen[0] == ((12 if same_as is None else 3), ids.shape[1])  # the contexts' pass: every row, or one per context
+            assert all(shape == (12, 1) for shape in seen[1:])  # then one token per row and step
+        (a_ids, a_logp, a_mask), (b_ids, b_logp, b_mask) = runs
+        assert torch.equal(a_ids, b_ids) and torch.equal(a_mask, b_mask)
+        assert (a_logp - b_logp).abs().max() <= 1e-6
+        s = policy.sample(contexts, 4, seed=3)  # and sample() scores like log_prob, row by row
+        torch.testing.assert_close(s.token_logp, policy.log_prob(s, per_token=True), atol=1e-5, rtol=0)

@@ -286,7 +286,7 @@ class HFPolicy:
         group, rows = batch_rows(len(contexts), n, rows)
         context_ids, context_attn = self.contexts_tensor(contexts, group)
         draw = row_draw(gen, len(contexts) * n, rows)
-        ids, token_logp, mask = self._decode(context_ids, context_attn, self.max_new_tokens, draw)
+        ids, token_logp, mask = self._decode(context_ids, context_attn, self.max_new_tokens, draw, same_as=group)
         eos = (ids == self.eos_id) & mask
         return Samples(
             contexts=list(contexts), group=group, context_ids=context_ids, context_attn=context_attn,
@@ -325,21 +325,45 @@ class HFPolicy:
                 attn[k, width - len(r):] = True
         return ids, attn
 
-    def _decode(self, context_ids: torch.Tensor, context_attn: torch.Tensor, max_new_tokens: int, draw, *, past=None, keep_state: bool = False):
+    def _prefill(self, context_ids: torch.Tensor, attn: torch.Tensor, position: torch.Tensor, same_as: torch.Tensor | None):
+        """The contexts' forward pass: (KV cache, last logits (B, V)). ``same_as`` (B,): rows with equal
+        values have equal contexts (``sample``'s ``group``, rows in runs): each distinct context is encoded
+        once and its cache rows repeated, so n samples of a prompt cost one prompt forward, not n."""
+        device = self.device
+        if same_as is not None and len(same_as) > 1:
+            first = torch.ones(len(same_as), dtype=torch.bool)
+            first[1:] = same_as[1:] != same_as[:-1]
+            if int(first.sum()) < len(same_as):
+                rep = first.nonzero().squeeze(-1)  # (U,) the first row of each run
+                expand = (first.long().cumsum(0) - 1).to(device)  # (B,) each row's run
+                out = self._forward(input_ids=context_ids[rep].to(device), attention_mask=attn[rep.to(device)],
+                                    position_ids=position[rep.to(device)], use_cache=True, **self._last_only)
+                cache = _cache_of(out)
+                if hasattr(cache, "reorder_cache"):  # a transformers Cache (otherwise: encode every row below)
+                    cache.reorder_cache(expand)  # index_select of every layer's keys and values: (U, ...) -> (B, ...)
+                    return cache, out.logits[:, -1][expand]
+        out = self._forward(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True, **self._last_only)
+        return _cache_of(out), out.logits[:, -1]
+
+    def _decode(self, context_ids: torch.Tensor, context_attn: torch.Tensor, max_new_tokens: int, draw, *, past=None, keep_state: bool = False,
+                same_as: torch.Tensor | None = None):
         """The KV-cache sampling loop shared by ``sample`` and ``generate``: (ids, token_logp, mask) on CPU.
 
         With ``past`` (a KV cache of earlier tokens) ``context_ids`` (B, K) are only the new tokens and
         ``context_attn`` covers past and new positions (B, P + K). ``keep_state`` also returns
-        (cache, attention over its positions, number of sampled tokens fed into it).
+        (cache, attention over its positions, number of sampled tokens fed into it). ``same_as``: which
+        rows share their context (see _prefill; without ``past`` only).
         """
         device = self.device
         b, k = context_ids.shape
         attn = context_attn.to(device).long()  # (B, P + C + t)
         position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -k:]  # real tokens before each one: holes do not count
-        cache = {} if past is None else {self._cache_kwarg: past}
-        out = self._forward(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True,
-                            **cache, **self._last_only)
-        past, logits = _cache_of(out), out.logits[:, -1]  # (B, V)
+        if past is None:
+            past, logits = self._prefill(context_ids, attn, position, same_as)  # (B, V)
+        else:
+            out = self._forward(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True,
+                                **{self._cache_kwarg: past}, **self._last_only)
+            past, logits = _cache_of(out), out.logits[:, -1]  # (B, V)
         next_position = position[:, -1] + 1  # (B,)
         fed = 0
 
