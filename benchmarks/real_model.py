@@ -3,7 +3,8 @@
     python benchmarks/real_model.py [--batch 16] [--length 64] [--steps 3] [--configs ...] [--quick] [--json out.json]
 
 Each configuration runs in a fresh child process: tiltlm's kl-pg ``tiltlm-full``, ``tiltlm-lora``
-(r=8), and TRL's ``GRPOTrainer`` / ``RLOOTrainer`` on the same work, ``trl-grpo-full``, ``trl-grpo-lora``,
+(r=8), the same with ``checkpoint_layers`` (activation checkpointing of the decoder layers in the
+scoring pass with grad: less memory, one more forward) ``tiltlm+ckpt-full``, ``tiltlm+ckpt-lora``, and TRL's ``GRPOTrainer`` / ``RLOOTrainer`` on the same work, ``trl-grpo-full``, ``trl-grpo-lora``,
 ``trl-rloo-full``, ``trl-rloo-lora`` (common.make_trl_trainer: the same model in fp32, the same chat
 prompt through the tokenizer's chat template, B completions of it per step of at most T tokens,
 temperature 1, beta = 1 (so the reference is scored), lr 1e-4, clipping at 1, one optimiser update
@@ -53,7 +54,8 @@ from common import add_common_args, current_rss_mb, emit, make_trl_trainer, quie
 PROMPT = "Write a short poem about the sea."
 QUICK_PROMPT = "abc"
 PARTS = ("sample_s", "reference_s", "score_s", "backward_s")
-CONFIGS = ("tiltlm-full", "tiltlm-lora", "trl-grpo-full", "trl-grpo-lora", "trl-rloo-full", "trl-rloo-lora")
+CONFIGS = ("tiltlm-full", "tiltlm-lora", "tiltlm+ckpt-full", "tiltlm+ckpt-lora", "trl-grpo-full", "trl-grpo-lora", "trl-rloo-full",
+           "trl-rloo-lora")
 BETA, LR, LORA_R, LETTER = 1.0, 1e-4, 8, "e"
 
 
@@ -97,7 +99,7 @@ def _step_record(times: dict, wall: float, cpu: float) -> dict:
             **{k.replace("_s", "_cpu_s"): times.get(k + "_cpu", 0.0) for k in PARTS}}
 
 
-def _child(prior: str, b: int, t: int, lora: bool, steps: int, threads: int, prompt: str) -> dict:
+def _child(prior: str, b: int, t: int, lora: bool, steps: int, threads: int, prompt: str, checkpoint_layers: bool = False) -> dict:
     """Runs in the child: build, reset the peak, step ``steps`` times with every part timed."""
     quiet_transformers()
     set_threads(threads)
@@ -110,6 +112,7 @@ def _child(prior: str, b: int, t: int, lora: bool, steps: int, threads: int, pro
                            "optim": {"steps": steps, "lr": LR}, "metrics": {"diversity": False}, "seed": 3,
                            **({"lora": {"r": LORA_R}} if lora else {})})
     policy, target = build(config)
+    policy.checkpoint_layers = checkpoint_layers
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, policy=policy, target=target, out_dir=Path(tmp) / "run")
         built = current_rss_mb()
@@ -256,8 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = {"default": None, "on": True, "off": False}[args.trl_gradient_checkpointing]
     if args.child:
         tool, prior, b, t, lora, steps, prompt = args.child
-        if tool == "tiltlm":
-            info = _child(prior, int(b), int(t), lora == "1", int(steps), args.threads, prompt)
+        if tool.startswith("tiltlm"):
+            info = _child(prior, int(b), int(t), lora == "1", int(steps), args.threads, prompt, checkpoint_layers=tool == "tiltlm+ckpt")
         else:
             info = _trl_child(tool.removeprefix("trl-"), prior, int(b), int(t), lora == "1", int(steps), args.threads, prompt, ckpt)
         print(json.dumps(info))
@@ -272,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
         except ImportError:
             print("trl is not installed (pip install -e '.[bench]'): tiltlm rows only", file=sys.stderr)
             configs = [c for c in CONFIGS if c.startswith("tiltlm")]
+    else:
+        configs = [c for c in CONFIGS if c in configs]  # tiltlm rows first: the TRL rows are compared with them
     b = args.batch or (4 if args.quick else 16)
     t = args.length or (8 if args.quick else 64)
     steps = args.steps or (2 if args.quick else 3)
@@ -304,15 +309,17 @@ def main(argv: list[str] | None = None) -> dict:
             row.update(rounds=len(tries), step_s_rounds=[r["step_s"] for r in tries], step_cpu_s_rounds=[r["step_cpu_s"] for r in tries],
                        peak_step_mb_rounds=[r["peak_step_mb"] for r in tries])
             rows.append(row)
-    base = {r["mode"]: r for r in rows if r["tool"] == "tiltlm"}
-    for r in rows:
-        if r["tool"] != "tiltlm" and r["mode"] in base:
-            r["tiltlm_speedup"] = base[r["mode"]]["samples_per_s"] / r["samples_per_s"]
-            r["tiltlm_speedup_cpu"] = base[r["mode"]]["samples_per_cpu_s"] / r["samples_per_cpu_s"]
-            r["tiltlm_peak_ratio"] = base[r["mode"]]["peak_step_mb"] / r["peak_step_mb"]
+    for r in rows:  # each TRL row against each tiltlm row of its mode (tiltlm: default; tiltlm_ckpt: checkpoint_layers)
+        for tool in ("tiltlm", "tiltlm+ckpt"):
+            base = next((x for x in rows if x["tool"] == tool and x["mode"] == r["mode"]), None)
+            if r["tool"].startswith("trl") and base is not None:
+                key = tool.replace("+", "_")
+                r[f"{key}_speedup"] = base["samples_per_s"] / r["samples_per_s"]
+                r[f"{key}_speedup_cpu"] = base["samples_per_cpu_s"] / r["samples_per_cpu_s"]
+                r[f"{key}_peak_ratio"] = base["peak_step_mb"] / r["peak_step_mb"]
     return emit("real_model", rows, ["config", "samples_per_s", "samples_per_cpu_s", "peak_step_mb", "step_s", "step_cpu_s",
-                                     *(k.replace("_s", "_cpu_s") for k in PARTS), "mean_len", "tiltlm_speedup", "tiltlm_speedup_cpu",
-                                     "tiltlm_peak_ratio"], args.json, threads=args.threads,
+                                     *(k.replace("_s", "_cpu_s") for k in PARTS), "mean_len", "tiltlm_speedup_cpu", "tiltlm_peak_ratio",
+                                     "tiltlm_ckpt_speedup_cpu", "tiltlm_ckpt_peak_ratio"], args.json, threads=args.threads,
                 prior=prior if args.prior or not args.quick else "testbed llama", prompt=prompt, batch=b, length=t, steps=steps,
                 goals={"tiltlm_speedup_min": 1.5, "tiltlm_peak_ratio_max": 1.0})
 

@@ -116,14 +116,17 @@ def test_sample_efficiency_against_trl(bench):
 
 def test_real_model_quick(bench):
     """The SmolLM2 step benchmark on a tiny tied Llama: parts timed, the step's own peak, metrics rows."""
-    rows = _payload(bench("real_model").main(["--quick", "--configs", "tiltlm-full", "tiltlm-lora"]), "real_model")
-    assert [r["config"].split()[1] for r in rows] == ["full", "lora"]
+    rows = _payload(bench("real_model").main(["--quick", "--configs", "tiltlm-full", "tiltlm-lora", "tiltlm+ckpt-full"]), "real_model")
+    assert [r["config"].split()[1] for r in rows] == ["full", "lora", "full"]
     for r in rows:
         _finite(r, ["rss_built_mb", "peak_step_mb", "step_s", "sample_s", "reference_s", "score_s", "backward_s", "samples_per_s",
                     "step_cpu_s", "samples_per_cpu_s", "mean_len"])
         assert len(r["metrics"]) == 2 and r["metrics"][-1]["step"] == 2
         assert 0 < r["mean_len"] <= 8
     assert rows[1]["prior_is_policy_model"] and not rows[0]["prior_is_policy_model"]
+    for plain, ckpt in zip(rows[0]["metrics"], rows[2]["metrics"]):  # checkpointed layers: the same run, to float rounding
+        assert ckpt["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-6)
+        assert ckpt["grad/norm"] == pytest.approx(plain["grad/norm"], rel=1e-4, abs=1e-6)
 
 
 def test_real_model_against_trl(bench):
@@ -136,7 +139,7 @@ def test_real_model_against_trl(bench):
     tiltlm, trl_rows = rows[0], rows[2:]
     for r in trl_rows:
         _finite(r, ["rss_built_mb", "peak_step_mb", "step_s", "sample_s", "reference_s", "score_s", "backward_s", "samples_per_s",
-                    "tiltlm_speedup", "tiltlm_peak_ratio", "mean_len"])
+                    "tiltlm_speedup", "tiltlm_speedup_cpu", "tiltlm_peak_ratio", "mean_len"])
         settings = r["trl"]
         assert settings["beta"] == 1.0 and settings["max_completion_length"] == settings["max_new_tokens"] == 8
         assert settings["num_generations"] == 4 and not settings["use_vllm"] and settings["num_iterations"] == 1

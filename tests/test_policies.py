@@ -260,3 +260,41 @@ def test_each_context_is_encoded_once_for_its_n_samples(kind, testbed_dir, tied_
         assert (a_logp - b_logp).abs().max() <= 1e-6
         s = policy.sample(contexts, 4, seed=3)  # and sample() scores like log_prob, row by row
         torch.testing.assert_close(s.token_logp, policy.log_prob(s, per_token=True), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "lora"])
+def test_checkpointed_layers_give_the_same_log_probs_and_gradients(kind, testbed_dir, tied_llama_dir):
+    """checkpoint_layers: log_prob with grad runs each decoder layer under torch.utils.checkpoint (backward
+    recomputes it): the same token log-probs and gradients as keeping every activation, and fewer tensors
+    saved for backward."""
+    pytest.importorskip("peft") if kind == "lora" else None
+    policy, prior = _policies(kind, testbed_dir, tied_llama_dir, max_new_tokens=5) if kind == "lora" else \
+        (_policies(kind, testbed_dir, tied_llama_dir, max_new_tokens=5)[0], None)
+    s = policy.sample(["", "ab"], 4, seed=1)
+    weights = torch.randn(s.ids.shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for on in (False, True):
+        policy.checkpoint_layers = on
+        policy.model.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            token_logp = policy.log_prob(s, grad=True, per_token=True)
+        (weights * token_logp).sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+        results.append((token_logp.detach(), grads, sum(saved)))
+        assert not any("forward" in vars(m) for m in policy.model.modules())  # the layers are restored after the call
+    (plain, g_plain, saved_plain), (ckpt, g_ckpt, saved_ckpt) = results
+    assert (plain - ckpt).abs().max() <= 1e-6
+    assert g_plain.keys() == g_ckpt.keys() and g_plain
+    for name in g_plain:
+        assert (g_plain[name] - g_ckpt[name]).norm() <= 1e-6 * g_plain[name].norm() + 1e-12, name
+    assert saved_ckpt < saved_plain  # the layers' activations are not kept
+    policy.checkpoint_layers = False
+    if prior is not None:  # the LoRA prior (adapters off, no grad): the option changes nothing
+        before = prior.log_prob(s)
+        prior.checkpoint_layers = True
+        assert torch.equal(prior.log_prob(s), before)
+    assert policy.copy().checkpoint_layers is False
+    policy.checkpoint_layers = True
+    assert policy.copy().checkpoint_layers is True
+    policy.checkpoint_layers = False

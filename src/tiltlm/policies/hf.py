@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 from pathlib import Path
 
@@ -77,6 +78,10 @@ def _plain_fast_decode(tokenizer) -> bool:
         type(tokenizer).batch_decode is TokenizersBackend.batch_decode and type(tokenizer).decode is TokenizersBackend.decode
 
 
+def _checkpointed(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
 def _cache_of(out):
     cache = out.get("cache")
     return cache if cache is not None else out.get("past_key_values")
@@ -111,6 +116,7 @@ class HFPolicy:
         disable_adapters: bool = False,
         chat_template: bool | None = None,
         logits_chunk: int = 1 << 22,
+        checkpoint_layers: bool = False,
     ):
         check_sampling_options(temperature, top_p, max_new_tokens)
         has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -127,6 +133,9 @@ class HFPolicy:
         # scoring never holds more than this many float logits at once: (rows, V) blocks of max(1, logits_chunk // V)
         # tokens instead of the (B, T, V) logits of the whole batch (see _token_logp)
         self.logits_chunk = int(logits_chunk)
+        # log_prob with grad keeps only each decoder layer's input and recomputes the layer in backward (activation
+        # checkpointing): the step's activations are ~1/layers of them, for one more forward pass of the model
+        self.checkpoint_layers = bool(checkpoint_layers)
         # a LoRA prior: the same peft model with its adapters switched off for every forward pass,
         # so pi0 costs no second copy of the weights
         self.disable_adapters = disable_adapters
@@ -184,6 +193,24 @@ class HFPolicy:
                               "post-processes them); tiltlm cannot score this model")
         return out.logits
 
+    @contextlib.contextmanager
+    def _checkpointed_layers(self):
+        """Within: every decoder layer (transformers' GradientCheckpointingLayer) runs under
+        ``torch.utils.checkpoint`` (non-reentrant), its ``forward`` only, so module hooks (sharding) run once;
+        backward recomputes the layer from its saved input. The model stays in eval mode (no dropout), where
+        transformers' own ``gradient_checkpointing_enable`` would not act. Callers pass ``use_cache=False``
+        (a recomputed layer would write its keys and values into a cache twice)."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in layers:
+            layer.forward = functools.partial(_checkpointed, layer.forward)
+        try:
+            yield len(layers)
+        finally:
+            for layer in layers:
+                del layer.forward
+
     def _token_logp(self, head, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """log pi(token | hidden state) for n positions: (n, d), (n,) -> (n,), the sampling transform applied.
         ``head``: the output embeddings' own forward (called inside the model's forward, _scored_forward).
@@ -210,7 +237,8 @@ class HFPolicy:
         """An independent copy (deep-copied weights, same tokenizer and sampling options)."""
         return HFPolicy(copy.deepcopy(self.model), self.tokenizer, max_new_tokens=self.max_new_tokens,
                         temperature=self.temperature, top_p=self.top_p, prepend_bos=self.prepend_bos, chunk_size=self.chunk_size,
-                        disable_adapters=self.disable_adapters, chat_template=self.chat_template, logits_chunk=self.logits_chunk)
+                        disable_adapters=self.disable_adapters, chat_template=self.chat_template, logits_chunk=self.logits_chunk,
+                        checkpoint_layers=self.checkpoint_layers)
 
     def save(self, directory: str | Path) -> Path:
         """A save_pretrained directory plain transformers can load (LoRA adapters merged into a copy)."""
@@ -439,7 +467,8 @@ class HFPolicy:
         logits, in blocks (``_token_logp``), so no (B, T, V) tensor exists, with grad or without.
         """
         device = self.device
-        with torch.set_grad_enabled(grad):
+        checkpointed = grad and self.checkpoint_layers and not self.disable_adapters  # (a LoRA prior never trains)
+        with torch.set_grad_enabled(grad), self._checkpointed_layers() if checkpointed else contextlib.nullcontext():
             rows = []
             for sl in self._chunks(len(samples)):
                 c = samples.context_ids.shape[1]
@@ -454,7 +483,7 @@ class HFPolicy:
                     tok = self._token_logp(head, hidden[:, c - 1 : -1][mask], tokens[mask])  # (n,)
                     return torch.zeros(mask.shape, dtype=tok.dtype, device=device).masked_scatter(mask, tok)
 
-                rows.append(self._scored_forward(score, input_ids=ids, attention_mask=attn, position_ids=position))
+                rows.append(self._scored_forward(score, input_ids=ids, attention_mask=attn, position_ids=position, use_cache=False))
             token_logp = torch.cat(rows) if rows else torch.zeros(0, samples.ids.shape[1], device=device)
         return token_logp if per_token else token_logp.sum(-1)
 
