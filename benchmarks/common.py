@@ -117,3 +117,53 @@ def quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # noqa: BLE001 - cosmetics only
         pass
+
+
+def make_trl_trainer(kind: str, model: str, tokenizer, prompts: list, *, b: int, t: int, steps: int, out_dir: str,
+                     reward_fn: Callable[[list[str]], list[float]], beta: float, lr: float, callbacks: list = (),
+                     lora_r: int | None = None, lora_alpha: int = 16, gradient_checkpointing: bool | None = None, seed: int = 0):
+    """A TRL ``GRPOTrainer`` (kind "grpo") or ``RLOOTrainer`` ("rloo") doing what a tiltlm kl-pg step does.
+
+    One prompt per step with ``num_generations = per_device_train_batch_size = b`` completions of at most
+    ``t`` tokens (``steps_per_generation`` 1, ``num_iterations`` 1: one optimiser update per generation
+    batch), temperature 1, top_p 1, no top-k, ``beta`` > 0 (TRL scores the reference: a copy of the model,
+    or with LoRA the same model with its adapters off), fp32 (bf16 off), on the CPU, no vLLM, clipping at 1.
+    ``prompts``: one entry per step (a string, or a chat: a list of messages, which TRL renders with the
+    tokenizer's chat template). ``lora_r``: a peft ``LoraConfig`` of that rank (peft's default modules for
+    the architecture, like tiltlm's ``lora:``). ``gradient_checkpointing``: None keeps TRL's default (on).
+    Returns the trainer; ``trainer.train()`` runs ``steps`` steps.
+    """
+    import torch
+    from datasets import Dataset
+
+    if kind == "grpo":
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as TrainerClass
+    elif kind == "rloo":
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as TrainerClass
+    else:
+        raise ValueError(f"unknown TRL trainer {kind!r} (grpo, rloo)")
+
+    def trl_reward(completions, **kwargs):
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # chat completions: the reply
+        return reward_fn(texts)
+
+    options = dict(
+        output_dir=out_dir, per_device_train_batch_size=b, num_generations=b, max_completion_length=t, beta=beta,
+        learning_rate=lr, max_steps=steps, use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
+        logging_steps=10**6, disable_tqdm=True, seed=seed, max_grad_norm=1.0, temperature=1.0, top_p=1.0, top_k=0,
+        dataloader_num_workers=0, steps_per_generation=1, num_iterations=1, use_vllm=False,
+        model_init_kwargs={"dtype": torch.float32},
+    )
+    if gradient_checkpointing is not None:
+        options["gradient_checkpointing"] = bool(gradient_checkpointing)
+    config = Config(**options)
+    peft_config = None
+    if lora_r is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM")
+    dataset = Dataset.from_dict({"prompt": list(prompts)})
+    return TrainerClass(model=model, reward_funcs=trl_reward, args=config, train_dataset=dataset, processing_class=tokenizer,
+                        callbacks=list(callbacks), peft_config=peft_config)

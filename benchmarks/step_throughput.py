@@ -35,6 +35,7 @@ from common import (
     add_common_args,
     emit,
     interleaved_min,
+    make_trl_trainer,
     quiet_transformers,
     set_threads,
 )
@@ -117,10 +118,8 @@ class Floor:
 
 
 def make_trl(b: int, t: int, steps: int, out_dir: str, on_step_end):
-    """An RLOOTrainer on the default model; ``on_step_end`` runs between its steps (untimed)."""
-    from datasets import Dataset
+    """An RLOOTrainer on the default model (common.make_trl_trainer); ``on_step_end`` runs between its steps (untimed)."""
     from transformers import AutoTokenizer, TrainerCallback
-    from trl import RLOOConfig, RLOOTrainer
 
     from tiltlm.policies.hf import DEFAULT_MODEL_DIR
 
@@ -135,18 +134,8 @@ def make_trl(b: int, t: int, steps: int, out_dir: str, on_step_end):
             times.append(time.perf_counter() - self.t0)
             on_step_end()
 
-    def trl_reward(completions, **kwargs):
-        return reward_fn(list(completions))
-
-    config = RLOOConfig(
-        output_dir=out_dir, per_device_train_batch_size=b, num_generations=b, max_completion_length=t, beta=BETA,
-        learning_rate=LR, max_steps=steps, use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
-        logging_steps=10**6, disable_tqdm=True, seed=0, max_grad_norm=1.0, temperature=1.0, top_p=1.0,
-        dataloader_num_workers=0,
-    )
-    dataset = Dataset.from_dict({"prompt": [tokenizer.bos_token] * (steps + 4)})
-    trainer = RLOOTrainer(model=str(DEFAULT_MODEL_DIR), reward_funcs=trl_reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[Timer()])
+    trainer = make_trl_trainer("rloo", str(DEFAULT_MODEL_DIR), tokenizer, [tokenizer.bos_token] * (steps + 4), b=b, t=t, steps=steps,
+                               out_dir=out_dir, reward_fn=reward_fn, beta=BETA, lr=LR, callbacks=[Timer()])
     return trainer, times
 
 

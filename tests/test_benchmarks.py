@@ -117,9 +117,34 @@ def test_sample_efficiency_against_trl(bench):
 
 def test_real_model_quick(bench):
     """The SmolLM2 step benchmark on a tiny tied Llama: parts timed, the step's own peak, metrics rows."""
-    rows = _payload(bench("real_model").main(["--quick"]), "real_model")
-    assert [r["config"].split()[1] for r in rows] == ["full", "lora"]
+    rows = _payload(bench("real_model").main(["--quick", "--configs", "tiltlm-full", "tiltlm-lora", "tiltlm+ckpt-full"]), "real_model")
+    assert [r["config"].split()[1] for r in rows] == ["full", "lora", "full"]
     for r in rows:
-        _finite(r, ["rss_built_mb", "peak_step_mb", "step_s", "sample_s", "reference_s", "score_s", "backward_s"])
+        _finite(r, ["rss_built_mb", "peak_step_mb", "step_s", "sample_s", "reference_s", "score_s", "backward_s", "samples_per_s",
+                    "step_cpu_s", "samples_per_cpu_s", "mean_len"])
         assert len(r["metrics"]) == 2 and r["metrics"][-1]["step"] == 2
+        assert 0 < r["mean_len"] <= 8
     assert rows[1]["prior_is_policy_model"] and not rows[0]["prior_is_policy_model"]
+    for plain, ckpt in zip(rows[0]["metrics"], rows[2]["metrics"]):  # checkpointed layers: the same run, to float rounding
+        assert ckpt["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-6)
+        assert ckpt["grad/norm"] == pytest.approx(plain["grad/norm"], rel=1e-4, abs=1e-6)
+
+
+def test_real_model_against_trl(bench):
+    """The TRL rows (GRPOTrainer, RLOOTrainer; full and LoRA) on the tiny testbed: the same work as tiltlm's
+    kl-pg step — T tokens at most, the reference scored (beta > 0), one optimiser step per generation, no vLLM."""
+    pytest.importorskip("trl")
+    configs = ["tiltlm-full", "tiltlm-lora", "trl-grpo-full", "trl-grpo-lora", "trl-rloo-full", "trl-rloo-lora"]
+    rows = _payload(bench("real_model").main(["--quick", "--configs", *configs]), "real_model")
+    assert [r["tool"] + "-" + r["mode"] for r in rows] == configs
+    tiltlm, trl_rows = rows[0], rows[2:]
+    for r in trl_rows:
+        _finite(r, ["rss_built_mb", "peak_step_mb", "step_s", "sample_s", "reference_s", "score_s", "backward_s", "samples_per_s",
+                    "tiltlm_speedup", "tiltlm_speedup_cpu", "tiltlm_peak_ratio", "mean_len"])
+        settings = r["trl"]
+        assert settings["beta"] == 1.0 and settings["max_completion_length"] == settings["max_new_tokens"] == 8
+        assert settings["num_generations"] == 4 and not settings["use_vllm"] and settings["num_iterations"] == 1
+        assert settings["has_ref_model"] == (r["mode"] == "full")  # LoRA: the reference is the model with its adapters off
+        assert r["optimizer_steps"] == 1 and r["grad_passes"] == 1
+        assert r["nograd_passes"] == (2 if r["tool"] == "trl-rloo" else 1)  # the reference (RLOO: and its "old" log-probs)
+        assert r["prompt_len"] == tiltlm["prompt_len"] and 0 < r["mean_len"] <= 8

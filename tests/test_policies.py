@@ -231,3 +231,70 @@ def test_a_model_whose_logits_are_post_processed_is_refused(testbed_dir):
     policy.model.forward = soft_capped
     with pytest.raises(TiltlmError, match="post-processes"):
         policy.log_prob(s)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "lora"])
+def test_each_context_is_encoded_once_for_its_n_samples(kind, testbed_dir, tied_llama_dir):
+    """sample() runs the contexts' forward pass on one row per context and repeats its KV cache for the n
+    samples: the same tokens and the same token log-probs (to float rounding) as encoding every row."""
+    pytest.importorskip("peft") if kind == "lora" else None
+    from tiltlm.policies.base import batch_rows, row_draw
+
+    for policy in _policies(kind, testbed_dir, tied_llama_dir, max_new_tokens=6):
+        contexts = ["", "abcd", "b"]  # different lengths: left padding in the shared rows too
+        group, rows = batch_rows(len(contexts), 4, None)
+        ids, attn = policy.contexts_tensor(contexts, group)
+        runs = []
+        for same_as in (None, group):
+            seen = []
+            hook = policy.model.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"].shape), with_kwargs=True)
+            try:
+                gen = torch.Generator().manual_seed(5)
+                runs.append(policy._decode(ids, attn, 6, row_draw(gen, len(group), rows), same_as=same_as))
+            finally:
+                hook.remove()
+            assert seen[0] == ((12 if same_as is None else 3), ids.shape[1])  # the contexts' pass: every row, or one per context
+            assert all(shape == (12, 1) for shape in seen[1:])  # then one token per row and step
+        (a_ids, a_logp, a_mask), (b_ids, b_logp, b_mask) = runs
+        assert torch.equal(a_ids, b_ids) and torch.equal(a_mask, b_mask)
+        assert (a_logp - b_logp).abs().max() <= 1e-6
+        s = policy.sample(contexts, 4, seed=3)  # and sample() scores like log_prob, row by row
+        torch.testing.assert_close(s.token_logp, policy.log_prob(s, per_token=True), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "lora"])
+def test_checkpointed_layers_give_the_same_log_probs_and_gradients(kind, testbed_dir, tied_llama_dir):
+    """checkpoint_layers: log_prob with grad runs each decoder layer under torch.utils.checkpoint (backward
+    recomputes it): the same token log-probs and gradients as keeping every activation, and fewer tensors
+    saved for backward."""
+    pytest.importorskip("peft") if kind == "lora" else None
+    policy, prior = _policies(kind, testbed_dir, tied_llama_dir, max_new_tokens=5) if kind == "lora" else \
+        (_policies(kind, testbed_dir, tied_llama_dir, max_new_tokens=5)[0], None)
+    s = policy.sample(["", "ab"], 4, seed=1)
+    weights = torch.randn(s.ids.shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for on in (False, True):
+        policy.checkpoint_layers = on
+        policy.model.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            token_logp = policy.log_prob(s, grad=True, per_token=True)
+        (weights * token_logp).sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+        results.append((token_logp.detach(), grads, sum(saved)))
+        assert not any("forward" in vars(m) for m in policy.model.modules())  # the layers are restored after the call
+    (plain, g_plain, saved_plain), (ckpt, g_ckpt, saved_ckpt) = results
+    assert (plain - ckpt).abs().max() <= 1e-6
+    assert g_plain.keys() == g_ckpt.keys() and g_plain
+    for name in g_plain:
+        assert (g_plain[name] - g_ckpt[name]).norm() <= 1e-6 * g_plain[name].norm() + 1e-12, name
+    assert saved_ckpt < saved_plain  # the layers' activations are not kept
+    policy.checkpoint_layers = False
+    if prior is not None:  # the LoRA prior (adapters off, no grad): the option changes nothing
+        before = prior.log_prob(s)
+        prior.checkpoint_layers = True
+        assert torch.equal(prior.log_prob(s), before)
+    assert policy.copy().checkpoint_layers is False
+    policy.checkpoint_layers = True
+    assert policy.copy().checkpoint_layers is True
+    policy.checkpoint_layers = False

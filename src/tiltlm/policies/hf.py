@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 from pathlib import Path
 
@@ -77,6 +78,10 @@ def _plain_fast_decode(tokenizer) -> bool:
         type(tokenizer).batch_decode is TokenizersBackend.batch_decode and type(tokenizer).decode is TokenizersBackend.decode
 
 
+def _checkpointed(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
 def _cache_of(out):
     cache = out.get("cache")
     return cache if cache is not None else out.get("past_key_values")
@@ -111,6 +116,7 @@ class HFPolicy:
         disable_adapters: bool = False,
         chat_template: bool | None = None,
         logits_chunk: int = 1 << 22,
+        checkpoint_layers: bool = False,
     ):
         check_sampling_options(temperature, top_p, max_new_tokens)
         has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -127,6 +133,9 @@ class HFPolicy:
         # scoring never holds more than this many float logits at once: (rows, V) blocks of max(1, logits_chunk // V)
         # tokens instead of the (B, T, V) logits of the whole batch (see _token_logp)
         self.logits_chunk = int(logits_chunk)
+        # log_prob with grad keeps only each decoder layer's input and recomputes the layer in backward (activation
+        # checkpointing): the step's activations are ~1/layers of them, for one more forward pass of the model
+        self.checkpoint_layers = bool(checkpoint_layers)
         # a LoRA prior: the same peft model with its adapters switched off for every forward pass,
         # so pi0 costs no second copy of the weights
         self.disable_adapters = disable_adapters
@@ -184,6 +193,24 @@ class HFPolicy:
                               "post-processes them); tiltlm cannot score this model")
         return out.logits
 
+    @contextlib.contextmanager
+    def _checkpointed_layers(self):
+        """Within: every decoder layer (transformers' GradientCheckpointingLayer) runs under
+        ``torch.utils.checkpoint`` (non-reentrant), its ``forward`` only, so module hooks (sharding) run once;
+        backward recomputes the layer from its saved input. The model stays in eval mode (no dropout), where
+        transformers' own ``gradient_checkpointing_enable`` would not act. Callers pass ``use_cache=False``
+        (a recomputed layer would write its keys and values into a cache twice)."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in layers:
+            layer.forward = functools.partial(_checkpointed, layer.forward)
+        try:
+            yield len(layers)
+        finally:
+            for layer in layers:
+                del layer.forward
+
     def _token_logp(self, head, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """log pi(token | hidden state) for n positions: (n, d), (n,) -> (n,), the sampling transform applied.
         ``head``: the output embeddings' own forward (called inside the model's forward, _scored_forward).
@@ -210,7 +237,8 @@ class HFPolicy:
         """An independent copy (deep-copied weights, same tokenizer and sampling options)."""
         return HFPolicy(copy.deepcopy(self.model), self.tokenizer, max_new_tokens=self.max_new_tokens,
                         temperature=self.temperature, top_p=self.top_p, prepend_bos=self.prepend_bos, chunk_size=self.chunk_size,
-                        disable_adapters=self.disable_adapters, chat_template=self.chat_template, logits_chunk=self.logits_chunk)
+                        disable_adapters=self.disable_adapters, chat_template=self.chat_template, logits_chunk=self.logits_chunk,
+                        checkpoint_layers=self.checkpoint_layers)
 
     def save(self, directory: str | Path) -> Path:
         """A save_pretrained directory plain transformers can load (LoRA adapters merged into a copy)."""
@@ -286,7 +314,7 @@ class HFPolicy:
         group, rows = batch_rows(len(contexts), n, rows)
         context_ids, context_attn = self.contexts_tensor(contexts, group)
         draw = row_draw(gen, len(contexts) * n, rows)
-        ids, token_logp, mask = self._decode(context_ids, context_attn, self.max_new_tokens, draw)
+        ids, token_logp, mask = self._decode(context_ids, context_attn, self.max_new_tokens, draw, same_as=group)
         eos = (ids == self.eos_id) & mask
         return Samples(
             contexts=list(contexts), group=group, context_ids=context_ids, context_attn=context_attn,
@@ -325,21 +353,45 @@ class HFPolicy:
                 attn[k, width - len(r):] = True
         return ids, attn
 
-    def _decode(self, context_ids: torch.Tensor, context_attn: torch.Tensor, max_new_tokens: int, draw, *, past=None, keep_state: bool = False):
+    def _prefill(self, context_ids: torch.Tensor, attn: torch.Tensor, position: torch.Tensor, same_as: torch.Tensor | None):
+        """The contexts' forward pass: (KV cache, last logits (B, V)). ``same_as`` (B,): rows with equal
+        values have equal contexts (``sample``'s ``group``, rows in runs): each distinct context is encoded
+        once and its cache rows repeated, so n samples of a prompt cost one prompt forward, not n."""
+        device = self.device
+        if same_as is not None and len(same_as) > 1:
+            first = torch.ones(len(same_as), dtype=torch.bool)
+            first[1:] = same_as[1:] != same_as[:-1]
+            if int(first.sum()) < len(same_as):
+                rep = first.nonzero().squeeze(-1)  # (U,) the first row of each run
+                expand = (first.long().cumsum(0) - 1).to(device)  # (B,) each row's run
+                out = self._forward(input_ids=context_ids[rep].to(device), attention_mask=attn[rep.to(device)],
+                                    position_ids=position[rep.to(device)], use_cache=True, **self._last_only)
+                cache = _cache_of(out)
+                if hasattr(cache, "reorder_cache"):  # a transformers Cache (otherwise: encode every row below)
+                    cache.reorder_cache(expand)  # index_select of every layer's keys and values: (U, ...) -> (B, ...)
+                    return cache, out.logits[:, -1][expand]
+        out = self._forward(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True, **self._last_only)
+        return _cache_of(out), out.logits[:, -1]
+
+    def _decode(self, context_ids: torch.Tensor, context_attn: torch.Tensor, max_new_tokens: int, draw, *, past=None, keep_state: bool = False,
+                same_as: torch.Tensor | None = None):
         """The KV-cache sampling loop shared by ``sample`` and ``generate``: (ids, token_logp, mask) on CPU.
 
         With ``past`` (a KV cache of earlier tokens) ``context_ids`` (B, K) are only the new tokens and
         ``context_attn`` covers past and new positions (B, P + K). ``keep_state`` also returns
-        (cache, attention over its positions, number of sampled tokens fed into it).
+        (cache, attention over its positions, number of sampled tokens fed into it). ``same_as``: which
+        rows share their context (see _prefill; without ``past`` only).
         """
         device = self.device
         b, k = context_ids.shape
         attn = context_attn.to(device).long()  # (B, P + C + t)
         position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -k:]  # real tokens before each one: holes do not count
-        cache = {} if past is None else {self._cache_kwarg: past}
-        out = self._forward(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True,
-                            **cache, **self._last_only)
-        past, logits = _cache_of(out), out.logits[:, -1]  # (B, V)
+        if past is None:
+            past, logits = self._prefill(context_ids, attn, position, same_as)  # (B, V)
+        else:
+            out = self._forward(input_ids=context_ids.to(device), attention_mask=attn, position_ids=position, use_cache=True,
+                                **{self._cache_kwarg: past}, **self._last_only)
+            past, logits = _cache_of(out), out.logits[:, -1]  # (B, V)
         next_position = position[:, -1] + 1  # (B,)
         fed = 0
 
@@ -415,7 +467,8 @@ class HFPolicy:
         logits, in blocks (``_token_logp``), so no (B, T, V) tensor exists, with grad or without.
         """
         device = self.device
-        with torch.set_grad_enabled(grad):
+        checkpointed = grad and self.checkpoint_layers and not self.disable_adapters  # (a LoRA prior never trains)
+        with torch.set_grad_enabled(grad), self._checkpointed_layers() if checkpointed else contextlib.nullcontext():
             rows = []
             for sl in self._chunks(len(samples)):
                 c = samples.context_ids.shape[1]
@@ -430,7 +483,7 @@ class HFPolicy:
                     tok = self._token_logp(head, hidden[:, c - 1 : -1][mask], tokens[mask])  # (n,)
                     return torch.zeros(mask.shape, dtype=tok.dtype, device=device).masked_scatter(mask, tok)
 
-                rows.append(self._scored_forward(score, input_ids=ids, attention_mask=attn, position_ids=position))
+                rows.append(self._scored_forward(score, input_ids=ids, attention_mask=attn, position_ids=position, use_cache=False))
             token_logp = torch.cat(rows) if rows else torch.zeros(0, samples.ids.shape[1], device=device)
         return token_logp if per_token else token_logp.sum(-1)
 
