@@ -238,3 +238,16 @@ def test_wandb_offline_and_mlflow_file_store(tmp_path, monkeypatch, name, module
         metric = list((tmp_path / "run" / "mlruns").glob("*/*/metrics/reward.mean")) or list((tmp_path / "run" / "mlruns").rglob("reward.mean"))
         assert metric, "mlflow logged no reward.mean"
         assert len(metric[0].read_text().splitlines()) == 2
+
+
+def test_optim_checkpoint_layers_reaches_the_policy(testbed_dir):
+    """optim.checkpoint_layers switches the HF policy's activation checkpointing (tests/test_policies.py checks its
+    numbers); off by default."""
+    from tiltlm.train.build import build
+
+    for on in (False, True):
+        config = parse_config({"prior": str(testbed_dir), "algorithm": "kl-pg", "target": {"reward": "count:a", "beta": 1.0},
+                               "optim": {"checkpoint_layers": on}})
+        policy, _ = build(config)
+        assert policy.checkpoint_layers is on
+    assert parse_config({"algorithm": "kl-pg"}).optim.checkpoint_layers is False

@@ -56,6 +56,8 @@ def build(config: TrainConfig, *, chat_template: bool | None = None) -> tuple[HF
     """(policy, target) ready for Trainer (``chat_template``: see build_policies)."""
     policy, prior = (build_tabular_env_policies(config) if _tabular_env(config)
                      else build_policies(config, chat_template=chat_template))
+    if hasattr(policy, "checkpoint_layers"):  # HF policies: recompute each layer in backward (less memory)
+        policy.checkpoint_layers = config.optim.checkpoint_layers
     check_sizes(config, policy)
     return policy, target_from_config(config, prior)
 

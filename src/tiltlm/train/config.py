@@ -79,6 +79,8 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, le=MAX_LR, allow_inf_nan=False)
     schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="learning-rate decay to 0 over the run")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the schedule")
+    checkpoint_layers: bool = Field(False, description="HF policies: recompute each decoder layer in backward instead of storing "
+                                    "its activations (same numbers; less memory, a slower step: README 'Performance')")
     minibatch_size: int | None = Field(16, ge=1, description="rows per optimiser update: a larger batch is cut into "
                                        "minibatches, one update each (tiltlm.train.loop.minibatches); null: one update per batch")
 
