@@ -49,7 +49,7 @@ def train(algorithm: dict, steps: int, *, contexts=("",), biases=(0.0,), n: int 
     config = parse_config({
         "algorithm": algorithm, "target": {"reward": "count:a", "beta": BETA},
         "sampling": {"contexts": list(contexts), "n_per_context": n, "max_new_tokens": 3}, "seed": 0,
-        "optim": {"steps": steps, "lr": lr, "schedule": "linear"},
+        "optim": {"steps": steps, "lr": lr, "schedule": "linear", "minibatch_size": None},  # one update per batch, as measured
         "metrics": {"exact_every": steps, "diversity": False},
     })
     trainer = Trainer(config, policy=policy, target=target)

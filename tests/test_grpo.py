@@ -42,7 +42,7 @@ def train(algorithm: dict, steps: int, *, beta: float, n: int, contexts=("c0",),
     config = parse_config({
         "algorithm": algorithm, "target": {"reward": "count:a", "beta": beta},
         "sampling": {"contexts": list(contexts), "n_per_context": n, "max_new_tokens": 3}, "seed": 0,
-        "optim": {"steps": steps, "lr": lr, "schedule": "linear"},
+        "optim": {"steps": steps, "lr": lr, "schedule": "linear", "minibatch_size": None},  # one update per batch, as measured
         "metrics": {"exact_every": steps, "diversity": False},
     })
     Trainer(config, policy=policy, target=Prior(prior) * Tilt("count:a", beta)).run()
