@@ -184,6 +184,7 @@ class Trainer:
         if self.config.optim.grad_clip is not None:
             stats["grad/norm"] = float(self.strategy.full(torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)))
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward (full fine-tuning: a model's size)
         return stats
 
     def _metrics(self, batch: Batch, token_logp_before: torch.Tensor) -> dict:
