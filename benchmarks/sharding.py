@@ -64,7 +64,8 @@ def _child(strategy: str, batch: int, length: int, threads: int) -> None:
     params = list(policy.model.parameters()) + list(target.prior.model.parameters())
     moments = [v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
     mine = {"weights_mb": _local_bytes(params) / MB,
-            "grads_mb": _local_bytes(p.grad for p in policy.model.parameters() if p.grad is not None) / MB,
+            # the gradients live from backward to the optimiser step (freed after it): one per trained weight, sharded alike
+            "grads_mb": _local_bytes(p for p in policy.model.parameters() if p.requires_grad) / MB,
             "adam_mb": _local_bytes(moments) / MB, "peak_rss_mb": peak_rss_mb(), "step_s": seconds}
     everyone = all_gather_objects(mine, world)
     if world.is_main:
