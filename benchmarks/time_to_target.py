@@ -115,8 +115,7 @@ def tiltlm_to_target(spec: str, prior: Path, score: ExactScorer, seed: int, per_
         trainer.close()
     out = watch.result(per_step)
     o = config.optim
-    out["optim"] = {k: getattr(o, k) for k in ("lr", "schedule", "grad_clip", "warmup_steps", "optimizer", "minibatch_size")
-                    if hasattr(o, k)}
+    out["optim"] = o.model_dump(include={"lr", "schedule", "grad_clip", "warmup_steps", "optimizer", "minibatch_size"})
     if norms:
         out.update(grad_norm_median=statistics.median(norms),
                    clip_fraction=sum(n > o.grad_clip for n in norms) / len(norms) if o.grad_clip else 0.0)
