@@ -274,7 +274,7 @@ def test_short_kl_pg_run_on_dialogue_beats_the_prior():
     """Twenty questions with the embedded story prior: 25 steps of kl-pg (32 episodes each) raise the
     success rate on the same 128 evaluation episodes well above pi0's (measured: 6.3% -> 27.3%, KL(pi||pi0) ~5 nats)."""
     torch.set_num_threads(1)
-    from tiltlm.experiments.run import DIALOGUE_THINGS
+    from tiltlm.experiments.interactive import DIALOGUE_THINGS
 
     options = {"retry_cue": True, "max_turns": 2, "things": list(DIALOGUE_THINGS)}
     trainer, rows = _train({"algorithm": "kl-pg", "target": {"beta": 0.05},

@@ -18,6 +18,9 @@ import pytest
 from browser import needs_chromium, render_in_chromium
 
 from tiltlm.errors import TiltlmError
+from tiltlm.experiments import cells as cells_module
+from tiltlm.experiments import curves as curves_module
+from tiltlm.experiments import frontier as frontier_module
 from tiltlm.experiments import report as report_module
 from tiltlm.experiments.report import write_report
 
@@ -176,7 +179,7 @@ def test_table_numbers_are_the_means_over_seeds_of_results(tmp_path):
 
 
 def test_seeds_are_grouped_by_cell_name_without_the_seed():
-    from tiltlm.experiments.report import config_of
+    from tiltlm.experiments.cells import config_of
 
     def config(cell, algorithm, beta, seed):
         return config_of({"cell": cell, "algorithm": algorithm, "beta": beta, "seed": seed})
@@ -342,7 +345,7 @@ def passk_rows(page: Path) -> dict[str, dict]:
     for cls, cells in parse(page).rows:
         if cls == "passk":
             row = {"runs": int(cells[1][1]), "crossover": cells[-1][1]}
-            row |= {attrs["data-key"]: float(attrs["data-mean"]) for attrs, _ in cells[2:-1] if attrs.get("data-mean") != "None"}
+            row |= {attrs["data-key"]: float(attrs["data-mean"]) for attrs, _ in cells[2:-1] if "data-key" in attrs}
             out[cells[0][1]] = row
     return out
 
@@ -408,11 +411,12 @@ def test_pass_at_k_figure_and_table_of_a_sweep(tmp_path, monkeypatch, capsys):
             else:
                 assert key not in table[name], (name, key)
     assert checked == 6 + 7 + 4  # pi0 has no KL to p*; kl-pg no exact values
-    assert table["reinforce β=1"]["crossover"] == "4 (exact)"
-    assert table["kl-pg β=1"]["crossover"] == "none up to k=8" and table["π0 (step 0)"]["crossover"] == "—"
+    # no per-question evaluations (eval_per_prompt.jsonl) in this directory: no interval, so no "π0 ahead" claim
+    assert table["reinforce β=1"]["crossover"] == "— (no per-question data)"
+    assert table["kl-pg β=1"]["crossover"] == "— (no per-question data)" and table["π0 (step 0)"]["crossover"] == "—"
     code, out, err = run_cli(["report", str(run)], monkeypatch, capsys)
     assert code == 0, err
-    assert "pass@k on held-out prompts" in out and "crossover k" in out
+    assert "pass@k on held-out prompts" in out and "π0 ahead from k" in out
     lines = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]] for line in out.splitlines()
              if line.count("│") > 3 and "method" not in line}
     assert set(lines) == set(table)
@@ -473,10 +477,16 @@ def test_report_on_a_training_run_directory(train_run, monkeypatch, capsys):
                               "eval/pass@1_exact", "eval/pass@8_exact", "eval/distinct_correct_exact", "eval/kl_prior_exact",
                               "eval/kl_target_exact", "eval/kl_policy_target_exact"}
         assert shown == {k: row[k] for k in shown}  # exactly the numbers of metrics.jsonl
-    # the crossover, recomputed from the metrics file: exact curves, pi0 overtakes where it first beats the policy
-    a, b = ([r[f"eval/pass@{k}_exact"] for k in KS] for r in (first, last))
-    want = ("π0 ahead from k=1" if a[0] > b[0] else next((f"{k} (exact)" for k, x, y in zip(KS, a, b) if x > y), "none up to k=8"))
-    assert table["kl-pg β=0.2"]["crossover"] == want
+    # "π0 ahead from k": its Δ is the per-question file's mean exact difference at that k, its interval below 0
+    evals = [json.loads(line) for line in (run / "eval_per_prompt.jsonl").read_text().splitlines()]
+    start, end = evals[0]["prompts"], evals[-1]["prompts"]
+    m = re.fullmatch(r"(\d+): Δ ([-+][\d.]+) \[([-+][\d.]+), ([-+][\d.]+)\]", table["kl-pg β=0.2"]["crossover"])
+    if m is not None:
+        k, d, lo, hi = int(m.group(1)), *map(float, m.groups()[1:])
+        want = sum(e[f"pass@{k}_exact"] - s[f"pass@{k}_exact"] for s, e in zip(start, end)) / len(start)
+        assert d == pytest.approx(want, abs=6e-4) and lo <= d <= hi < 0
+    else:
+        assert table["kl-pg β=0.2"]["crossover"] == "at no k ≤ 8"
     lines = [line for line in out.splitlines() if line.count("│") > 3 and "method" not in line]
     assert [line.split("│")[1].strip() for line in lines] == ["π0 (step 0)", "kl-pg β=0.2"]
     assert numbers(lines[1].split("│")[3])[0] == pytest.approx(last["eval/pass@1"], rel=1e-3, abs=1e-9)
@@ -554,15 +564,18 @@ def lm_like_sweep(root: Path) -> Path:
 
 
 def captured_figures(monkeypatch) -> dict:
-    """Figures as written, by file name (report._save is wrapped)."""
+    """Figures as written, by file name (each figure module's save_figure is wrapped)."""
+    from tiltlm.experiments import curves, frontier, passk, style
+
     saved = {}
-    real = report_module._save
+    real = style.save_figure
 
     def keep(fig, path):
         saved[Path(path).name] = fig
         real(fig, path)
 
-    monkeypatch.setattr(report_module, "_save", keep)
+    for module in (curves, frontier, passk):
+        monkeypatch.setattr(module, "save_figure", keep)
     return saved
 
 
@@ -580,7 +593,7 @@ def test_frontier_spreads_kl_on_a_log_axis_and_plots_estimated_p_star_and_baseli
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "p* (estimated: importance sampling)" in legend and "best-of-4 (KL upper bound)" in legend
     assert "importance-sampling" not in legend  # the IS cell is p*'s estimate, drawn as the star
-    data = report_module.frontier_data(report_module._groups(report_module.load_cells(run)), [])
+    data = frontier_module.frontier_data(cells_module.groups_of(cells_module.load_cells(run)), [])
     assert [s[1:] for s in data["stars"]] == [(0.41, 0.72, True)]
     bound = next(p for p in data["points"] if p.bound)
     assert bound.x == pytest.approx(math.log(4) - 0.75) and bound.y == 0.6
@@ -600,7 +613,7 @@ def test_frontier_spreads_kl_on_a_log_axis_and_plots_estimated_p_star_and_baseli
         for cx, cy in centres:
             assert not (box.x0 < cx + r and box.x1 > cx - r and box.y0 < cy + r and box.y1 > cy - r), (t.get_text(), box, cx, cy)
     for i, a in enumerate(boxes):
-        assert not any(report_module._overlap(a, b) > 0 for b in boxes[i + 1:]), labels[i].get_text()
+        assert not any(frontier_module.overlap(a, b) > 0 for b in boxes[i + 1:]), labels[i].get_text()
 
 
 def test_frontier_with_exact_targets_and_pi0_uses_symlog_and_exact_stars(tmp_path, monkeypatch):
@@ -646,7 +659,7 @@ def test_diversity_reads_token_ngrams_when_texts_have_no_word_boundaries(tmp_pat
     assert cells["diversity/distinct_2_tokens"] == pytest.approx(rows[-1]["diversity/distinct_2_tokens"])
     assert "diversity/distinct_2" not in cells
     # texts with words keep word n-grams
-    assert report_module.distinct_keys(report_module.load_cells(synthetic_sweep(tmp_path / "words")))[2] == "words"
+    assert curves_module.distinct_keys(cells_module.load_cells(synthetic_sweep(tmp_path / "words")))[2] == "words"
 
 
 def test_captions_and_intros_describe_only_what_is_there(tmp_path):
@@ -714,12 +727,11 @@ def test_report_explains_directories_it_cannot_read_and_reads_running_sweeps(tmp
 
 
 def test_report_on_a_run_directory_calls_run_write_index(tmp_path, monkeypatch, capsys):
-    from tiltlm.experiments import run as run_module
+    from tiltlm.experiments import page as run_module
 
     top = tmp_path / "run"
     synthetic_sweep(top / "lm", algorithms=("kl-pg",), betas=(1.0,), seeds=(0,))
-    (top / "run.json").write_text("{}")
-    monkeypatch.delattr(run_module, "write_index", raising=False)
+    (top / "run.json").write_text("{}")  # not a run summary this version writes
     code, out, err = run_cli(["report", str(top)], monkeypatch, capsys)
     assert code == 2 and "is a tiltlm run directory (run.json)" in err and "pass one of its parts instead (lm)" in err
     calls = []
@@ -773,7 +785,8 @@ def test_pass_at_k_caption_names_only_what_is_drawn(tmp_path):
     run = synthetic_eval_sweep(tmp_path / "sweep")
     text = write_report(run).read_text(encoding="utf-8")
     caption = figcaption(text, PASSK)
-    assert "dashed: exact values" in caption and "A cross marks the crossover" in caption and "π0 is the step-0" in caption
+    assert "dashed: exact values" in caption and "π0 is the step-0" in caption
+    assert "cross marks" not in caption and "Δpass@k" not in caption  # no per-question data: no band, no crossover drawn
     # estimates only (no exact curves): no dashed lines are promised
     for cell in (run / "cells").iterdir():
         rows = [{k: v for k, v in json.loads(line).items() if not k.endswith("_exact")}

@@ -9,8 +9,12 @@ from test_report import parse
 
 from tiltlm.errors import TiltlmError
 from tiltlm.experiments import rlvr
-from tiltlm.experiments.passk import Line
-from tiltlm.experiments.run import run_main, write_index
+from tiltlm.experiments.page import write_index
+from tiltlm.experiments.passk import Line, best_of_n_line
+from tiltlm.experiments.run import run_main
+
+SEEDS = (0, 1, 2)  # run_main's default
+METHODS = ("dpg", "kl-pg_beta0.1", "kl-pg_beta1", "reinforce")
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +40,9 @@ def _last(metrics_path, step0=False):
 
 def test_study_trains_every_method_and_logs_progress_per_cell(run_dir):
     names = sorted(p.name for p in (run_dir / "exact" / "cells").iterdir())
-    assert names == ["dpg_seed0", "kl-pg_beta0.1_seed0", "kl-pg_beta1_seed0", "reinforce_seed0"]
+    assert names == sorted(f"{m}_seed{s}" for m in METHODS for s in SEEDS)  # three seeds by default
     log = (run_dir / "log.txt").read_text()
-    assert log.count("done in") == 4 and "part 1:" in log and "[4/4]" in log
+    assert log.count("done in") == 12 and "part 1:" in log and "[12/12]" in log
     first = _last(run_dir / "exact" / "cells" / "reinforce_seed0" / "metrics.jsonl", step0=True)
     assert first["step"] == 0 and "eval/pass@64_exact" in first  # pi0's evaluation, exact on this space
     assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")], "no temporary directory left behind"
@@ -46,20 +50,24 @@ def test_study_trains_every_method_and_logs_progress_per_cell(run_dir):
     assert f"prior: {run_dir.resolve()}/exact/model" in config and ".run." not in config  # paths name the final directory
 
 
+def _seed_mean(cells, method):
+    rows = [_last(cells / f"{method}_seed{s}" / "metrics.jsonl") for s in SEEDS]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if isinstance(rows[0][k], (int, float))}
+
+
 def test_index_numbers_equal_the_metrics_files(run_dir):
-    """Every number of the first table: pi0's is the step-0 evaluation row, each method's its last row."""
+    """Every number of the first table: pi0's is the step-0 evaluation row, each method's the mean of its seeds' last rows."""
     doc = parse(run_dir / "report.html")
     cells = run_dir / "exact" / "cells"
     source = {"π0 (step 0)": _last(cells / "reinforce_seed0" / "metrics.jsonl", step0=True),
-              "reinforce": _last(cells / "reinforce_seed0" / "metrics.jsonl"), "dpg": _last(cells / "dpg_seed0" / "metrics.jsonl"),
-              "kl-pg β=0.1": _last(cells / "kl-pg_beta0.1_seed0" / "metrics.jsonl"),
-              "kl-pg β=1": _last(cells / "kl-pg_beta1_seed0" / "metrics.jsonl")}
+              "reinforce": _seed_mean(cells, "reinforce"), "dpg": _seed_mean(cells, "dpg"),
+              "kl-pg β=0.1": _seed_mean(cells, "kl-pg_beta0.1"), "kl-pg β=1": _seed_mean(cells, "kl-pg_beta1")}
     checked = set()
     for cls, row in doc.rows:
         if cls == "passk" and row[0][1] in source:
             for attrs, _ in row[2:]:
                 if "data-key" in attrs:
-                    assert float(attrs["data-mean"]) == pytest.approx(source[row[0][1]][attrs["data-key"]], rel=1e-12, abs=1e-15)
+                    assert float(attrs["data-mean"]) == pytest.approx(source[row[0][1]][attrs["data-key"]], rel=1e-12, abs=1e-12)
                     checked.add((row[0][1], attrs["data-key"]))
     assert {name for name, _ in checked} == set(source)
     assert {"eval/pass@1", "eval/pass@64", "eval/pass@64_exact", "eval/kl_target_exact"} <= {k for _, k in checked}
@@ -84,41 +92,49 @@ def test_per_question_means_are_the_metrics_values(run_dir):
 
 def test_the_page_leads_with_the_figure_and_the_computed_verdict(run_dir):
     page = (run_dir / "report.html").read_text()
-    verdict = " ".join(rlvr.verdict(*rlvr.study_lines(run_dir / "exact")[:2]))
-    assert verdict and verdict.replace("'", "&#x27;") in page
-    assert page.index('class="verdict"') < page.index("<img") < page.index("<table")
+    verdict = json.loads((run_dir / "exact" / "verdict.json").read_text())
+    text = " ".join(verdict["sentences"])
+    assert text and text.replace("'", "&#x27;") in page
+    assert page.index('id="verdict-exact"') < page.index("<img") < page.index("<table")
     assert (run_dir / "report" / "exact_pass_at_k.png").stat().st_size > 20_000
-    assert "tiltlm run --task letters --budget 0.25" in page
+    assert "Reproduce: <code>tiltlm run --task letters --budget 0.25</code>" in page  # the default seeds: no --seeds
 
 
-def _lines(pi0_1=0.2, pi0_64=0.9, pi0_dc=5.0, rl_1=0.8, rl_64=0.6, rl_dc=1.0, dpg_1=0.5, dpg_64=0.92, dpg_dc=6.0):
-    def line(name, p1, p64, dc):
-        return Line(name, None, [{"eval/pass@1": p1, "eval/pass@8": (p1 + p64) / 2, "eval/pass@64": p64, "eval/distinct_correct": dc}])
+def test_verdict_json_is_the_contract_and_from_the_per_question_files(run_dir):
+    """verdict.json: every method's differences to π0 with intervals and its calls; the differences are the means over
+    seeds and questions of the cells' per-question exact values."""
+    verdict = json.loads((run_dir / "exact" / "verdict.json").read_text())
+    assert verdict["level"] == 0.95 and verdict["seeds"] == list(SEEDS) and verdict["n_questions"] == 12 and verdict["exact"]
+    assert set(verdict["methods"]) == {"reinforce", "kl-pg β=0.1", "kl-pg β=1", "dpg"}
+    cells = run_dir / "exact" / "cells"
+    pi0 = _last(cells / "reinforce_seed0" / "metrics.jsonl", step0=True)
+    for name, cell in (("dpg", "dpg"), ("reinforce", "reinforce")):
+        m, mean = verdict["methods"][name], _seed_mean(cells, cell)
+        assert m["narrowed"] in ("yes", "no", "undetermined") and m["kept_breadth"] in ("yes", "no", "undetermined")
+        assert [int(k) for k in m["pass_at_k"]] == [1, 2, 4, 8, 16, 32, 64]
+        for k, iv in m["pass_at_k"].items():
+            assert iv["lo"] <= iv["diff"] <= iv["hi"]
+            assert iv["diff"] == pytest.approx(mean[f"eval/pass@{k}_exact"] - pi0[f"eval/pass@{k}_exact"], abs=1e-12)
+        d = m["distinct_correct"]
+        assert d["diff"] == pytest.approx(mean["eval/distinct_correct_exact"] - pi0["eval/distinct_correct_exact"], abs=1e-9)
 
-    return line("π0 (step 0)", pi0_1, pi0_64, pi0_dc), [line("reinforce", rl_1, rl_64, rl_dc), line("dpg", dpg_1, dpg_64, dpg_dc)]
 
-
-def test_the_verdict_follows_the_numbers():
-    narrowed, kept = rlvr.verdict(*_lines())
-    assert narrowed.startswith("RL with the verifier narrowed the model") and "π0 overtakes it at k = 64" in narrowed
-    assert "0.20 to 0.80" in narrowed and "pass@64 0.60 against π0's 0.90" in narrowed
-    assert kept.startswith("The posterior kept the breadth") and "6.0 distinct correct answers against π0's 5.0" in kept
-    broad, _ = rlvr.verdict(*_lines(rl_64=0.95, rl_dc=6.0))
-    assert broad.startswith("RL with the verifier did not narrow the model")
-    _, lost = rlvr.verdict(*_lines(dpg_dc=3.0))
-    assert lost.startswith("The posterior did not keep the breadth") and "distinct correct answers" in lost and "pass@64 (" not in lost
-    _, lost = rlvr.verdict(*_lines(dpg_64=0.5))
-    assert "fell below π0 in pass@64 (" in lost and "kl-pg" not in lost
-    pi0, trained = _lines(dpg_64=0.5)
-    klpg = Line("kl-pg β=0.1", 0.1, [{"eval/pass@1": 0.3, "eval/pass@8": 0.6, "eval/pass@64": 0.95, "eval/distinct_correct": 5.5}])
-    _, lost = rlvr.verdict(pi0, [*trained, klpg])
-    assert "; kl-pg β=0.1, whose target π0·exp(v/0.1) tilts toward the same posterior, kept it (pass@1 0.30, pass@64 0.95" in lost
-    assert rlvr.verdict(None, []) == ["No held-out evaluation to compare: the study has no π0 row or no trained policy."]
+def test_the_tables_show_the_intervals_of_verdict_json(run_dir):
+    """The page's Δ columns are verdict.json's intervals, as written."""
+    doc = parse(run_dir / "report.html")
+    verdict = json.loads((run_dir / "exact" / "verdict.json").read_text())
+    shown = 0
+    for cls, row in doc.rows:
+        if cls == "passk" and row[0][1] in verdict["methods"]:
+            iv = verdict["methods"][row[0][1]]["pass_at_k"]["64"]
+            assert f"{iv['diff']:+.3f} [{iv['lo']:+.3f}, {iv['hi']:+.3f}]" in [text for _, text in row]
+            shown += 1
+    assert shown >= 4  # the headline table (and the per-part report's)
 
 
 def test_best_of_n_is_pi0_at_n_times_k():
     pi0 = Line("π0", None, [{f"eval/pass@{k}": 1 - 0.9 ** k for k in (1, 2, 4, 8, 16, 32, 64)}])
-    bon = rlvr.best_of_n_line(pi0, 4).curve()
+    bon = best_of_n_line(pi0, 4).curve()
     assert list(bon) == [1, 2, 4, 8, 16] and bon[2] == pytest.approx(1 - 0.9 ** 8)
 
 
@@ -149,7 +165,7 @@ def test_a_second_process_filling_out_meanwhile_loses_nothing(tmp_path):
             (out / "theirs.txt").write_text("kept")
 
     with pytest.raises(TiltlmError, match="was filled by another process while this run worked"):
-        run_main(out, task="letters", budget=0.03, log=other_process_writes)
+        run_main(out, task="letters", budget=0.03, seeds=(0,), log=other_process_writes)
     assert (out / "theirs.txt").read_text() == "kept"
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
     assert len(kept) == 1 and (kept[0] / "report.html").is_file() and (kept[0] / "run.json").is_file()
@@ -188,10 +204,12 @@ def test_a_prompt_file_task_on_another_prior(tmp_path, testbed_dir):
     """--task FILE --prior DIR: the study on the user's prompts (20% held out, exact_match on `answer`), then the exact part."""
     rows = [{"prompt": a + b, "answer": c} for a in "abc" for b in "abc" for c in "ab"]
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = run_main(tmp_path / "run", task=str(tmp_path / "qa.jsonl"), prior=str(testbed_dir), budget=0.05, log=lambda m: None)
+    out = run_main(tmp_path / "run", task=str(tmp_path / "qa.jsonl"), prior=str(testbed_dir), budget=0.05, seeds=(0,),
+                   log=lambda m: None)
     summary = json.loads((out / "run.json").read_text())
     assert [p["dir"] for p in summary["parts"]] == ["rlvr", "exact"]
     final = json.loads((out / "rlvr" / "cells" / "dpg_seed0" / "done.json").read_text())["final"]
+    assert (out / "rlvr" / "verdict.json").is_file() and (out / "exact" / "verdict.json").is_file()
     assert "eval/pass@16" in final and "eval/pass@32" not in final  # 16 completions per held-out prompt
     data = json.loads((out / "rlvr" / "per_question.json").read_text())
     assert len(data["prompts"]) == round(0.2 * len(rows)) and data["n"] == 16

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tiltlm.experiments.run import interactive_part
+from tiltlm.experiments.interactive import interactive_part
 from tiltlm.train.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

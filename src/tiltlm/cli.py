@@ -84,7 +84,8 @@ def run(
     betas: str = typer.Option(None, help="Comma-separated kl-pg betas (default 0.1,1 for RLVR tasks; 0.05,0.2,1 for sentiment)."),
     beta: float = typer.Option(0.2, help="sentiment only: the p* that reinforce, dpg, gdc++ and the baselines are measured against."),
     budget: float = typer.Option(1.0, help="Scales every part's steps (1.0: the README's run, under 10 minutes on 2 CPU cores)."),
-    seeds: str = typer.Option("0", help="Comma-separated training seeds of the RLVR study (each adds one run per method)."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds of the RLVR study (each adds one run per method; "
+                                           "the verdict's intervals combine seeds and questions)."),
     overwrite: bool = typer.Option(False, help="Replace the results directory of an earlier `tiltlm run` (one with run.json; "
                                                "never a directory tiltlm did not write)."),
     interactive: bool = typer.Option(False, help="Add the interactive case: DPG vs KL-PG on tabular envs (exact) and twenty questions."),
@@ -103,17 +104,16 @@ def run(
     if task == "sentiment":
         _print_sentiment(path, prior, reward or "sentiment")
     else:
-        from tiltlm.experiments import rlvr
+        from tiltlm.experiments.page import console_study
 
         for part in summary["parts"]:
             if part["dir"] in ("rlvr", "exact"):
-                pi0, trained, baselines = rlvr.study_lines(path / part["dir"])
-                headers, rows = rlvr.console_table(pi0, trained + baselines)
+                headers, rows, sentences = console_study(path / part["dir"])
                 table = Table(*headers, title=part["title"], title_justify="left")
                 for row in rows:
                     table.add_row(*row)
                 console.print(table, markup=False)
-                console.print(" ".join(rlvr.verdict(pi0, trained)), markup=False, highlight=False)
+                console.print(" ".join(sentences), markup=False, highlight=False)
     if interactive:
         _print_interactive(path / "interactive")
     console.print(f"report: {path / 'report.html'}  ({summary['seconds']:.0f} s)")

@@ -14,7 +14,7 @@ import argparse
 import json
 
 from tiltlm.exact import enumerate_space, exact_report
-from tiltlm.experiments.rlvr import STUDY_OPTIM
+from tiltlm.experiments.grid import STUDY_OPTIM
 from tiltlm.policies import TabularPolicy
 from tiltlm.targets import Prior, Tilt
 from tiltlm.train.config import parse_config
