@@ -274,13 +274,15 @@ def _print_pass_at_k(run_dir: Path) -> None:
     found = pass_at_k_table(run_dir)
     if found is None:
         return
-    headers, rows = found
+    headers, rows, sentences = found
     table = Table(*headers, title="pass@k on held-out prompts (π0 = step 0; mean over seeds)")
     for column in table.columns[1:]:
         column.justify, column.overflow = "right", "fold"
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    if sentences:
+        console.print(" ".join(sentences), markup=False, highlight=False)
 
 
 @app.command()

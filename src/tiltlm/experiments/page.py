@@ -14,7 +14,7 @@ from tiltlm.experiments import passk
 from tiltlm.experiments.cells import groups_of, load_cells
 from tiltlm.experiments.grid import SEEDS
 from tiltlm.experiments.style import fmt
-from tiltlm.experiments.verdict import deltas, read_verdict
+from tiltlm.experiments.verdict import deltas, read_verdict, write_verdict
 from tiltlm.io import atomic_write_text
 
 BEST_OF = 4  # the training-free baseline's n: best-of-4 with the verifier
@@ -98,7 +98,7 @@ def console_study(root: Path) -> tuple[list[str], list[list[str]], list[str]]:
     """(headers, rows, verdict sentences) that `tiltlm run` prints for one study part: pass@1, pass@K, distinct correct,
     KL (exact values beside where enumerated), Δpass@1 and Δpass@K with their intervals, and where π0 is ahead."""
     pi0, trained, baselines = study_lines(root)
-    found = read_verdict(root)
+    found = read_verdict(root)  # just written by the study
     d = deltas(found)
     headers, rows = passk.table(pi0, trained + baselines, d)
     keep = [i for i, (k, _) in enumerate(passk.columns(pi0, trained + baselines)) if k in CONSOLE_KEYS or
@@ -116,7 +116,7 @@ def _study_section(run_dir: Path, part: dict, *, headline: bool) -> str:
     per-question numbers — every number read from the part's files (cells, verdict.json, per_question.json)."""
     root = run_dir / part["dir"]
     pi0, trained, baselines = study_lines(root)
-    found = read_verdict(root)
+    found = write_verdict(root)  # from the part's cells, as its report
     d = deltas(found)
     figure = f"report/{part['dir']}_pass_at_k.png"
     (run_dir / "report").mkdir(exist_ok=True)

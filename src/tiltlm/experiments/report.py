@@ -67,15 +67,18 @@ REFERENCE_ROWS = {
 }
 
 
-def pass_at_k_table(run_dir: Path) -> tuple[list[str], list[list[str]]] | None:
-    """(headers, rows) of the report's pass@k table for the console (None when no cell has held-out evaluations)."""
+def pass_at_k_table(run_dir: Path) -> tuple[list[str], list[list[str]], list[str]] | None:
+    """(headers, rows, verdict sentences) of the report's pass@k table for the console (None when no cell has held-out
+    evaluations; no sentences without per-question evaluations)."""
     if is_run_index(Path(run_dir)):
         return None  # the parts have their own reports and tables
     groups = groups_of(load_cells(Path(run_dir)))
     pi0, others = passk.lines(groups)
     if pi0 is None and not others:
         return None
-    return passk.console_rows(pi0, others, verdict.deltas(verdict.read_verdict(run_dir) or verdict.verdict_of(groups)))
+    found = verdict.verdict_of(groups)
+    headers, rows = passk.console_rows(pi0, others, verdict.deltas(found))
+    return headers, rows, [] if found is None else found["sentences"]
 
 
 CSS = """
@@ -230,11 +233,14 @@ def _samples_html(samples, groups: dict, limit: int = 8) -> tuple[str, str]:
 
 def _evaluation_html(run_dir: Path, groups: dict, tmp: Path) -> list[str]:
     """The held-out pass@k section (where metrics.jsonl has eval/ rows), with Δpass@k intervals and the calls where the
-    cells' per-question evaluations allow: from verdict.json when the directory has one (a study part), else computed."""
+    cells' per-question evaluations allow, computed from the cells (deterministic: the same numbers as the study's
+    verdict.json, which is rewritten from them when the directory has one)."""
     pi0, evaluated = passk.lines(groups)
     if pi0 is None and not evaluated:
         return []
-    found = verdict.read_verdict(run_dir) or verdict.verdict_of(groups)
+    found = verdict.verdict_of(groups)
+    if found is not None and (run_dir / "verdict.json").is_file():  # a study part: its verdict.json follows its cells
+        verdict.write_verdict(run_dir)
     d = verdict.deltas(found)
     out = [passk.section_html(pi0, evaluated, passk.figure(pi0, evaluated, tmp / passk.FIGURE, d), d)]
     if found is not None:

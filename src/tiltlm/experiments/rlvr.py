@@ -123,7 +123,7 @@ def run_study(root: Path, task: Task, *, betas: tuple[float, ...], steps: int, s
     collect(root, list(configs))
     per_question(root, task, configs)
     # 3. verdict: differences to pi0 with intervals over seeds × questions, a call per claim
-    write_verdict(root, seeds=list(seeds))
+    write_verdict(root)
     # 4. figures and the part's own report
     write_report(root)
     return root

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tiltlm.experiments.cells import groups_of, load_cells
 from tiltlm.experiments.intervals import LEVEL, Interval
 from tiltlm.experiments.questions import Comparison, Evaluations, compare, evaluations, is_exact
 from tiltlm.io import atomic_write_text
@@ -137,12 +138,10 @@ def sentences(verdict: dict) -> list[str]:
     return out
 
 
-def write_verdict(root: Path, *, seeds: list | None = None) -> dict | None:
+def write_verdict(root: Path) -> dict | None:
     """``root/verdict.json`` from the study's cells (their eval_per_prompt.jsonl); None (and no file) when the study has
     no pi0 evaluation or no trained policy evaluated on the same questions."""
-    from tiltlm.experiments.cells import groups_of, load_cells
-
-    out = verdict_of(groups_of(load_cells(root)), seeds=seeds)
+    out = verdict_of(groups_of(load_cells(root)))
     if out is None:
         return None
     atomic_write_text(Path(root) / "verdict.json", json.dumps(out, indent=1))
@@ -166,7 +165,7 @@ def verdict_of(groups: dict, *, seeds: list | None = None) -> dict | None:
     if pi0 is None or not methods:
         return None
     if seeds is None:
-        seeds = sorted({s for m in methods for s in m.seeds if s is not None}, key=str)
+        seeds = sorted({s for m in methods for s in m.seeds if s is not None}, key=lambda s: (type(s).__name__, s))
     return verdict_json(pi0, methods, seeds=seeds)
 
 
