@@ -82,7 +82,7 @@ def run(
     prior: str = typer.Option("default", help="Prior LM: 'default' (embedded), smollm2-135m, or a save_pretrained directory."),
     reward: str = typer.Option(None, help="The verifier of a prompt-file task (default exact_match), or sentiment's reward (default sentiment)."),
     betas: str = typer.Option(None, help="Comma-separated kl-pg betas (default 0.1,1 for RLVR tasks; 0.05,0.2,1 for sentiment)."),
-    beta: float = typer.Option(0.2, help="sentiment only: the p* that reinforce, dpg, gdc++ and the baselines are measured against."),
+    beta: float = typer.Option(0.2, help="sentiment only: the p* that reinforce, dpg and the baselines are measured against."),
     budget: float = typer.Option(1.0, help="Scales every part's steps (1.0: the README's run, under 10 minutes on 2 CPU cores)."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds of the RLVR study (each adds one run per method; "
                                            "the verdict's intervals combine seeds and questions)."),

@@ -22,7 +22,7 @@ BEST_OF = 4  # the training-free baseline's n: best-of-4 with the verifier
 PART_LINKS = {
     "rlvr": "per-cell curves, the pass@k section and the samples of each trained policy",
     "exact": "the same comparison where pass@k and every divergence to p*(·|x) are exact",
-    "lm": "reinforce vs kl-pg vs dpg/gdc++ vs inference baselines, estimated divergences",
+    "lm": "reinforce vs kl-pg vs dpg vs inference baselines, estimated divergences",
     "testbed": "the same comparison where every divergence to p* is exact",
 }
 
@@ -45,7 +45,7 @@ def write_index(run_dir: str | Path, name: str | None = None) -> Path:
         if p["dir"] in ("rlvr", "exact"):
             body.append(_study_section(run_dir, p, headline=not body))
     if not body and summary.get("task", "sentiment") == "sentiment":
-        body.append("<p>The reward–KL comparison: reinforce vs kl-pg at several β vs dpg/gdc++ vs inference baselines, at "
+        body.append("<p>The reward–KL comparison: reinforce vs kl-pg at several β vs dpg vs inference baselines, at "
                     "matched samples (the parts' reports below have the frontier figures).</p>")
     links = "".join(f'<li><a href="{html.escape(p["dir"])}/report/report.html">Part {i}: {html.escape(p["title"])}</a> — '
                     f'{PART_LINKS.get(p["dir"], "")} ({p["seconds"]:.0f} s)</li>'

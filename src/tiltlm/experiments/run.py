@@ -7,7 +7,7 @@ By default (``task="quiz"``) two parts, each a directory of training runs with i
 2. ``exact/``: the same study on an enumerable testbed, where pass@k and KL(p*(·|x)‖pi(·|x)) are exact.
 
 ``task="sentiment"`` is the earlier reward–KL comparison (``lm/`` and ``testbed/``: reinforce, kl-pg at several beta,
-dpg, gdc++, importance resampling, best-of-n toward the sentiment tilt); ``interactive`` adds ``interactive/``. The
+dpg with GDC++'s baseline, importance resampling, best-of-n toward the sentiment tilt); ``interactive`` adds ``interactive/``. The
 top-level ``report.html`` (tiltlm.experiments.page.write_index) leads with the pass@k figure and the computed verdict. Everything is written
 into a temporary directory renamed at the end; ``budget`` scales the steps.
 """

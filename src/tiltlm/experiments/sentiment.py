@@ -1,12 +1,13 @@
 """`tiltlm run --task sentiment`: the reward–KL comparison of the sentiment tilt p* ∝ pi0·exp(r/beta).
 
 Two parts, each a sweep directory with its own report: ``lm/`` (the embedded default LM, r = VADER sentiment or any
-reward spec: reinforce, kl-pg at several beta, dpg and gdc++ at the main beta, then importance resampling and best-of-4
+reward spec: reinforce, kl-pg at several beta, dpg at the main beta, then importance resampling and best-of-4
 with the cells' sample budget) and ``testbed/`` (an enumerable 5-token testbed with r = count:a, where every divergence
 to p* is exact, and exact.json holds p*'s exact numbers). Cells → the sweep (tiltlm.experiments.sweep) → inference
 baselines and samples → the part's report (tiltlm.experiments.report).
 
-The cells train with the study optimiser of tiltlm.experiments.grid.STUDY_OPTIM (see its note).
+The cells train with the library's default optimiser (minibatches of 16, linear decay) and its dpg (GDC++'s baseline),
+each at the study's lr; one seed (the run's first).
 """
 
 from __future__ import annotations
@@ -19,18 +20,16 @@ from pathlib import Path
 import yaml
 
 from tiltlm.experiments.cells import add_samples
-from tiltlm.experiments.grid import STUDY_OPTIM
 
 def lm_sweep(prior: str, reward: str, betas: list[float], main_beta: float, steps: int, seed: int) -> dict:
     return {
         "base": {"prior": prior, "target": {"reward": reward},
                  "sampling": {"contexts": [""], "n_per_context": 16, "max_new_tokens": 32},
-                 "optim": {**STUDY_OPTIM, "steps": steps, "lr": 1e-4}, "checkpoint": {"every": 10}},
+                 "optim": {"steps": steps, "lr": 1e-4}, "checkpoint": {"every": 10}},
         "grid": {"betas": betas, "seeds": [seed], "algorithms": [
             {"name": "reinforce", "betas": [main_beta]},
             {"name": "kl-pg"},
-            {"name": "dpg", "label": "dpg", "baseline": False, "betas": [main_beta]},
-            {"name": "gdc++", "betas": [main_beta]},
+            {"name": "dpg", "betas": [main_beta]},  # the library's dpg: GDC++'s baseline on
         ]},
     }
 
@@ -39,13 +38,12 @@ def testbed_sweep(prior: str, betas: list[float], main_beta: float, steps: int, 
     return {
         "base": {"prior": prior, "target": {"reward": "count:a"},
                  "sampling": {"n_per_context": 32, "max_new_tokens": 4},
-                 "optim": {**STUDY_OPTIM, "steps": steps, "lr": 3e-3}, "metrics": {"exact_every": max(1, steps // 10)},
+                 "optim": {"steps": steps, "lr": 3e-3}, "metrics": {"exact_every": max(1, steps // 10)},
                  "checkpoint": {"every": 20}},
         "grid": {"betas": betas, "seeds": [seed], "algorithms": [
             {"name": "reinforce", "betas": [main_beta]},
             {"name": "kl-pg"},
-            {"name": "dpg", "label": "dpg", "baseline": False, "betas": [main_beta]},
-            {"name": "gdc++", "betas": [main_beta]},
+            {"name": "dpg", "betas": [main_beta]},  # the library's dpg: GDC++'s baseline on
         ]},
     }
 
