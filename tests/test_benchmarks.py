@@ -148,3 +148,12 @@ def test_real_model_against_trl(bench):
         assert r["optimizer_steps"] == 1 and r["grad_passes"] == 1
         assert r["nograd_passes"] == (2 if r["tool"] == "trl-rloo" else 1)  # the reference (RLOO: and its "old" log-probs)
         assert r["prompt_len"] == tiltlm["prompt_len"] and 0 < r["mean_len"] <= 8
+
+
+def test_sampling_quick(bench):
+    rows = _payload(bench("sampling").main(["--quick", "--smollm", "off"]), "sampling")
+    assert [r["B"] for r in rows] == [4, 8]
+    for r in rows:
+        _finite(r, ["tokens_per_s", "gemm_gflops", "ratio_steps", "ratio_tokens"])
+        assert 0 < r["tokens"] <= r["B"] * r["steps"] and r["steps"] <= r["T"] == 4
+        assert 0 < r["ratio_tokens"] <= r["ratio_steps"]  # generated tokens never exceed rows × steps

@@ -15,6 +15,7 @@ import torch
 from tiltlm.algorithms.kl_pg import kl_pg_loss
 from tiltlm.train.config import parse_config
 from tiltlm.train.loop import Trainer, minibatches
+from tiltlm.train.minibatch import token_logp as minibatch_token_logp
 
 from test_algorithms import BETA, setup
 
@@ -53,7 +54,7 @@ def test_minibatch_gradients_average_to_the_full_batch_gradient(name):
 
     def grad(b, rows, before):
         policy.logits.grad = None
-        token_logp = t._token_logp(b, rows, before)
+        token_logp = minibatch_token_logp(t.strategy, t.policy, b, rows, before)
         loss, _ = t.algorithm.loss(b, token_logp.sum(-1), token_logp)
         loss.backward()
         return policy.logits.grad.clone()

@@ -197,6 +197,8 @@ def train(
     steps: Optional[int] = typer.Option(None, help="Override optim.steps."),
     seed: Optional[int] = typer.Option(None, help="Override seed."),
     log: Optional[str] = typer.Option(None, help="Extra trackers beside metrics.jsonl: tensorboard,wandb,mlflow."),
+    timings: bool = typer.Option(False, help="Print the run's seconds per phase (sampling, scoring, backward, evaluation, "
+                                             "I/O) at the end; they are always recorded in --out/phases.json."),
 ) -> None:
     """Train a policy toward the config's target with the config's algorithm.
 
@@ -235,6 +237,10 @@ def train(
                           f"KL(pi||pi0) {last.get('kl/prior_seq', float('nan')):.4f}; policy saved to {out / 'policy'}")
         else:
             console.print(f"done: the run was already at step {trainer.step}; policy in {out / 'policy'}")
+        if timings:
+            from tiltlm.train.timing import format_phases, sum_phases
+
+            console.print(format_phases(sum_phases([out])), markup=False, highlight=False)
     if world.size > 1:
         # everything is written and the group is left: skip the interpreter's teardown, where a rank of a sharded
         # run intermittently aborted ("terminate called without an active exception", seen ~1 in 8 FSDP launches

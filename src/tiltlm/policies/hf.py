@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tiltlm.errors import TiltlmError
 from tiltlm.policies.base import Samples, batch_rows, check_sampling_options, row_draw, seeded_draw, transform_logits
+from tiltlm.policies.kvcache import reserve
 from tiltlm.policies.modeldir import check_loading_info, check_tokenizer, validate_model_dir
 from tiltlm.priors import DEFAULT_MODEL_DIR, named_prior_dir  # noqa: F401 - DEFAULT_MODEL_DIR is re-exported
 from tiltlm.quiet import quiet_transformers
@@ -394,6 +395,10 @@ class HFPolicy:
             past, logits = _cache_of(out), out.logits[:, -1]  # (B, V)
         next_position = position[:, -1] + 1  # (B,)
         fed = 0
+        reserve(past, max_new_tokens)  # keys and values written in place, not concatenated (tiltlm.policies.kvcache)
+        start = attn.shape[1]
+        attn_buffer = torch.zeros((b, start + max_new_tokens), dtype=attn.dtype, device=device)  # filled column by column
+        attn_buffer[:, :start] = attn
 
         ids = torch.full((b, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         token_logp = torch.zeros((b, max_new_tokens), device=device)
@@ -410,7 +415,8 @@ class HFPolicy:
             if self.all_ranks(bool(done.all())) or t == max_new_tokens - 1:
                 break
             # a finished row's padding is fed (the batch moves together) but masked, so its cache stays clean
-            attn = torch.cat([attn, alive[:, None].to(attn.dtype)], dim=-1)
+            attn_buffer[:, start + t] = alive
+            attn = attn_buffer[:, : start + t + 1]
             out = self._forward(
                 input_ids=ids[:, t : t + 1], attention_mask=attn, position_ids=next_position[:, None],
                 use_cache=True, **{self._cache_kwarg: past},

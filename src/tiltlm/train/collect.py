@@ -18,6 +18,7 @@ from tiltlm.evaluate import build_evaluator
 from tiltlm.records import Batch
 from tiltlm.targets.base import Target
 from tiltlm.train.config import TrainConfig
+from tiltlm.train.timing import PhaseTimer
 
 
 def step_seed(config: TrainConfig, step: int) -> int:
@@ -28,8 +29,9 @@ class Collector:
     """Draws and scores the batch of each step; counts failed environment episodes across the run."""
 
     def __init__(self, config: TrainConfig, *, policy, target: Target, algorithm, strategy, env=None, runner=None, generator=None,
-                 out_dir=None):
+                 out_dir=None, timer=None):
         self.config, self.policy, self.target, self.algorithm = config, policy, target, algorithm
+        self.timer = timer if timer is not None else PhaseTimer()  # seconds of sampling and scoring (tiltlm.train.timing)
         self.strategy, self.env, self.runner, self.generator = strategy, env, runner, generator
         self.env_counts = {"episodes": 0, "failures": 0}
         self.data, self.eval_data = load_data(config.data) if config.data is not None else (None, None)
@@ -45,6 +47,15 @@ class Collector:
 
     def __call__(self, step: int) -> Batch:
         sampler = self.sampler()
+        with self.timer.phase("sample"):
+            samples = self._sample(sampler, step)
+        with self.timer.phase("score"):
+            batch = self._score(sampler, samples)
+        if self.env is not None:
+            self._count_failures(batch.samples, step)
+        return batch
+
+    def _sample(self, sampler, step: int):
         if self.env is not None:
             samples = self._rollout(sampler, step)
         else:
@@ -55,6 +66,9 @@ class Collector:
             samples = sampler.sample(contexts, s.n_per_context, seed=step_seed(self.config, step),
                                      **({} if rows is None else {"rows": rows}))
             samples.columns = prompts.columns if prompts is not None else None
+        return samples
+
+    def _score(self, sampler, samples) -> Batch:
         logq = samples.logp.double()
         is_prior = sampler is self.target.prior
         token_logp_prior = None
@@ -65,10 +79,7 @@ class Collector:
             scores = self.target.score(samples, prior_logp=logq if is_prior else None)
         batch = Batch(samples=samples, logq=logq, token_logq=samples.token_logp, logp_prior=scores.logp_prior,
                       log_target=scores.log_target, reward=scores.reward, token_logp_prior=token_logp_prior, beta=self.target.beta)
-        batch = self.strategy.gather(batch, pad_id=getattr(sampler, "pad_id", sampler.eos_id))
-        if self.env is not None:
-            self._count_failures(batch.samples, step)
-        return batch
+        return self.strategy.gather(batch, pad_id=getattr(sampler, "pad_id", sampler.eos_id))
 
     def _rollout(self, sampler, step: int):
         """Play this step's episodes: n_per_context per task, tasks drawn by the step's seed."""

@@ -2,14 +2,12 @@
 
 Every algorithm runs through ``Trainer.train_step``; nothing here knows which one it is running beyond
 ``algorithm.on_policy`` (whom to sample from, tiltlm.train.collect) and ``algorithm.epochs`` (passes over a
-batch). The parts come from tiltlm.train.build, the batch from tiltlm.train.collect, files from
-tiltlm.train.rundir, and how the step is laid over processes from the strategy
-(tiltlm.distributed.strategy): one process, replicated or sharded weights — the loop reads the same.
+batch). Parts: tiltlm.train.build; the batch: .collect; updates: .minibatch; files: .rundir, .resume; seconds per
+phase: .timing; the step laid over processes: tiltlm.distributed.strategy (one process, replicated or sharded).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -24,32 +22,14 @@ from tiltlm.targets.base import Target
 from tiltlm.train import guards
 from tiltlm.train.build import (build_env, build_exact, build_generator, build_optimizer, build_runner, target_from_config,
                                 trainable_module)
-from tiltlm.train.checkpoint import restore_proposal, trainable_names, trainable_state
 from tiltlm.train.collect import Collector
 from tiltlm.train.config import TrainConfig
+from tiltlm.train.minibatch import descend, minibatches, start_of_step, token_logp
 from tiltlm.train.rundir import RunDir
+from tiltlm.train.resume import restore_trainer, save_trainer
+from tiltlm.train.timing import PhaseTimer, write_phases
 
 __all__ = ["Trainer", "minibatches", "target_from_config", "trainable_module"]
-
-
-def minibatches(group: torch.Tensor, size: int | None) -> list[torch.Tensor | None]:
-    """The rows of each optimiser update of one batch: ``[None]`` (the whole batch, one update) when ``size`` is
-    None or the batch has at most ``size`` rows; else consecutive minibatches of at most ``size`` rows, a context's
-    group kept whole when it fits and otherwise cut into near-equal parts (64 samples of one context, size 16:
-    4 minibatches of 16)."""
-    n = len(group)
-    if size is None or n <= size:
-        return [None]
-    pieces = []
-    for g in dict.fromkeys(group.tolist()):  # contexts in order of first appearance
-        rows = (group == g).nonzero().flatten()
-        pieces.extend(rows.tensor_split(-(-len(rows) // size)))
-    out: list[list[torch.Tensor]] = [[]]
-    for piece in pieces:
-        if out[-1] and sum(map(len, out[-1])) + len(piece) > size:
-            out.append([])
-        out[-1].append(piece)
-    return [torch.cat(parts) for parts in out]
 
 
 class Trainer:
@@ -73,8 +53,9 @@ class Trainer:
         self.strategy.prepare(config, policy, target.prior)  # sharding happens before the optimiser sees the weights
         self.module = trainable_module(policy)
         self.optimizer = build_optimizer(config, self.module)
+        self.timer = PhaseTimer()  # seconds per phase: time/… metrics and phases.json (tiltlm.train.timing)
         self.collect = Collector(config, policy=policy, target=target, algorithm=self.algorithm, strategy=self.strategy,
-                                 env=self.env, runner=self.runner, generator=self.generator, out_dir=out_dir)
+                                 env=self.env, runner=self.runner, generator=self.generator, out_dir=out_dir, timer=self.timer)
         self.exact = build_exact(config, target, self.env, self.collect.data)
         self.step = 0
         self.run_dir = RunDir(out_dir, writes=self.strategy.writes) if out_dir is not None else None
@@ -87,25 +68,8 @@ class Trainer:
             if checkpoint is not None:
                 self._restore(checkpoint)
 
-    def _restore(self, data: dict) -> None:
-        """Continue from a checkpoint: weights, optimiser, RNG, algorithm and env state, step; metrics cut back."""
-        state = data["state"]
-        if differ := set(data["policy"]) ^ trainable_names(self.module):
-            raise TiltlmError(f"checkpoint '{self.run_dir.checkpoint}' does not match this policy ({len(differ)} tensors differ); "
-                              "resume with the same config")
-        self.strategy.load_state(self.module, self.optimizer, data["policy"], data["optimizer"])
-        torch.random.set_rng_state(data["rng"])
-        self.algorithm.load_state_dict(state["algorithm"])
-        self.collect.env_counts = dict(state.get("env", self.collect.env_counts))
-        if "proposal" in data:
-            self.algorithm.proposal = restore_proposal(self.policy, data["proposal"], trainable_names(self.module))
-            if self.algorithm.proposal is None:
-                raise TiltlmError(f"checkpoint '{self.run_dir.checkpoint}' has a proposal that does not match this policy; "
-                                  "resume with the same config")
-        self.step = int(state["step"])
-        if self.generator is not None:
-            self.generator.sync()  # the engine started from the initial weights
-        self.run_dir.truncate_metrics(self.step)
+    def _restore(self, data: dict) -> None:  # continue from a checkpoint (tiltlm.train.resume)
+        restore_trainer(self, data)
 
     def make_batch(self, step: int) -> Batch:  # the batch of step ``step`` (tiltlm.train.collect)
         return self.collect(step)
@@ -120,29 +84,31 @@ class Trainer:
             raise guards.out_of_memory_error(self.config, self.step) from None
 
     def _train_step(self) -> dict:
-        if self.step == 0 and (first := self.collect.evaluator(self.target.prior, 0)):  # pi0 on held-out prompts
-            self._log({"step": 0, **first})
+        self.timer.start_step()
+        if self.step == 0:  # pi0 on held-out prompts
+            with self.timer.phase("eval"):
+                first = self.collect.evaluator(self.target.prior, 0)
+            if first:
+                self._log({"step": 0, **first})
         step, batch = self.step, self.collect(self.step)
         self.algorithm.observe(batch)
         self.module.train(False)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.optim.lr_at(step)
         parts = minibatches(batch.group, self.config.optim.minibatch_size)
-        token_logp_before = None
-        if len(parts) > 1:  # every row's log pi at the step's start: the other rows' values in each minibatch's loss
-            with torch.no_grad():
-                token_logp_before = self.strategy.token_logp(self.policy, batch).detach()
-            batch = dataclasses.replace(batch, logp_start=token_logp_before.sum(-1).double())
+        with self.timer.phase("score"):  # several minibatches: every row's log pi at the step's start
+            batch, token_logp_before = start_of_step(self.strategy, self.policy, batch, parts)
         stats, losses, norms = {}, [], []
         for _ in range(self.algorithm.epochs):
             losses.clear()
             for rows in parts:
-                token_logp = self._token_logp(batch, rows, token_logp_before)  # (B, T), with grad on ``rows``
-                logp = token_logp.sum(-1)
-                if token_logp_before is None:
-                    token_logp_before = token_logp.detach()
-                loss, stats = self.algorithm.loss(batch, logp, token_logp)
-                stats.update(self._descend(loss, batch, logp, step))
+                with self.timer.phase("backward"):
+                    token_logp_now = token_logp(self.strategy, self.policy, batch, rows, token_logp_before)  # (B, T), grad on rows
+                    logp = token_logp_now.sum(-1)
+                    if token_logp_before is None:
+                        token_logp_before = token_logp_now.detach()
+                    loss, stats = self.algorithm.loss(batch, logp, token_logp_now)
+                    stats.update(self._descend(loss, batch, logp, step))
                 losses.append(float(loss.detach()))
                 norms.append(stats.pop("grad/norm", None))
         guards.check_weights(self.module, self.strategy, step + 1)  # once a step: a later update's loss check catches the rest
@@ -156,45 +122,33 @@ class Trainer:
         if self.generator is not None:
             self.generator.sync()
         self.step = step + 1
-        self._log(row := {"step": self.step, "loss": sum(losses) / len(losses), **stats, **self._metrics(batch, token_logp_before)})
+        row = {"step": self.step, "loss": sum(losses) / len(losses), **stats, **self._metrics(batch, token_logp_before)}
         every = self.config.checkpoint.every
-        if self.run_dir is not None and self.strategy.joins_io and ((every and self.step % every == 0) or self.step == self.config.optim.steps):
-            self.save_checkpoint()
+        with self.timer.phase("io"):
+            if self.run_dir is not None and self.strategy.joins_io and ((every and self.step % every == 0) or self.step == self.config.optim.steps):
+                self.save_checkpoint()
+        self.timer.step_row()  # this step's seconds per phase, into phases.json (not the metrics rows: those are reproducible)
+        self._log(row)
+        self._write_phases()
         return row
 
-    def _token_logp(self, batch: Batch, rows: torch.Tensor | None, before: torch.Tensor | None) -> torch.Tensor:
-        """(B, T) log pi of the whole batch for the loss: all rows with grad (one minibatch), or ``rows`` at the
-        current weights with their gradient scaled by B/len(rows) and the other rows at the step's start."""
-        if rows is None:
-            return self.strategy.token_logp(self.policy, batch)
-        part = self.strategy.token_logp(self.policy, batch.select(rows))
-        scale = len(batch) / len(rows)  # the minibatch's gradient estimates the whole batch's
-        part = part * scale - part.detach() * (scale - 1)  # value unchanged, gradient x scale
-        return before.to(part.dtype).index_put((rows.to(part.device),), part)
+    def _write_phases(self) -> None:  # phases.json: the run's seconds per phase so far
+        if self.run_dir is not None and self.strategy.writes:
+            write_phases(self.run_dir.path, self.timer)
 
     def _descend(self, loss: torch.Tensor, batch: Batch, logp: torch.Tensor, step: int) -> dict:
-        """Backward, the full-batch gradient, clipping and the optimiser step, each guarded."""
-        guards.check_loss(loss, batch, logp, step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = self.optimizer.param_groups[0]["params"]
-        self.strategy.reduce_grads(params)  # data parallel: the sum of the ranks' rows = the full-batch gradient
-        guards.check_gradients(params, self.strategy, loss, batch, logp, step)
-        stats = {}
-        if self.config.optim.grad_clip is not None:
-            stats["grad/norm"] = float(self.strategy.full(torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward (full fine-tuning: a model's size)
-        return stats
+        return descend(self.optimizer, self.strategy, self.config.optim.grad_clip, loss, batch, logp, step)
 
     def _metrics(self, batch: Batch, token_logp_before: torch.Tensor) -> dict:
         m = self.config.metrics
         row = step_metrics(batch, token_logp_before, on_policy=self.algorithm.on_policy, kl_estimator=m.kl_estimator,
                            diversity=m.diversity, env_counts=self.collect.env_counts)
         if self.exact and self.strategy.joins_io and (self.step % m.exact_every == 0 or self.step == self.config.optim.steps):
-            row.update(self.exact_metrics())
+            with self.timer.phase("eval"):
+                row.update(self.exact_metrics())
         row["samples/seen"] = self.step * len(batch)
-        row.update(self.collect.evaluator(self.policy, self.step))  # held-out pass@k when due (tiltlm.evaluate)
+        with self.timer.phase("eval"):
+            row.update(self.collect.evaluator(self.policy, self.step))  # held-out pass@k when due (tiltlm.evaluate)
         return row
 
     def exact_metrics(self) -> dict[str, float]:
@@ -220,7 +174,9 @@ class Trainer:
                     rows.append(self.train_step())
                     advance(self.step, rows[-1])
             if self.run_dir is not None and self.strategy.joins_io:
-                self.save_policy()
+                with self.timer.outside_steps("io"):
+                    self.save_policy()
+                self._write_phases()
                 self.run_dir.close()  # the run is complete: give the directory up
             return rows
         finally:
@@ -235,16 +191,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """checkpoint/ (rank 0 writes; sharded: every rank calls this, to gather the full tensors)."""
-        guards.check_weights(self.module, self.strategy, self.step)  # never replace the last good checkpoint with a broken one
-        weights, optimizer = self.strategy.full_state(self.module, self.optimizer)
-        proposal = self.algorithm.proposal
-        keep_proposal = proposal is not None and proposal is not self.target.prior and self.strategy.writes
-        self.run_dir.save_checkpoint(
-            step=self.step, weights=weights, optimizer=optimizer,
-            extra={"algorithm": self.algorithm.state_dict(), "env": self.collect.env_counts},
-            # only the tensors training changes (a tied head is not stored twice; LoRA: the adapters)
-            proposal=trainable_state(trainable_module(proposal), trainable_names(self.module)) if keep_proposal else None,
-        )
+        save_trainer(self)
 
     def save_policy(self) -> Path | None:
         """policy/: a save_pretrained directory (HF) or the tabular table (sharded: every rank calls this)."""

@@ -1,0 +1,140 @@
+"""Sampling throughput of ``HFPolicy.sample`` against this machine's own matrix-multiply rate.
+
+    python benchmarks/sampling.py [--threads 1] [--batches 16 32 64 128 256] [--tokens 32] [--smollm prior|config|off]
+
+For each batch size B the policy draws B sequences of up to T new tokens after one context (seeded), and
+in the same process, interleaved round by round (benchmarks/common.interleaved_min, the minimum kept),
+torch multiplies a (B × d) by a (d × 4d) float32 matrix — the shape of a decoder's MLP at that batch size.
+Reported per row:
+
+- ``tokens_per_s``: generated tokens (EOS included, nothing after it) per second of ``sample``;
+- ``gemm_gflops``: 2·B·d·4d / seconds of that matrix product, the rate this machine reaches on it now;
+- ``ratio_steps``: the model FLOPs of the loop, 2 × parameters × B × decoding steps (every row of every step,
+  finished rows included: the issue's measure), per second, over ``gemm_gflops``;
+- ``ratio_tokens``: the same with the generated tokens instead of B × steps (only work that produced a token).
+
+Parameters are ``model.num_parameters()`` (a tied head counted once; its matrix product is real work, the
+position table's lookup is not: a 2% overcount on the default model). The context is "" (BOS) for the default
+model and the chat prompt of benchmarks/real_model.py for SmolLM2 (``--smollm prior``: the converted
+SmolLM2-135M-Instruct, tiltlm.priors; ``config``: the same architecture with random weights, whose rows rarely
+end early). Absolute numbers are of this machine at this moment; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_common_args, emit, interleaved_min, quiet_transformers, set_threads
+
+SMOLLM_PROMPT = "Write a short poem about the sea."
+SMOLLM_CONFIG = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                     vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                     rope_theta=100000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def smollm_policy(kind: str, max_new_tokens: int):
+    """SmolLM2-135M: the converted prior, or its architecture with random weights (seeded) and the prior's
+    tokenizer when it is converted, else the tiny Llama testbed's (ids within the vocabulary either way)."""
+    from tiltlm.policies.hf import HFPolicy
+
+    if kind == "prior":
+        return HFPolicy.from_pretrained("smollm2-135m", max_new_tokens=max_new_tokens)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM_CONFIG)).float()
+    return HFPolicy(model, _any_tokenizer(), max_new_tokens=max_new_tokens)
+
+
+def _any_tokenizer():
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from tiltlm.testbed import make_testbed
+
+    try:
+        from tiltlm.priors import named_prior_dir
+
+        return AutoTokenizer.from_pretrained(named_prior_dir("smollm2-135m"), local_files_only=True)
+    except Exception:  # noqa: BLE001 - the prior is not installed: a testbed's chat tokenizer will do
+        return AutoTokenizer.from_pretrained(make_testbed(tempfile.mkdtemp(), arch="llama"), local_files_only=True)
+
+
+def hidden_size(config) -> int:
+    return int(getattr(config, "hidden_size", None) or config.n_embd)
+
+
+def measure(policy, context: str, b: int, repeats: int, seed: int = 0) -> dict:
+    """One row: sample B after ``context`` and the (B × d)·(d × 4d) product, interleaved, min over rounds."""
+    d = hidden_size(policy.model.config)
+    x, w = torch.randn(b, d), torch.randn(d, 4 * d)
+    gemm_reps = 20
+    last = {}
+
+    def sample():
+        last["s"] = policy.sample([context], b, seed=seed)
+
+    def gemm():
+        for _ in range(gemm_reps):
+            torch.mm(x, w)
+
+    best = interleaved_min({"sample": sample, "gemm": gemm}, repeats)
+    s = last["s"]
+    steps, tokens = int(s.mask.shape[1]), int(s.mask.sum())
+    params = policy.model.num_parameters()
+    gemm_rate = 2 * b * d * 4 * d * gemm_reps / best["gemm"]
+    return {"B": b, "T": policy.max_new_tokens, "steps": steps, "tokens": tokens, "sample_s": best["sample"],
+            "tokens_per_s": tokens / best["sample"], "gemm_gflops": gemm_rate / 1e9,
+            "ratio_steps": 2 * params * b * steps / best["sample"] / gemm_rate,
+            "ratio_tokens": 2 * params * tokens / best["sample"] / gemm_rate}
+
+
+def profile(policy, context: str, b: int, top: int = 25) -> None:
+    """torch.profiler's table of one ``sample`` (self CPU time, top ``top`` operators)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    policy.sample([context], b, seed=0)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        policy.sample([context], b, seed=0)
+        wall = time.perf_counter() - t0
+    print(f"profile of sample B={b}: {wall:.3f} s wall")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    parser.add_argument("--tokens", type=int, default=32, help="max_new_tokens of the default model")
+    parser.add_argument("--smollm", choices=("prior", "config", "off"), default="prior")
+    parser.add_argument("--smollm-batch", type=int, default=16)
+    parser.add_argument("--smollm-tokens", type=int, default=64)
+    parser.add_argument("--profile", type=int, default=None, metavar="B", help="also print a profile of one sample at B")
+    args = parser.parse_args(argv)
+    quiet_transformers()
+    set_threads(args.threads)
+    from tiltlm.policies.hf import HFPolicy
+
+    repeats = args.repeats or (1 if args.quick else 3)
+    batches = [4, 8] if args.quick else args.batches
+    policy = HFPolicy.from_pretrained("default", max_new_tokens=4 if args.quick else args.tokens)
+    rows = [{"model": "default", **measure(policy, "", b, repeats)} for b in batches]
+    if args.profile:
+        profile(policy, "", args.profile)
+    if args.smollm != "off" and not args.quick:
+        big = smollm_policy(args.smollm, args.smollm_tokens)
+        rows.append({"model": f"smollm2-135m ({args.smollm})", **measure(big, SMOLLM_PROMPT, args.smollm_batch, repeats)})
+    columns = ["model", "B", "T", "steps", "tokens", "sample_s", "tokens_per_s", "gemm_gflops", "ratio_steps", "ratio_tokens"]
+    return emit("sampling", rows, columns, args.json)
+
+
+if __name__ == "__main__":
+    main()
