@@ -93,9 +93,10 @@ class Reward:
                 raise ValueError(f"got {len(texts)} texts but {len(v)} values of column {k!r}")
         if not texts:
             return torch.zeros(0, dtype=torch.float64)
+        n = len(texts)  # counted now: the reward gets lists of its own, and may change them (empty them, even)
         keywords = columns if columns and _takes_keywords(self.fn) else {}
-        values = _call_user_code(lambda: _materialise(self.fn(texts, contexts, **keywords)), self.name, self.timeout_s, len(texts))
-        return _to_tensor(self.name, values, len(texts))
+        values = _call_user_code(lambda: _materialise(self.fn(texts, contexts, **keywords)), self.name, self.timeout_s, n)
+        return _to_tensor(self.name, values, n)
 
 
     def check_rows(self, columns: Mapping[str, Sequence], numbers: Sequence, where: str) -> None:
@@ -195,7 +196,12 @@ def _to_tensor(name: str, values: Any, n: int) -> torch.Tensor:
                 f"reward {name!r} returned {type(v).__name__} at index {i}; "
                 "make it return finite floats (one per text)"
             )
-        v = float(v)
+        try:
+            v = float(v)
+        except OverflowError:  # an int (or Fraction) beyond float range, ~1.8e308: no tilt exp(r/beta) can use it
+            size = f"an integer of {v.bit_length():,} bits" if isinstance(v, int) else f"{type(v).__name__} too large for a float"
+            raise TiltlmError(f"reward {name!r} returned {size} at index {i}; make it return finite floats "
+                              "(one per text, below about 1.8e308)") from None
         if not math.isfinite(v):
             raise TiltlmError(
                 f"reward {name!r} returned {v!r} at index {i}; make it return finite floats (one per text)"
