@@ -233,8 +233,10 @@ def train(
                           f"(config.yaml rewritten; recorded in {out / 'config_changes.jsonl'})", markup=False, highlight=False)
         if rows:
             last = rows[-1]
+            from tiltlm.metrics.batch import kl_text
+
             console.print(f"done: {trainer.step} steps; reward {last.get('reward/mean', float('nan')):.4f}, "
-                          f"KL(pi||pi0) {last.get('kl/prior_seq', float('nan')):.4f}; policy saved to {out / 'policy'}")
+                          f"{kl_text(last)} (last batch); policy saved to {out / 'policy'}", markup=False, highlight=False)
         else:
             console.print(f"done: the run was already at step {trainer.step}; policy in {out / 'policy'}")
         if timings:
@@ -340,6 +342,22 @@ def sample(
     console.print(table)
 
 
+EVAL_NEW_TOKENS = 64  # tiltlm eval's default --max-new-tokens, where the model's window allows it
+
+
+def _fit_new_tokens(policy, prompts: list[str]) -> int:
+    """EVAL_NEW_TOKENS, or what the model's window leaves after the longest prompt (with a note on stderr)."""
+    window = policy.window
+    if window is None:
+        return EVAL_NEW_TOKENS
+    longest = max(len(policy.encode_context(p)) for p in prompts)  # one token must fit: a longer prompt is refused here
+    fitted = min(EVAL_NEW_TOKENS, window - longest)
+    if fitted < EVAL_NEW_TOKENS:
+        print(f"note: --max-new-tokens {fitted}: the default {EVAL_NEW_TOKENS} does not fit the model's window of {window} tokens "
+              f"after the longest prompt ({longest} tokens); pass --max-new-tokens to choose", file=sys.stderr)
+    return fitted
+
+
 @app.command(name="eval")
 def eval_(
     model: str = typer.Option(..., help="The policy: 'default' (embedded) or a save_pretrained directory."),
@@ -347,7 +365,8 @@ def eval_(
     reward: str = typer.Option(..., help="Reward spec (any that train accepts); a file.py:function gets the rows' other columns as keyword lists."),
     n: int = typer.Option(8, "-n", help="Completions per prompt (pass@k for k = 1, 2, 4, … and N)."),
     seed: int = typer.Option(0),
-    max_new_tokens: int = typer.Option(64),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help=f"Length limit of a completion (default {EVAL_NEW_TOKENS}, "
+                                                 "or what the model's window leaves after the longest prompt, with a note)."),
     temperature: float = typer.Option(1.0),
     prompt_column: str = typer.Option("prompt", help="The column holding the prompts (text or chat messages)."),
     prior: Optional[str] = typer.Option(None, help="Also estimate KL(pi||pi0) against this prior (a model directory)."),
@@ -366,11 +385,14 @@ def eval_(
         raise TiltlmError(f"-n must be >= 1 (got {n}); pass@k needs at least one completion per prompt")
     _check_seed(seed, 1_000_003)
     # the prompt as-is (BOS prepended) unless --chat: then the tokenizer's chat template renders it as the user's turn
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, chat_template=chat)
+    options = dict(max_new_tokens=max_new_tokens or 1, temperature=temperature, chat_template=chat)
     _quiet_transformers()
     prompts = load_prompts(data, prompt_column=prompt_column)
     scorer = get_reward(reward).limited(_limit(reward_timeout))
+    scorer.check_rows(prompts.columns, [f"{prompts.numbered_as} {i}" for i in prompts.numbers], prompts.source)
     policy = HFPolicy.from_pretrained(model, **options)
+    if max_new_tokens is None:  # the default, fitted to the model's window
+        max_new_tokens = options["max_new_tokens"] = policy.max_new_tokens = _fit_new_tokens(policy, prompts.prompts)
     check_batch_size(policy, min(len(prompts), 64) * n, max_new_tokens, rows_name="-n",
                      tokens_name="--max-new-tokens")  # evaluate() samples 64 prompts at a time
     pi0 = HFPolicy.from_pretrained(prior, **options) if prior else None
@@ -380,7 +402,8 @@ def eval_(
         return
     table = Table("quantity", "value", title=f"{model} on {data} ({result['n_prompts']} prompts × {n}), r = {reward}")
     for key in ("n_prompts", "n_samples", "mean_reward", "distinct_correct", *(["kl_prior"] if pi0 else [])):
-        table.add_row(key, _fmt(result[key]))
+        # the k1 estimate of KL(pi||pi0) (mean log-ratio of the samples): unbiased, and below 0 when pi is near pi0
+        table.add_row("kl_prior (k1 estimate, may be < 0)" if key == "kl_prior" else key, _fmt(result[key]))
     for k, v in result["pass_at_k"].items():
         table.add_row(f"pass@{k}", _fmt(v))
     console.print(table)
@@ -508,6 +531,14 @@ def chat(
         typer.echo(f"game {game + 1} of {episodes} appended to {out}")
 
 
+def usage_error(e: typer.TyperException) -> str:
+    """click's (typer's) usage error as the one line ``<problem>; <fix>`` (instead of its boxed usage panel)."""
+    message = " ".join((e.format_message() if hasattr(e, "format_message") else str(e)).split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    where = f"`{ctx.command_path} --help`" if ctx is not None else "`tiltlm --help`"
+    return f"{message}; run {where} for the usage"
+
+
 def main() -> None:
     """Entry point: user errors become one line and exit code 2."""
     if hasattr(signal, "SIGXFSZ"):  # past `ulimit -f` a write fails with EFBIG (one line below) instead of killing the process
@@ -516,7 +547,15 @@ def main() -> None:
         from tiltlm.threads import configure_threads
 
         configure_threads()  # the free cores, not the machine's: no oversubscription beside busy neighbours
-        app()
+        code = app(standalone_mode=False)  # click's usage errors come here, to be one line like every other mistake
+        if isinstance(code, int) and not isinstance(code, bool) and code:  # typer.Exit(code) / Ctrl-C (130)
+            sys.exit(code)
+    except typer.TyperException as e:  # a usage error: a bad option value, an unknown option, a missing argument
+        print(f"error: {usage_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:  # Ctrl-C or end of input at a prompt
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
     except TiltlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

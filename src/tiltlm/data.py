@@ -37,10 +37,13 @@ _RESERVED = ("prompts", "completions")  # the reward's own keywords (tiltlm.rewa
 class PromptData:
     """Prompts (each a context string) and the rows' other columns, name -> one value per prompt."""
 
-    def __init__(self, prompts: list[str], columns: dict[str, list] | None = None, source: str = "prompts"):
+    def __init__(self, prompts: list[str], columns: dict[str, list] | None = None, source: str = "prompts",
+                 numbers: list[int] | None = None, numbered_as: str = "row"):
         self.prompts = list(prompts)
         self.columns = {k: list(v) for k, v in (columns or {}).items()}
         self.source = source
+        self.numbers = list(numbers) if numbers is not None else list(range(1, len(self.prompts) + 1))  # rows in the source
+        self.numbered_as = numbered_as  # what the numbers count in the source: "row", or "line" of a JSONL file
         for name, values in self.columns.items():
             if len(values) != len(self.prompts):
                 raise ValueError(f"column {name!r} has {len(values)} values for {len(self.prompts)} prompts")
@@ -53,7 +56,8 @@ class PromptData:
 
     def select(self, index: list[int]) -> "PromptData":
         """The rows ``index``, in that order."""
-        return PromptData([self.prompts[i] for i in index], {k: [v[i] for i in index] for k, v in self.columns.items()}, self.source)
+        return PromptData([self.prompts[i] for i in index], {k: [v[i] for i in index] for k, v in self.columns.items()}, self.source,
+                          [self.numbers[i] for i in index], self.numbered_as)
 
     def row(self, i: int) -> dict[str, Any]:
         return {k: v[i] for k, v in self.columns.items()}
@@ -211,12 +215,13 @@ def prompt_data(rows: list[dict], prompt_column: str, where: str, *, numbered_as
     clash = [c for c in _RESERVED if c in names and c != prompt_column]
     if clash:
         raise TiltlmError(f"{where} has a column '{clash[0]}', a name the reward's own arguments use; rename that column")
-    prompts = []
+    prompts, numbers = [], []
     for i, row in enumerate(rows, 1):
         number = row.get("\0line", i)
         prompts.append(_prompt_text(row.get(prompt_column), f"{where} {numbered_as} {number}", prompt_column))
+        numbers.append(number)
     others = [n for n in names if n != prompt_column]
-    return PromptData(prompts, {n: [row.get(n) for row in rows] for n in others}, where)
+    return PromptData(prompts, {n: [row.get(n) for row in rows] for n in others}, where, numbers, numbered_as)
 
 
 def _prompt_text(value: Any, where: str, column: str) -> str:

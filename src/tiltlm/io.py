@@ -168,7 +168,8 @@ def parse_yaml(text: str, what: str) -> Any:
     anchors nested ten deep stand for a billion values (the "billion laughs"), which a config's later
     copies, validation and dumps would expand. The expanded size is counted once per distinct node, so
     counting costs what composing cost; a document whose aliases add more than `YAML_MAX_ALIAS_EXPANSION`
-    values, or an alias inside its own anchor, is refused, as are malformed YAML (with its line and
+    values, or an alias inside its own anchor, is refused, as are a mapping with the same key twice (YAML keeps
+    the last one silently: two ``optim:`` sections would drop the first), malformed YAML (with its line and
     column), tags such as ``!!python/object`` (never constructed) and nesting too deep to compose.
     """
     loader = yaml.SafeLoader(text)
@@ -183,6 +184,7 @@ def parse_yaml(text: str, what: str) -> Any:
         if expanded - distinct > YAML_MAX_ALIAS_EXPANSION:
             raise TiltlmError(f"{what} has YAML aliases (*name) that expand to {expanded:,} values, more than "
                               f"{YAML_MAX_ALIAS_EXPANSION:,} beyond the file's own {distinct:,}; alias smaller anchors or fewer times")
+        _refuse_duplicate_keys(node, what)
         return loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -195,6 +197,29 @@ def parse_yaml(text: str, what: str) -> Any:
         raise TiltlmError(f"{what} nests its values too deeply to read; flatten it") from None
     finally:
         loader.dispose()
+
+
+def _refuse_duplicate_keys(root: yaml.Node, what: str) -> None:
+    """One line naming a key that a mapping of the document has twice, with both lines (merge keys ``<<`` aside:
+    a key written beside a merge overrides the merged one, as YAML means it to)."""
+    seen_nodes: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple, yaml.Node] = {}
+            for key, _ in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    continue
+                ident = (key.tag, key.value)
+                if ident in first:
+                    raise TiltlmError(f"{what} has the key '{key.value}' twice in one mapping (line {first[ident].start_mark.line + 1} "
+                                      f"and line {key.start_mark.line + 1}); keep one of them (YAML would silently use the last)")
+                first[ident] = key
+        stack.extend(_children(node))
 
 
 def _expanded_size(root: yaml.Node) -> tuple[int, int | None]:

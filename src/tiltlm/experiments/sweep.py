@@ -13,6 +13,10 @@ cells differ only in which p* they are measured against. The run is resumable: a
 ``done.json`` is never re-run, a cell with a checkpoint continues from it, and ``results.jsonl`` /
 ``summary.csv`` are rebuilt from the cells at the end.
 
+A re-run also compares the content of each started cell's inputs (its data, prior weights and reward files:
+tiltlm.reuse.input_digests, recorded in the cell's inputs.json) with what they are now: a cell whose inputs
+changed is refused the same way, and deleted and run again with ``overwrite``.
+
 A re-run first compares its config with the ``sweep.yaml`` there (both resolved), so that sweep.yaml always
 describes what ran: the same config, or a grown grid (more algorithms, betas or seeds over the same base),
 reuses the cells there; a config under which a started cell would have another training config, or would no
@@ -35,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tiltlm.errors import TiltlmError
 from tiltlm.io import atomic_write_text, load_yaml, path_component
-from tiltlm.reuse import describe, diff
+from tiltlm.reuse import describe, describe_inputs, diff, input_changes, input_digests, recorded_inputs
 from tiltlm.train.config import parse_config
 
 
@@ -130,6 +134,7 @@ def run_sweep(config_path: Path, out: Path, *, progress: bool = False, on_cell=N
     grid = cells(sweep)
     out = Path(out)
     stale = _stale_cells(out, sweep, grid, overwrite=overwrite)
+    stale += [name for name in _moved_cells(out, grid, overwrite=overwrite) if name not in stale]
     for name in stale:
         RunDir(out / "cells" / name).check_free()
     for name in stale:
@@ -177,6 +182,25 @@ def _stale_cells(out: Path, sweep: SweepConfig, grid: list[tuple[str, dict]], *,
                           f"cells would not be what it describes (e.g. {stale[0]}); choose another --out, or pass --overwrite to "
                           "delete those cells and run them with this config")
     return stale
+
+
+def _moved_cells(out: Path, grid: list[tuple[str, dict]], *, overwrite: bool) -> list[str]:
+    """The started cells in ``out`` whose inputs (data, prior weights, reward files: tiltlm.reuse.input_digests)
+    differ from what they recorded when they ran: refused unless ``overwrite``, then returned for deletion."""
+    moved, first = [], ""
+    for name, cell in grid:
+        recorded = recorded_inputs(out / "cells" / name)
+        if recorded is None:  # not started, or by an older tiltlm
+            continue
+        current = input_digests(parse_config(cell["config"]), known=recorded)
+        if changes := input_changes(recorded, current):
+            moved.append(name)
+            first = first or describe_inputs(recorded, current, changes)
+    if moved and not overwrite:
+        raise TiltlmError(f"sweep directory '{out}': the inputs of {len(moved)} of its cells changed since they ran (e.g. "
+                          f"{moved[0]}: {first}); restore them, pass --overwrite to delete those cells and run them with "
+                          "these inputs, or choose another --out")
+    return moved
 
 
 def _resolved(cell: dict) -> tuple:

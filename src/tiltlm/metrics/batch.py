@@ -147,3 +147,18 @@ def exact_for_context(target, context: str, *, row: dict | None = None, max_new_
     space.samples.columns = {k: [v] for k, v in row.items()} if row else None
     scores = target.score(space.samples, prior_logp=space.logp)
     return ExactMetrics(space, scores.log_target - space.logp, scores.reward)
+
+
+def kl_text(row: dict, key: str = "kl/prior_seq") -> str:
+    """KL(pi‖pi0) of a metrics row as users should read it: the exact value when the row has one, else the
+    estimate named as an estimate, with its 95% interval (a k1 estimate is unbiased but may come out < 0)."""
+    exact = row.get(key.replace("_seq", "_exact"))
+    if isinstance(exact, (int, float)):
+        return f"KL(pi||pi0) {exact:.4f} (exact)"
+    value = row.get(key)
+    if not isinstance(value, (int, float)):
+        return "KL(pi||pi0) not measured"
+    name = row.get(key.replace("_seq", "_estimator"), "k1")
+    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+    interval = f", 95% interval [{low:.4f}, {high:.4f}]" if isinstance(low, (int, float)) and isinstance(high, (int, float)) else ""
+    return f"KL(pi||pi0) {name} estimate {value:.4f}{interval}"

@@ -35,6 +35,11 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     if not path.exists():
         raise TiltlmError(f"model directory '{path}' not found; pass a directory written by save_pretrained, or 'default'")
     if not (path / "config.json").is_file():
+        if (path / "policy" / "config.json").is_file():  # a run directory: its trained policy is policy/
+            raise TiltlmError(f"'{path}' is a run directory, not a model; pass its trained policy, '{path / 'policy'}'")
+        if (path / "config.yaml").is_file() and (path / "checkpoint").exists():
+            raise TiltlmError(f"'{path}' is a run directory whose policy/ is not written yet (the run has not finished); "
+                              f"finish it with `tiltlm train {path / 'config.yaml'} --out {path} --resume`, then pass '{path / 'policy'}'")
         raise TiltlmError(f"'{path}' has no config.json; pass a directory written by save_pretrained (e.g. by `tiltlm testbed`)")
     return path
 

@@ -70,6 +70,9 @@ class Reward:
     """Unchecked scorer: (texts, contexts or None, **columns) -> one number per text, in any sequence type."""
     timeout_s: float | None = None
     """Seconds one call may take before it is abandoned with a TiltlmError; None: no limit (runs in the caller's thread)."""
+    needs: tuple[str, ...] = ()
+    """The data columns every row must have (not missing, not null): a user function's required parameters
+    other than the texts and prompts, a verifier's column (``exact_match`` reads ``answer``). See `check_rows`."""
 
     def limited(self, timeout_s: float | None) -> "Reward":
         """This reward with at most ``timeout_s`` seconds per call (None: no limit)."""
@@ -90,9 +93,25 @@ class Reward:
                 raise ValueError(f"got {len(texts)} texts but {len(v)} values of column {k!r}")
         if not texts:
             return torch.zeros(0, dtype=torch.float64)
+        n = len(texts)  # counted now: the reward gets lists of its own, and may change them (empty them, even)
         keywords = columns if columns and _takes_keywords(self.fn) else {}
-        values = _call_user_code(lambda: _materialise(self.fn(texts, contexts, **keywords)), self.name, self.timeout_s, len(texts))
-        return _to_tensor(self.name, values, len(texts))
+        values = _call_user_code(lambda: _materialise(self.fn(texts, contexts, **keywords)), self.name, self.timeout_s, n)
+        return _to_tensor(self.name, values, n)
+
+
+    def check_rows(self, columns: Mapping[str, Sequence], numbers: Sequence, where: str) -> None:
+        """Before any sampling: every row (``numbers``: where each is in ``where``, e.g. "line 3") has each column
+        this reward needs, else a one-line TiltlmError naming the first row that lacks it and the column."""
+        for column in self.needs:
+            values = columns.get(column)
+            if values is None:
+                have = f"its columns are: {', '.join(columns)}" if columns else "it has no columns besides the prompt"
+                raise TiltlmError(f"reward {self.name!r} needs the column {column!r}, but {where} has none ({have}); add that "
+                                  "column to the prompt data, or use a reward that reads another")
+            for number, value in zip(numbers, values):
+                if value is None:
+                    raise TiltlmError(f"reward {self.name!r} needs the column {column!r}, but {where} {number} has none "
+                                      "(missing or null); give that row a value, or remove the row")
 
 
 def _call_user_code(score: Callable[[], Any], name: str, timeout_s: float | None, n: int) -> Any:
@@ -177,7 +196,12 @@ def _to_tensor(name: str, values: Any, n: int) -> torch.Tensor:
                 f"reward {name!r} returned {type(v).__name__} at index {i}; "
                 "make it return finite floats (one per text)"
             )
-        v = float(v)
+        try:
+            v = float(v)
+        except OverflowError:  # an int (or Fraction) beyond float range, ~1.8e308: no tilt exp(r/beta) can use it
+            size = f"an integer of {v.bit_length():,} bits" if isinstance(v, int) else f"{type(v).__name__} too large for a float"
+            raise TiltlmError(f"reward {name!r} returned {size} at index {i}; make it return finite floats "
+                              "(one per text, below about 1.8e308)") from None
         if not math.isfinite(v):
             raise TiltlmError(
                 f"reward {name!r} returned {v!r} at index {i}; make it return finite floats (one per text)"
@@ -259,6 +283,7 @@ def _adapt(fn: Callable, name: str) -> Callable[..., Any]:
         args, kwargs = arguments(texts, contexts, columns)
         return fn(*args, **kwargs)
 
+    call.columns = tuple(required)  # the columns every row must carry (Reward.needs)
     return call
 
 
@@ -335,7 +360,8 @@ def get_reward(spec: str | Callable | Reward) -> Reward:
         return _from_spec(spec)
     if callable(spec):
         name = _callable_name(spec)
-        return Reward(name, _adapt(spec, name))
+        fn = _adapt(spec, name)
+        return Reward(name, fn, needs=getattr(fn, "columns", ()))
     raise TiltlmError(
         f"a reward must be a spec string or a callable, got {type(spec).__name__}; "
         "use e.g. 'contains:dog' or a function f(texts) -> list[float]"
@@ -359,8 +385,19 @@ def _from_entry(entry: _Entry, spec: str, colon: str, argument: str) -> Reward:
         raise TiltlmError(f"reward {entry.name!r} takes no argument, got {spec!r}; write {entry.name}")
     scorer = entry.factory(argument) if entry.takes_argument and argument else entry.factory()
     if entry.row:
-        return Reward(spec, lambda texts, contexts, **columns: scorer(texts, contexts, columns))
+        return Reward(spec, lambda texts, contexts, **columns: scorer(texts, contexts, columns), needs=_row_columns(entry, argument))
     return Reward(spec, lambda texts, contexts, **columns: scorer(texts))
+
+
+def _row_columns(entry: _Entry, argument: str) -> tuple[str, ...]:
+    """The column a verifier compares with: its argument, else its factory's default (``answer``); none for
+    row rewards without a column argument (their rows are made by tiltlm, e.g. ``reasoning_gym``)."""
+    if not entry.takes_argument:
+        return ()
+    if argument:
+        return (argument,)
+    defaults = [p.default for p in inspect.signature(entry.factory).parameters.values() if isinstance(p.default, str)]
+    return tuple(defaults[:1])
 
 
 def _unknown(spec: str, head: str, note: str = "") -> str:
@@ -405,4 +442,5 @@ def _from_user_code(spec: str) -> Reward:
             f"reward {spec!r}: {attribute!r} in {where} is a {type(obj).__name__}, not a function; "
             "name a function f(texts) -> list[float]"
         )
-    return Reward(spec, _adapt(obj, spec))
+    fn = _adapt(obj, spec)
+    return Reward(spec, fn, needs=getattr(fn, "columns", ()))

@@ -122,6 +122,21 @@ def target_from_config(config: TrainConfig, prior) -> Target:
     return make_target(prior, reward=reward, beta=config.target.beta, constraints=constraints)
 
 
+def check_rows(target: Target, *datas) -> None:
+    """Refuse, before anything is sampled, prompt data (tiltlm.data.PromptData, or None) with a row that lacks a
+    column the target's reward or a constraint needs (Reward.needs: a user function's required parameters, a
+    verifier's column): one line naming the first such row and the column."""
+    tilt = target.tilt
+    rewards = ([tilt.reward] if tilt is not None else []) + [c.predicate for c in target.constraints]
+    for data in datas:
+        if data is None:
+            continue
+        numbers = [f"{data.numbered_as} {n}" for n in data.numbers]
+        for reward in rewards:
+            if hasattr(reward, "check_rows"):
+                reward.check_rows(data.columns, numbers, data.source)
+
+
 def trainable_module(policy) -> torch.nn.Module:
     """The nn.Module holding a policy's trainable weights (the tabular policy itself, or the HF model)."""
     return policy if isinstance(policy, torch.nn.Module) else policy.model

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tiltlm.errors import TiltlmError
@@ -159,3 +160,33 @@ def _read(directory: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
         why = " ".join(str(e).split())[:200] or type(e).__name__
         raise TiltlmError(f"checkpoint '{directory}' is unreadable ({why}); delete it and --resume restarts the run from step 0") from None
+
+
+def check_fits(directory: Path, module: torch.nn.Module, algorithm) -> None:
+    """Before a resume loads anything: the checkpoint in ``directory`` (or its ``.old``) must hold the state of
+    ``algorithm`` (the same state keys) and tensors of this ``module``'s trainable names and shapes (a prior of
+    another vocabulary or size has other shapes); else a one-line TiltlmError. An unreadable checkpoint is left
+    to load_checkpoint, which says so."""
+    directory = Path(directory)
+    if not (directory / "state.json").is_file():
+        directory = directory.with_name(directory.name + ".old")
+    try:
+        state = json.loads((directory / "state.json").read_text())
+        with safe_open(str(directory / "policy.safetensors"), framework="pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (OSError, ValueError, TypeError, SafetensorError):
+        return
+    ran = (state.get("config") or {}).get("algorithm", {}).get("name", "another algorithm")
+    have, want = set(state.get("algorithm") or {}), set(algorithm.state_dict())
+    if have != want:
+        raise TiltlmError(f"checkpoint '{directory}' holds the state of {ran} ({', '.join(sorted(have)) or 'none'}), not of "
+                          f"{getattr(algorithm, 'name', type(algorithm).__name__)} ({', '.join(sorted(want)) or 'none'}); "
+                          "resume with the algorithm it was trained with, or choose another --out")
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items() if k in trainable_names(module)}
+    if set(stored) != set(shapes):
+        raise TiltlmError(f"checkpoint '{directory}' does not match this policy ({len(set(stored) ^ set(shapes))} tensors differ); "
+                          "resume with the prior (and lora:) it was trained with, or choose another --out")
+    for name, shape in shapes.items():
+        if stored[name] != shape:
+            raise TiltlmError(f"checkpoint '{directory}' has {name} of shape {list(stored[name])} but this policy's is {list(shape)} "
+                              "(a prior of another vocabulary or size); resume with the prior it was trained with, or choose another --out")

@@ -17,6 +17,7 @@ from tiltlm.errors import TiltlmError
 from tiltlm.evaluate import build_evaluator
 from tiltlm.records import Batch
 from tiltlm.targets.base import Target
+from tiltlm.train.build import check_rows
 from tiltlm.train.config import TrainConfig
 from tiltlm.train.timing import PhaseTimer
 
@@ -35,6 +36,7 @@ class Collector:
         self.strategy, self.env, self.runner, self.generator = strategy, env, runner, generator
         self.env_counts = {"episodes": 0, "failures": 0}
         self.data, self.eval_data = load_data(config.data) if config.data is not None else (None, None)
+        check_rows(target, self.data, self.eval_data)  # a row without a column the reward needs: refused before sampling
         self.evaluator = build_evaluator(config, self.eval_data, target, active=strategy.joins_io,  # held-out pass@k (tiltlm.evaluate)
                                          out_dir=out_dir if strategy.writes else None)
 

@@ -130,7 +130,7 @@ def progress_bar(show: bool, name: str, total: int, done: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("reward {task.fields[reward]:.3f}  KL(pi||pi0) {task.fields[kl]:.3f}")]
+               TextColumn("reward {task.fields[reward]:.3f}  KL(pi||pi0) est. {task.fields[kl]:+.3f}")]
     with Progress(*columns) as bar:
         task = bar.add_task(name, total=total, completed=done, reward=float("nan"), kl=float("nan"))
         yield lambda step, row: bar.update(task, completed=step, reward=row["reward/mean"], kl=row["kl/prior_seq"])

@@ -61,7 +61,8 @@ class Trainer:
         self.run_dir = RunDir(out_dir, writes=self.strategy.writes) if out_dir is not None else None
         if self.run_dir is not None:
             try:  # a resume with another config than the run's is refused unless accept_config (tiltlm.train.rundir)
-                checkpoint = self.run_dir.open(config, resume=resume, accept_config=accept_config)
+                checkpoint = self.run_dir.open(config, resume=resume, accept_config=accept_config, module=self.module,
+                                               algorithm=self.algorithm)
             except TiltlmError:
                 self.close()  # an environment's server, Ray actors, a vLLM engine
                 raise
