@@ -331,7 +331,7 @@ def sample(
     check_batch_size(policy, n, max_new_tokens, rows_name="-n", tokens_name="--max-new-tokens")
     s = policy.sample([context], n, seed=seed)
     rewards = scorer(s.texts, [context] * n).tolist() if scorer else [None] * n
-    rows = [{"text": t, "logp": lp, "tokens": int(k), "eos": bool(e), "reward": r}
+    rows = [{"context": context, "text": t, "logp": lp, "tokens": int(k), "eos": bool(e), "reward": r}
             for t, lp, k, e, r in zip(s.texts, s.logp.tolist(), s.lengths.tolist(), s.eos.tolist(), rewards)]
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -174,16 +174,23 @@ def _config(path: Path, *, trust_remote_code: bool = False):
         raise TiltlmError(f"'{path}/config.json' is not a valid {model_type} config ({' '.join(str(e).split())[:160]}); {RESTORE_CONFIG}") from None
 
 
-def meta_model(config):
-    """The causal LM ``config`` builds, on the meta device: names, shapes and ties, no memory."""
-    from transformers import AutoModelForCausalLM
+# what a directory must hold, by task: the transformers auto class that builds it and how messages name it
+TASKS = {"causal-lm": ("AutoModelForCausalLM", "causal LM", "causal language model"),
+         "sequence-classification": ("AutoModelForSequenceClassification", "sequence-classification model",
+                                     "reward model (a sequence-classification model with one label)")}
 
+
+def meta_model(config, task: str = "causal-lm"):
+    """The model of ``task`` (TASKS) that ``config`` builds, on the meta device: names, shapes and ties, no memory."""
+    import transformers
+
+    auto, what, fix = TASKS[task]
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except ValueError as e:  # not a causal LM architecture
-        raise TiltlmError(f"config.json describes a {type(config).__name__.removesuffix('Config')} model, which is not a causal LM "
-                          f"({' '.join(str(e).split())[:120]}); pass the directory of a causal language model") from None
+            return getattr(transformers, auto).from_config(config)
+    except ValueError as e:  # not an architecture of this task
+        raise TiltlmError(f"config.json describes a {type(config).__name__.removesuffix('Config')} model, which is not a {what} "
+                          f"({' '.join(str(e).split())[:120]}); pass the directory of a {fix}") from None
 
 
 def _renamer(model):
@@ -355,13 +362,18 @@ def check_memory(path: Path, n_params: int, bytes_per_param: int, *, trained_wit
 
 
 # ---- the one entry point -------------------------------------------------------------------
-def validate_model_dir(path: Path, *, trained_with: str | None = None, trust_remote_code: bool = False) -> None:
+def validate_model_dir(path: Path, *, trained_with: str | None = None, trust_remote_code: bool = False, task: str = "causal-lm",
+                       check_head=None) -> None:
     """Check a save_pretrained directory before anything is allocated (see the module docstring).
-    ``trained_with``: the optimiser when this load will be trained in this process's memory (memory_needed)."""
+    ``trained_with``: the optimiser when this load will be trained in this process's memory (memory_needed).
+    ``task``: what the directory must hold (TASKS); ``check_head(path, config, weights)``, when given, runs
+    before the config is compared with the weights (a reward model's one-label score head)."""
     check_tokenizer_files(path)
     weights = read_weights(path)
     config = _config(path, trust_remote_code=trust_remote_code)
     if config is not None:
-        model = meta_model(config)
+        if check_head is not None:
+            check_head(path, config, weights)
+        model = meta_model(config, task)
         check_config_matches_weights(path, model, weights)
     check_memory(path, weights.n_params, _load_dtype_bytes(config, weights), trained_with=trained_with)

@@ -7,6 +7,6 @@ Built-ins live in a registry (`register_reward`); `available_rewards()` lists ev
 """
 
 from tiltlm.rewards.base import Reward, Scorer, available_rewards, get_reward, register_reward, reward_help
-from tiltlm.rewards import builtin, models  # noqa: E402,F401  (importing them fills the registry)
+from tiltlm.rewards import builtin, models, reward_model  # noqa: E402,F401  (importing them fills the registry)
 
 __all__ = ["Reward", "Scorer", "available_rewards", "get_reward", "register_reward", "reward_help"]
