@@ -1,9 +1,8 @@
 """The one training loop: collect a batch -> loss -> optimiser step -> metrics -> log -> checkpoint.
 
-Every algorithm runs through ``Trainer.train_step``; nothing here knows which one it is running beyond
-``algorithm.on_policy`` (whom to sample from, tiltlm.train.collect) and ``algorithm.epochs`` (passes over a
-batch). Parts: tiltlm.train.build; the batch: .collect; updates: .minibatch; files: .rundir, .resume; seconds per
-phase: .timing; the step laid over processes: tiltlm.distributed.strategy (one process, replicated or sharded).
+Every algorithm runs through ``Trainer.train_step``, which knows only ``algorithm.on_policy`` (whom to sample
+from: .collect) and ``algorithm.epochs``. Parts: tiltlm.train.build; updates: .minibatch; files: .rundir, .resume;
+seconds per phase: .timing; the step laid over processes: tiltlm.distributed.strategy.
 """
 
 from __future__ import annotations
