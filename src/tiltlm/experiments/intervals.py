@@ -46,10 +46,6 @@ class Interval:
         return {"diff": self.diff, "lo": self.lo, "hi": self.hi}
 
     @property
-    def above_zero(self) -> bool:
-        return self.lo > 0
-
-    @property
     def below_zero(self) -> bool:
         return self.hi < 0
 
