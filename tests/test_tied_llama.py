@@ -138,7 +138,7 @@ def test_every_algorithm_trains_resumes_and_saves_a_tied_model(llama_dir, tmp_pa
         assert rows[-1]["dpg/proposal_updates"] >= 1, "the proposal must have been updated (and checkpointed) for this case"
         assert (tmp_path / "full" / "checkpoint" / "proposal.safetensors").is_file()
     for run in ("full", "cut"):
-        assert sorted(p.name for p in (tmp_path / run).iterdir()) == [".tiltlm.lock", "checkpoint", "config.yaml", "metrics.jsonl", "phases.json", "policy"]
+        assert sorted(p.name for p in (tmp_path / run).iterdir()) == [".tiltlm.lock", "checkpoint", "config.yaml", "inputs.json", "metrics.jsonl", "phases.json", "policy"]
     trained = {n: p.detach() for n, p in policy.model.named_parameters() if p.requires_grad}
     again = dict(resumed_policy.model.named_parameters())
     assert trained and all(torch.equal(trained[n], again[n].detach()) for n in trained)
@@ -211,7 +211,7 @@ def test_cli_off_policy_dpg_with_proposal_updates_checkpoints_a_tied_model(llama
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["dpg/proposal_updates"] >= 1 and "kl/target_exact" in rows[-1]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".tiltlm.lock", "checkpoint", "config.yaml", "config_changes.jsonl",
-                                                                     "metrics.jsonl", "phases.json", "policy"]  # the extension is recorded
+                                                                     "inputs.json", "metrics.jsonl", "phases.json", "policy"]  # the extension is recorded
     assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["has_proposal"]
     assert _tied(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "policy"))
 

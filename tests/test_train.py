@@ -116,7 +116,7 @@ def test_train_cli_on_a_neural_testbed_lowers_the_exact_divergence(tmp_path, tes
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "tiltlm.cli", "train", str(path), "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "checkpoint", "policy", ".tiltlm.lock", "phases.json"}  # the lock: who owns the run
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "checkpoint", "policy", ".tiltlm.lock", "phases.json", "inputs.json"}  # the lock: who owns the run
     prior = HFPolicy.from_pretrained(testbed_dir, max_new_tokens=4)
     before = exact_report(enumerate_space(prior), Prior(prior) * Tilt("count:a", 1.0), prior)
     start = before["kl_policy_target"] if key == "kl/policy_target_exact" else before["kl_target_policy"]

@@ -547,7 +547,7 @@ def main() -> None:
         from tiltlm.threads import configure_threads
 
         configure_threads()  # the free cores, not the machine's: no oversubscription beside busy neighbours
-        code = app(standalone_mode=False)  # click's usage errors come here, to be one line like every other mistake
+        code = app(standalone_mode=False, prog_name="tiltlm")  # click's usage errors come here, to be one line like every other mistake
         if isinstance(code, int) and not isinstance(code, bool) and code:  # typer.Exit(code) / Ctrl-C (130)
             sys.exit(code)
     except typer.TyperException as e:  # a usage error: a bad option value, an unknown option, a missing argument
