@@ -157,3 +157,10 @@ def test_sampling_quick(bench):
         _finite(r, ["tokens_per_s", "gemm_gflops", "ratio_steps", "ratio_tokens"])
         assert 0 < r["tokens"] <= r["B"] * r["steps"] and r["steps"] <= r["T"] == 4
         assert 0 < r["ratio_tokens"] <= r["ratio_steps"]  # generated tokens never exceed rows × steps
+
+
+def test_digests_quick(bench):
+    """The content-identity cost on the embedded default: first digest, the stat-reused one, the load beside it."""
+    (row,) = _payload(bench("digests").main(["--quick", "--priors", "default"]), "digests")
+    _finite(row, ["MB", "first_s", "again_s", "load_s", "hash_GB_per_s", "first_over_load", "again_over_load"])
+    assert row["prior"] == "default" and row["files"] >= 2 and row["MB"] > 1

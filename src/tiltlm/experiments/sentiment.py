@@ -21,6 +21,7 @@ import yaml
 
 from tiltlm.experiments.cells import add_samples
 
+
 def lm_sweep(prior: str, reward: str, betas: list[float], main_beta: float, steps: int, seed: int) -> dict:
     return {
         "base": {"prior": prior, "target": {"reward": reward},
