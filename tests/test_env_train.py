@@ -325,9 +325,10 @@ def test_tiltlm_train_with_an_env_section(tmp_path, monkeypatch, capsys):
 
     config = Path(__file__).resolve().parent.parent / "configs" / "env_tabular.yaml"
     monkeypatch.setattr(sys, "argv", ["tiltlm", "train", str(config), "--out", str(tmp_path / "run"), "--steps", "3"])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    assert exit_.value.code in (0, None)
+    try:
+        main()  # success returns (or exits with 0)
+    except SystemExit as e:
+        assert e.code in (0, None)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and "kl/optimistic_exact" in rows[-1] and "kl/prior_turn_2" in rows[-1]
     policy = TabularEnvPolicy.load(tmp_path / "run" / "policy")

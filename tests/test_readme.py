@@ -104,9 +104,10 @@ def test_quick_start_commands_refer_to_real_things(monkeypatch, capsys):
     # `tiltlm run --help` through that entry point succeeds and lists the flags the README documents
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setattr(sys, "argv", ["tiltlm", "run", "--help"])
-    with pytest.raises(SystemExit) as exit_info:
-        entry()
-    assert exit_info.value.code in (0, None)
+    try:
+        entry()  # success returns (or exits with 0)
+    except SystemExit as e:
+        assert e.code in (0, None)
     help_text = capsys.readouterr().out
     for flag in ("--reward", "--betas", "--beta", "--budget", "--interactive", "--out"):
         assert flag in help_text, flag
