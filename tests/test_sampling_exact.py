@@ -5,7 +5,9 @@ The cases cover what the loop does: left-padded contexts of different lengths, s
 prefill shared per context), temperature and top-p, a data-parallel shard of the rows (``rows=``), rows that end
 early with EOS while others go on, ``generate`` with per-row seeded draws, a multi-turn DecodeSession, and the
 tiny tied Llama testbed with a ChatML chat template (tiltlm.testbed.make_testbed(arch="llama")). Tokens, masks and
-EOS flags are compared exactly, and so are the recorded log-probs (bit for bit).
+EOS flags are compared exactly; the recorded log-probs to within LOGP_ATOL nats. Not bit for bit: float32 matrix
+kernels differ between CPUs in their last bits (the file was written on one machine and CI runs on others; they
+differed by up to 9e-6 nats), while a changed token, temperature or mask moves a log-prob by far more than 5e-5.
 """
 
 import sys
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 GOLDEN = Path(__file__).parent / "data" / "sampling_golden.pt"
+LOGP_ATOL = 5e-5  # nats: five times the largest difference seen between two CPUs
 
 
 def _policies(tmp: Path):
@@ -79,7 +82,10 @@ def test_same_tokens_and_log_probs_as_before(name, now_cases):
     for key, want in golden.items():
         got = now[key]
         assert got.dtype == want.dtype and got.shape == want.shape, (name, key, got.shape, want.shape)
-        assert torch.equal(got, want), (name, key, (got != want).nonzero()[:5])
+        if want.dtype.is_floating_point:
+            assert torch.allclose(got, want, rtol=0, atol=LOGP_ATOL), (name, key, float((got - want).abs().max()))
+        else:
+            assert torch.equal(got, want), (name, key, (got != want).nonzero()[:5])
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:

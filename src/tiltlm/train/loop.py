@@ -32,10 +32,8 @@ __all__ = ["Trainer", "minibatches", "target_from_config", "trainable_module"]
 
 
 class Trainer:
-    """Runs ``config.optim.steps`` steps of ``config.algorithm`` on ``policy`` toward ``target``.
-
-    With ``out_dir`` it writes config.yaml, metrics.jsonl, checkpoint/ and finally policy/.
-    """
+    """Runs ``config.optim.steps`` steps of ``config.algorithm`` on ``policy`` toward ``target``; with ``out_dir`` it
+    writes config.yaml, metrics.jsonl, checkpoint/ and finally policy/."""
 
     def __init__(self, config: TrainConfig, *, policy, target: Target, out_dir: str | Path | None = None, resume: bool = False,
                  algorithm: Algorithm | None = None, on_metrics: Callable[[dict], None] | None = None, env=None, strategy=None,
@@ -174,9 +172,10 @@ class Trainer:
                     rows.append(self.train_step())
                     advance(self.step, rows[-1])
             if self.run_dir is not None and self.strategy.joins_io:
-                with self.timer.outside_steps("io"):
-                    self.save_policy()
-                self._write_phases()
+                if rows or not (self.run_dir.path / "policy").is_dir():  # a finished run's files stay as they are
+                    with self.timer.outside_steps("io"):
+                        self.save_policy()
+                    self._write_phases()
                 self.run_dir.close()  # the run is complete: give the directory up
             return rows
         finally:
