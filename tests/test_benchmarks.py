@@ -159,6 +159,14 @@ def test_sampling_quick(bench):
         assert 0 < r["ratio_tokens"] <= r["ratio_steps"]  # generated tokens never exceed rows × steps
 
 
+def test_scoring_quick(bench):
+    """pi0 scoring both ways on 3 quiz questions x 4 rows: the same log-probs, a finite ratio (not asserted: a timing)."""
+    (row,) = _payload(bench("scoring").main(["--quick"]), "scoring")
+    _finite(row, ["full_s", "shared_s", "ratio", "max_abs_diff", "mean_len"])
+    assert row["rows"] == row["contexts"] * row["n"] == 12 and row["T"] <= 8
+    assert row["max_abs_diff"] <= 1e-5  # tests/test_shared_context.py's tolerance
+
+
 def test_digests_quick(bench):
     """The content-identity cost on the embedded default: first digest, the stat-reused one, the load beside it."""
     (row,) = _payload(bench("digests").main(["--quick", "--priors", "default"]), "digests")
