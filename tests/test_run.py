@@ -35,6 +35,35 @@ def test_run_writes_both_parts_and_reports(run_dir):
     assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")], "no temporary directory left behind"
 
 
+def test_run_records_and_prints_the_phases_of_its_training_runs(run_dir, tmp_path, monkeypatch):
+    """run.json's phases are sum_phases over every trained cell's phases.json (each part's over its own), and
+    `tiltlm run` prints them on one line before the report's path."""
+    from typer.testing import CliRunner
+
+    from tiltlm.cli import app
+    from tiltlm.train.timing import PHASES, run_dirs_under, sum_phases
+
+    summary = json.loads((run_dir / "run.json").read_text())
+    dirs = run_dirs_under(run_dir)
+    trained = {run_dir / part / "cells" / r["cell"] for part in ("lm", "testbed") for r in _cells(run_dir / part)
+               if (run_dir / part / "cells" / r["cell"] / "metrics.jsonl").exists()}
+    assert trained and trained <= set(dirs)  # every trained cell counted
+    assert summary["phases"] == sum_phases(dirs) and summary["phases"]["runs"] == len(dirs)
+    for part in summary["parts"]:
+        assert part["phases"] == sum_phases(run_dirs_under(run_dir / part["dir"]))
+    assert sum(part["phases"]["runs"] for part in summary["parts"]) == len(dirs)
+    assert summary["phases"]["steps"] > 0 and summary["phases"]["seconds"]["sample"] > 0
+    import tiltlm.experiments.run as run_module
+
+    monkeypatch.setattr(run_module, "run_main", lambda *a, **k: run_dir)  # the CLI's printing of this finished run
+    result = CliRunner().invoke(app, ["run", "--task", "sentiment", "--prior", "x", "--out", str(tmp_path / "unused")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    (line,) = [x for x in lines if x.startswith("time per phase")]
+    assert f"summed over {len(dirs)} training runs" in line and lines.index(line) == len(lines) - 2
+    assert all(f"{k} " in line for k in (*PHASES, "other")) and lines[-1].startswith("report: ")
+
+
 @needs_chromium
 def test_run_reports_open_in_chromium_with_every_figure(run_dir, tmp_path):
     for part in ("lm", "testbed"):

@@ -116,6 +116,10 @@ def run(
                 console.print(" ".join(sentences), markup=False, highlight=False)
     if interactive:
         _print_interactive(path / "interactive")
+    if summary.get("phases"):  # the training runs' seconds per phase, added up (run.json)
+        from tiltlm.train.timing import format_phases_line
+
+        console.print(format_phases_line(summary["phases"]), markup=False, highlight=False)
     console.print(f"report: {path / 'report.html'}  ({summary['seconds']:.0f} s)")
 
 

@@ -44,8 +44,17 @@ class Parts:
         t = time.time()
         self.log(f"part {len(self.done) + 1}: {title}")
         fn(self.work / name)
-        self.done.append({"dir": name, "title": title, "seconds": round(time.time() - t, 1)})
+        self.done.append({"dir": name, "title": title, "seconds": round(time.time() - t, 1), "phases": phases_under(self.work / name)})
         self.log(f"  part {len(self.done)} finished in {time.time() - t:.0f} s")
+
+
+def phases_under(root: Path) -> dict | None:
+    """The seconds per phase of every training run under ``root``, added up (tiltlm.train.timing.sum_phases: the
+    runs' own totals, so runs trained side by side add up to more than the wall time); None without any run."""
+    from tiltlm.train.timing import run_dirs_under, sum_phases
+
+    dirs = run_dirs_under(root)
+    return sum_phases(dirs) if dirs else None
 
 
 def _check(out: Path, overwrite: bool, budget: float, seeds: tuple[int, ...]) -> None:
@@ -133,7 +142,7 @@ def run_main(out: str | Path, *, task: str = "quiz", prior: str = "default", rew
                       lambda root: interactive_study.interactive_part(root, prior, budget, seeds[0], log))
         summary = {"task": task, "prior": prior, "reward": reward, "betas": list(betas), "main_beta": main_beta,
                    "budget": budget, "seeds": list(seeds), "interactive": interactive, "parts": parts.done,
-                   "seconds": round(time.time() - start, 1)}
+                   "seconds": round(time.time() - start, 1), "phases": phases_under(work)}
         (work / "run.json").write_text(json.dumps(summary, indent=1))
         _publish(work, out, overwrite)
     except BaseException:
