@@ -14,6 +14,8 @@ scored twice per round, interleaved (benchmarks/common.interleaved_min, the mini
 - ``ratio``: full_s / shared_s; ``max_abs_diff``: the largest difference of the two per-token log-probs (nats).
 
 Absolute seconds are of this machine at this moment; the ratio, measured in one process, is the result.
+Recorded: benchmarks/results/scoring.json (16 × 64, this default) and scoring_64x64.json (``--contexts 64``: one
+batch of the held-out evaluation, two row chunks of 2048), on 2 shared cores, one thread, load in ``environment``.
 """
 
 from __future__ import annotations
