@@ -114,7 +114,15 @@ def run_steps(config, device: str, bf16: bool) -> dict:
 
     policy, target = placed(config, device)
     trainer = Trainer(config, policy=policy, target=target)
-    rows, seconds = [], []
+    rows, seconds, lengths = [], [], []
+    sample = policy.sample
+
+    def recorded(*a, **k):  # the completions' mean length: the same work as TRL's?
+        samples = sample(*a, **k)
+        lengths.append(float(samples.mask.sum(-1).double().mean()))
+        return samples
+
+    policy.sample = recorded
     reset_peak()
     try:
         while trainer.step < config.optim.steps:
@@ -126,7 +134,7 @@ def run_steps(config, device: str, bf16: bool) -> dict:
         trainer.close()
     batch = len(config.sampling.contexts) * config.sampling.n_per_context
     return {"steps": len(rows), "first_step_s": seconds[0], "step_s_median": steady(seconds), "samples_per_s": batch / steady(seconds),
-            "peak_mb": peak_mb(), "reward_first": rows[0].get("reward/mean"), "reward_last": rows[-1].get("reward/mean"),
+            "peak_mb": peak_mb(), "mean_length": statistics.fmean(lengths) if lengths else None, "reward_first": rows[0].get("reward/mean"), "reward_last": rows[-1].get("reward/mean"),
             "kl_prior_last": rows[-1].get("kl/prior_seq"), "losses": [r.get("loss") for r in rows],
             "all_finite": all(math.isfinite(r.get("loss", math.nan)) for r in rows), "device": str(policy.device)}
 
@@ -141,9 +149,14 @@ def logprob_error(lp_ref, lp, mask) -> dict:
 
 def draws_agreement(a, b) -> dict:
     """Share of rows drawn identically (tokens and mask), and of token positions equal where both rows have a token."""
-    same_rows = ((a.ids == b.ids) | ~(a.mask | b.mask)).all(-1) & (a.mask == b.mask).all(-1)
-    both = a.mask & b.mask
-    return {"same_rows": float(same_rows.double().mean()), "same_tokens": float((a.ids == b.ids)[both].double().mean())}
+    import torch.nn.functional as F
+
+    width = max(a.ids.shape[1], b.ids.shape[1])  # the widths differ where one batch's rows all stopped earlier
+    ids_a, ids_b = (F.pad(x.ids.cpu(), (0, width - x.ids.shape[1]), value=-1) for x in (a, b))
+    mask_a, mask_b = (F.pad(x.mask.cpu(), (0, width - x.mask.shape[1]), value=False) for x in (a, b))
+    same_rows = ((ids_a == ids_b) | ~(mask_a | mask_b)).all(-1) & (mask_a == mask_b).all(-1)
+    both = mask_a & mask_b
+    return {"same_rows": float(same_rows.double().mean()), "same_tokens": float((ids_a == ids_b)[both].double().mean())}
 
 
 # ---- the parts --------------------------------------------------------------------------------------------------
@@ -218,8 +231,12 @@ def part_grpo_trl(args) -> dict:
     from transformers import TrainerCallback
 
     seconds: list[float] = []
+    logged: dict = {}
 
     class Timer(TrainerCallback):
+        def on_log(self, *a, logs=None, **k):
+            logged.update(logs or {})
+
         def on_step_begin(self, *a, **k):
             sync_device()
             self.t0 = time.perf_counter()
@@ -236,5 +253,6 @@ def part_grpo_trl(args) -> dict:
 
     return {"steps": len(seconds), "first_step_s": seconds[0], "step_s_median": steady(seconds),
             "samples_per_s": args.grpo_batch / steady(seconds), "peak_mb": peak_mb(), "trl": trl.__version__,
+            "mean_length": float(logged["completions/mean_length"]) if "completions/mean_length" in logged else None,
             "device": str(trainer.model.device), "loss_type": trainer.args.loss_type, "beta": trainer.beta,
             "num_generations": trainer.num_generations, "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}

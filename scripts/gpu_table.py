@@ -29,7 +29,7 @@ def _hf(r: dict) -> list[tuple[str, str]]:
 def _grpo(name: str, r: dict) -> list[tuple[str, str]]:
     extra = f", trl {r['trl']}, loss_type {r['loss_type']}" if "trl" in r else ""
     return [(name, f"{r['steps']} steps: {f(r['samples_per_s'])} samples/s (step {f(r['step_s_median'])} s), "
-                   f"peak {mb(r['peak_mb'])}{extra}")]
+                   f"peak {mb(r['peak_mb'])}, mean length {f(r.get('mean_length'))} tokens{extra}")]
 
 
 def _dist(r: dict) -> list[tuple[str, str]]:
