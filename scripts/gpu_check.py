@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampler-n", type=int, default=64, help="samples per context of the vLLM sampler part")
     p.add_argument("--device", default="cuda", help="where the parts put the models")
     p.add_argument("--part-timeout", type=int, default=240, help="seconds one part may run")
-    p.add_argument("--budget-s", type=int, default=500, help="no part starts once this many seconds are spent")
+    p.add_argument("--budget-s", type=int, default=480, help="no part starts once this many seconds are spent")
     p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)  # tests: run without CUDA (with --device cpu)
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run this one part here
     p.add_argument("--part-json", type=Path, default=None, help=argparse.SUPPRESS)
