@@ -143,17 +143,32 @@ def test_dry_run_builds_and_validates_every_part(gc, tmp_path, capsys):
     assert ("--part grpo-trl" in parts["grpo-trl"]) if HAS_TRL else parts["grpo-trl"].startswith("not run: trl")
 
 
+def probe_wheel(folder: Path) -> None:
+    """A minimal pure wheel (gpu_probe 1.0: one module), as gpu_wheels.sh leaves them."""
+    import zipfile
+
+    info = "gpu_probe-1.0.dist-info"
+    files = {"gpu_probe.py": "VALUE = 42\n", f"{info}/METADATA": "Metadata-Version: 2.1\nName: gpu-probe\nVersion: 1.0\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(folder / "gpu_probe-1.0-py3-none-any.whl", "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+
+
 def test_dry_run_through_the_shell_script_installs_offline(tmp_path):
-    """gpu_check.sh as on the GPU machine (no wheels carried here: this python has pydantic): tiltlm built from the tree
-    into SITE with --no-index, imported from there, then the dry run."""
+    """gpu_check.sh as on the GPU machine: the carried wheels (a probe here: this python has pydantic) and tiltlm built
+    from the tree installed into SITE with --no-index, imported from there, then the dry run."""
     site, wheels = tmp_path / "site", tmp_path / "wheels"
     wheels.mkdir()
+    probe_wheel(wheels)
     out = subprocess.run(["bash", str(SHELL), "--dry-run", "--parts", "dist", "--work", str(tmp_path / "work")], capture_output=True,
                          text=True, timeout=300, env={**ENV, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
                                                       "SITE": str(site), "WHEELS": str(wheels)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert list(json.loads(out.stdout)["parts"]) == ["dist", "train-vllm", "sampler:auto"]
-    assert "no wheels in" in out.stderr and f"tiltlm from {site}" in out.stderr, out.stderr
+    assert f"installed 1 carried wheels into {site}" in out.stderr and f"tiltlm from {site}" in out.stderr, out.stderr
+    assert (site / "gpu_probe.py").read_text() == "VALUE = 42\n"
     assert (site / "tiltlm" / "assets" / "default" / "config.json").is_file()
 
 
