@@ -1,4 +1,4 @@
-"""Where DPO, cDPO and IPO go with N preference pairs, computed exactly (docs/math.md §11, README "Learned rewards").
+"""Where DPO, cDPO and IPO go with N preference pairs, computed exactly (docs/math.md §14, README "Learned rewards").
 
     python benchmarks/dpo_finite_data.py [--ns 4 16 64 256] [--methods dpo cdpo ipo] [--steps 150] [--json F]
 

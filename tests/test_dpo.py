@@ -1,4 +1,4 @@
-"""DPO, cDPO, IPO and online DPO against their exact fixed points (tiltlm.exact.preferences, docs/math.md §11).
+"""DPO, cDPO, IPO and online DPO against their exact fixed points (tiltlm.exact.preferences, docs/math.md §14).
 
 The space: tokens {a, b, <eos>}, at most 3 new tokens (15 sequences), a random tabular prior. Full-coverage
 preference data is built so that its label frequencies are exactly Bradley–Terry: with m(x) = 1 + count_a(x) and

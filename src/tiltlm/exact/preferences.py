@@ -1,4 +1,4 @@
-"""Exact fixed points of DPO, cDPO and IPO on an enumerable space (docs/math.md §11).
+"""Exact fixed points of DPO, cDPO and IPO on an enumerable space (docs/math.md §14).
 
 Sequences are indexed 0..N-1 (e.g. the rows of ``enumerate_space``); ``logp0`` (N,) is log pi0, u = log pi - log pi0
 the policy's log-ratio. Preference data in the population is a symmetric weight matrix ``W`` (N, N) (W[a, b] =
