@@ -90,3 +90,22 @@ def test_offline_dpo_without_data_is_one_line(testbed_dir, tmp_path, monkeypatch
     code, printed = tiltlm(["train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")], monkeypatch, capsys)
     lines = printed.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "give data: {path: prefs.jsonl}" in lines[0], printed
+
+
+def test_pair_rows_are_the_enumerated_sequences_of_the_same_text(testbed_policy):
+    """A completion's text becomes the very sequence of the sample space (tokens, EOS when shorter than the limit, none
+    at the limit): its log pi0 equals the enumerated one for every sequence of a testbed (HF) and a tabular policy."""
+    from tiltlm.exact import enumerate_space
+    from tiltlm.policies import TabularPolicy
+    from tiltlm.train.pairs import pair_samples
+
+    tabular = TabularPolicy.random(list("ab") + ["<eos>"], max_new_tokens=3, seed=0)
+    for policy in (testbed_policy, tabular):
+        space = enumerate_space(policy)
+        texts = space.samples.texts
+        rows = pair_samples(policy, [""] * len(texts), texts)
+        assert rows.texts == texts
+        got = policy.log_prob(rows).double()
+        want = space.logp.double()
+        assert float((got - want).abs().max()) < 1e-4
+        assert rows.eos.tolist() == space.samples.eos.tolist()
