@@ -197,3 +197,11 @@ def test_offline_dpo_without_preference_data_is_one_line(tmp_path):
         with pytest.raises(TiltlmError, match=needle.replace("{", r"\{").replace("}", r"\}")) as e:
             Trainer(config, policy=policy, target=Prior(prior))
         assert "\n" not in str(e.value)
+
+
+def test_the_progress_bar_takes_a_row_of_preference_pairs():
+    """A pair step's row has no reward/mean or kl/prior_seq (nothing sampled): the terminal's progress bar shows nan."""
+    from tiltlm.train.loggers import progress_bar
+
+    with progress_bar(True, "dpo", 2, 0) as advance:
+        advance(1, {"step": 1, "loss": 0.69, "reward/margin": 0.0, "reward/accuracy": 0.0})
