@@ -172,3 +172,16 @@ def test_digests_quick(bench):
     (row,) = _payload(bench("digests").main(["--quick", "--priors", "default"]), "digests")
     _finite(row, ["MB", "first_s", "again_s", "load_s", "hash_GB_per_s", "first_over_load", "again_over_load"])
     assert row["prior"] == "default" and row["files"] >= 2 and row["MB"] > 1
+
+
+def test_dpo_finite_data_quick(bench):
+    """The finite-data table's quick mode: every row's exact quantities; the population DPO row is p* itself."""
+    rows = _payload(bench("dpo_finite_data").main(["--quick", "--ns", "4", "--steps", "3"]), "dpo_finite_data")
+    assert [(r["method"], r["N"]) for r in rows] == [(m, n) for m in ("dpo", "cdpo", "ipo") for n in (4, "population")]
+    for r in rows:
+        _finite(r, ["kl_policy_target", "kl_target_policy", "unseen_mass_policy", "unseen_mass_prior", "distinct_seen"])
+        assert 0 <= r["unseen_mass_policy"] <= 1 and r["distinct_seen"] <= 40
+    trained = rows[0]
+    _finite(trained, ["chosen_logp_change", "rejected_logp_change", "margin"])
+    assert trained["margin"] > 0 and 2 <= trained["distinct_seen"] <= 8 and trained["unseen_mass_prior"] > 0
+    assert rows[1]["kl_policy_target"] < 1e-9 and rows[5]["kl_policy_target"] > 0.01  # DPO's fixed point is p*, IPO's is not
