@@ -7,6 +7,7 @@ The LM part runs on a small testbed prior here, so the test stays fast.
 import json
 
 import pytest
+import yaml
 from browser import needs_chromium, render_in_chromium
 
 from tiltlm.errors import TiltlmError
@@ -17,8 +18,23 @@ from tiltlm.experiments.run import run_main
 def run_dir(tmp_path_factory, testbed_dir):
     out = tmp_path_factory.mktemp("run") / "out"
     run_main(out, task="sentiment", prior=str(testbed_dir), reward="count:a", betas=(0.5, 1.0), main_beta=1.0, budget=0.5,
-             log=lambda m: None)
+             seeds=(0,), log=lambda m: None)
     return out
+
+
+def test_every_seed_of_the_run_trains_each_cell_and_runs_each_baseline(tmp_path, monkeypatch):
+    """--seeds reach the sentiment study: the sweep grid of both parts, and one inference-baseline cell per seed."""
+    from tiltlm.experiments import sentiment
+
+    assert sentiment.lm_sweep("default", "sentiment", [0.1, 1.0], 0.1, 2, [0, 1, 2])["grid"]["seeds"] == [0, 1, 2]
+    assert sentiment.testbed_sweep("m", [1.0, 3.0], 1.0, 2, [4, 5])["grid"]["seeds"] == [4, 5]
+    seen = []
+    monkeypatch.setattr(sentiment, "inference_baselines", lambda root, cfg, beta, n, seed: seen.append(seed))
+    monkeypatch.setattr(sentiment, "policy_samples", lambda root, seed: None)
+    monkeypatch.setattr("tiltlm.experiments.sweep.run_sweep", lambda *a, **k: seen.append(yaml.safe_load(open(a[0]))["grid"]["seeds"]))
+    monkeypatch.setattr("tiltlm.experiments.report.write_report", lambda root: None)
+    sentiment.lm_part(tmp_path / "lm", "default", "sentiment", [0.1], 0.1, 0.05, [3, 7], log=lambda m: None)
+    assert seen == [[3, 7], 3, 7]
 
 
 def _cells(part_dir):
