@@ -114,6 +114,7 @@ class Batch:
     beta: float | None = shared(None)  # the target's tilt temperature (Target.beta)
     logp_start: torch.Tensor | None = rows(None)  # (B,) float64, log pi at the step's start when a step makes several
     # updates (optim.minibatch_size): the score-function losses weight a later minibatch by pi/pi_start (stale_weight)
+    pairs: int | None = shared(None)  # K: the rows are K preference pairs of data, rows [chosen_1..K, rejected_1..K], not draws
 
     @property
     def group(self) -> torch.Tensor:

@@ -61,6 +61,7 @@ class Algorithm:
     on_policy: bool = True  # False: samples come from ``self.proposal`` (off-policy DPG)
     needs_tilt: ClassVar[bool] = False  # True: the KL coefficient is the target's beta (kl_coefficient)
     needs_token_prior: ClassVar[bool] = False  # True: batches carry log pi0 per token (Batch.token_logp_prior)
+    offline_pairs: ClassVar[bool] = False  # True: batches are preference pairs of data:, nothing sampled (tiltlm.train.pairs)
 
     def __init__(self, config: AlgorithmConfig):
         self.config = config

@@ -43,6 +43,8 @@ def step_metrics(batch: Batch, token_logp: torch.Tensor, *, on_policy: bool, kl_
     run's failure rate so far. ``token_logp``: (B, T) log pi_theta per token before the step (detached)."""
     from tiltlm.metrics.episodes import episode_metrics
 
+    if batch.pairs is not None:  # preference pairs of data, drawn by no policy: the algorithm's own reward/margin etc.
+        return {}
     row = batch_metrics(batch, token_logp.sum(-1), on_policy=on_policy, kl_estimator=kl_estimator, diversity=diversity)
     if batch.samples.trajectories is not None:
         row.update(episode_metrics(batch, token_logp, on_policy=on_policy))

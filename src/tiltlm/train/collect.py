@@ -4,7 +4,8 @@ Randomness: step t draws with seed ``seed * 1_000_003 + t`` (``step_seed``), so 
 what the uninterrupted run would have drawn — with a prompt dataset (``data:``, tiltlm.data) that includes the
 step's ``prompts_per_step`` prompts, whose rows' other columns travel with the samples to the reward. Data parallel: each rank draws and scores only its rows of the
 global batch (``strategy.rows``), each exactly as one process would, and ``strategy.gather`` hands every rank
-the whole Batch (tiltlm.distributed.strategy).
+the whole Batch (tiltlm.distributed.strategy). An offline preference algorithm (``algorithm.offline_pairs``: dpo, ipo,
+cdpo) samples nothing: its batch is the step's preference pairs (tiltlm.train.pairs).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tiltlm.records import Batch
 from tiltlm.targets.base import Target
 from tiltlm.train.build import check_rows
 from tiltlm.train.config import TrainConfig
+from tiltlm.train.pairs import PairCollector
 from tiltlm.train.timing import PhaseTimer
 
 
@@ -35,7 +37,12 @@ class Collector:
         self.timer = timer if timer is not None else PhaseTimer()  # seconds of sampling and scoring (tiltlm.train.timing)
         self.strategy, self.env, self.runner, self.generator = strategy, env, runner, generator
         self.env_counts = {"episodes": 0, "failures": 0}
-        self.data, self.eval_data = load_data(config.data) if config.data is not None else (None, None)
+        # the offline preference algorithms (dpo, ipo, cdpo) sample nothing: their batches are pairs of data (.pairs)
+        self.pairs = PairCollector(config, policy=policy, target=target) if algorithm.offline_pairs else None
+        if self.pairs is not None:  # the pairs' prompts are the contexts of the exact metrics; no held-out prompts
+            self.data, self.eval_data = self.pairs.prompts, None
+        else:
+            self.data, self.eval_data = load_data(config.data) if config.data is not None else (None, None)
         check_rows(target, self.data, self.eval_data)  # a row without a column the reward needs: refused before sampling
         self.evaluator = build_evaluator(config, self.eval_data, target, active=strategy.joins_io,  # held-out pass@k (tiltlm.evaluate)
                                          out_dir=out_dir if strategy.writes else None)
@@ -48,6 +55,9 @@ class Collector:
         return self.generator if self.generator is not None else self.policy
 
     def __call__(self, step: int) -> Batch:
+        if self.pairs is not None:
+            with self.timer.phase("score"):
+                return self.pairs(step)
         sampler = self.sampler()
         with self.timer.phase("sample"):
             samples = self._sample(sampler, step)

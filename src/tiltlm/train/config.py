@@ -169,12 +169,14 @@ class DataConfig(_Strict):
     format: Literal["auto", "jsonl", "csv", "parquet", "hf"] = Field("auto", description="auto: by suffix / directory contents")
     split: str | None = Field(None, description="which split of a saved DatasetDict (default: train)")
     reasoning_gym: ReasoningGymConfig | None = Field(None, description="generate a reasoning-gym task instead of reading a file")
-    prompts_per_step: int | None = Field(None, ge=1, description="prompts per step, drawn by the step's seed; null = every prompt")
+    prompts_per_step: int | None = Field(None, ge=1, description="prompts per step (preference pairs per step for dpo, ipo, cdpo), drawn by the step's seed; null = every one")
     eval_size: int | None = Field(None, ge=1, description="rows held out for evaluation (eval:)")
     eval_fraction: float | None = Field(None, gt=0, lt=1, description="fraction of rows held out (instead of eval_size)")
     eval_path: str | None = Field(None, description="a separate file of held-out prompts (same prompt_column and format; "
                                                     "instead of eval_size / eval_fraction)")
     split_seed: int = Field(0, ge=-(2**63), lt=2**63, description="seed of the train/eval split")
+    chosen_column: str = Field("chosen", description="preference pairs (dpo, ipo, cdpo): the column of the preferred completions")
+    rejected_column: str = Field("rejected", description="preference pairs: the column of the dispreferred completions")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -236,13 +238,14 @@ class TrainConfig(_Strict):
             target = data.get("target")
             if target is None or (isinstance(target, dict) and "reward" not in target):
                 data = {**data, "target": {**(target or {}), "reward": "reasoning_gym"}}
+        data = _offline_defaults(data)
         target = data.get("target") if isinstance(data, dict) else None
         if target is not None and not isinstance(target, (dict, TargetConfig)):
             raise TiltlmError(f"config 'target' must be a mapping (reward, beta, constraints), not {type(target).__name__}; fix that value")
         if isinstance(target, dict) and "beta" in target and not _positive_finite(target["beta"]):
             raise TiltlmError(f"config 'target.beta' must be a finite number > 0 (got {target['beta']!r}); "
                               "small beta follows the reward closely, large beta stays near the prior")
-        if isinstance(target, dict) and "reward" in target and target["reward"] is None and "beta" in target:
+        if isinstance(target, dict) and "reward" in target and target["reward"] is None and "beta" in target and not _offline(data):
             raise TiltlmError("config 'target.reward' is null (no tilt, p* ∝ pi0·1[constraints]), so there is no beta; drop target.beta")
         _check_data(data)
         if isinstance(data, dict) and isinstance(data.get("algorithm"), str):
@@ -262,7 +265,7 @@ class TrainConfig(_Strict):
             raise TiltlmError(f"config 'seed' ({self.seed}) with optim.steps {self.optim.steps:,}: step t draws with "
                               "seed·1000003 + t, past a 64-bit integer; pick fewer steps or a smaller seed")
         t = self.target
-        if t.reward is None and not t.constraints:
+        if t.reward is None and not t.constraints and not algorithm_class(self.algorithm.name).offline_pairs:
             raise TiltlmError("config 'target' has neither a reward nor a constraint (p* would be the prior itself); "
                               "set target.reward or target.constraints")
         if t.reward is None and algorithm_class(self.algorithm.name).needs_tilt:
@@ -281,6 +284,26 @@ class TrainConfig(_Strict):
             raise ValueError("algorithm must be a mapping with a name")
         value = dict(value)
         return make_config(value.pop("name"), **value)
+
+
+def _offline(data: Any) -> bool:
+    """Whether the config's algorithm trains offline on preference pairs (dpo, ipo, cdpo: Algorithm.offline_pairs)."""
+    algo = data.get("algorithm") if isinstance(data, dict) else None
+    name = algo.get("name") if isinstance(algo, dict) else algo
+    try:
+        return isinstance(name, str) and algorithm_class(name).offline_pairs
+    except TiltlmError:  # an unknown name: the algorithm field's own error
+        return False
+
+
+def _offline_defaults(data: Any) -> Any:
+    """An offline preference algorithm needs no reward: target.reward defaults to null (target.beta is the DPO beta)."""
+    if not _offline(data):
+        return data
+    target = data.get("target")
+    if target is None or (isinstance(target, dict) and "reward" not in target):
+        data = {**data, "target": {**(target or {}), "reward": None}}
+    return data
 
 
 def _check_data(data: Any) -> None:
