@@ -164,3 +164,10 @@ def test_digests_quick(bench):
     (row,) = _payload(bench("digests").main(["--quick", "--priors", "default"]), "digests")
     _finite(row, ["MB", "first_s", "again_s", "load_s", "hash_GB_per_s", "first_over_load", "again_over_load"])
     assert row["prior"] == "default" and row["files"] >= 2 and row["MB"] > 1
+
+
+def test_rm_accuracy_quick(bench):
+    rows = _payload(bench("rm_accuracy").main(["--quick", "--settings", "testbed", "--threads", "1"]), "rm_accuracy")
+    (row,) = rows
+    _finite(row, ["acc_gold", "acc_gold_low", "acc_gold_high", "acc_labels", "acc_start", "seconds"])
+    assert row["acc_gold_low"] <= row["acc_gold"] <= row["acc_gold_high"] and row["eval_pairs"] == 20
