@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="60 pairs, 3 steps per setting (a smoke run)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None, help="override every setting's learning rate")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     quiet_transformers()
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings:
             spec = {**SETTINGS[name], **(QUICK if args.quick else {})}
+            if args.lr is not None:
+                spec = {**spec, "train": {**spec["train"], "lr": args.lr}}
             out.append(run_setting(name, spec, Path(tmp), seed=args.seed))
             r = out[-1]
             print(f"{name}: held-out accuracy against the gold {r['acc_gold']:.3f} [{r['acc_gold_low']:.3f}, {r['acc_gold_high']:.3f}], "
