@@ -120,3 +120,20 @@ def test_bad_inputs_are_one_line(tmp_path, monkeypatch, capsys, extra, needles):
     argv = ["preferences", "--gold", "length", "--pairs", "4", "--out", str(tmp_path / "out.jsonl"), *extra]
     one_line(*tiltlm(argv, monkeypatch, capsys), needles)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_prompts_from_a_file_bring_their_columns_to_the_gold(testbed_dir, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "b", "answer": "a"}\n')
+    out = tmp_path / "prefs.jsonl"
+    code, printed = tiltlm(["preferences", "--prior", str(testbed_dir), "--data", str(data), "--gold", "exact_match",
+                            "--pairs", "9", "--max-new-tokens", "2", "--out", str(out)], monkeypatch, capsys)
+    assert code == 0, printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a"] * 5 + ["b"] * 4
+    answers = {"a": "b", "b": "a"}
+    for r in rows:  # each row's gold read the answer of its own prompt
+        assert r["gold_chosen"] == float(r["chosen"].strip() == answers[r["prompt"]])
+    one_line(*tiltlm(["preferences", "--prior", str(testbed_dir), "--data", str(tmp_path / "prefs.jsonl"), "--gold",
+                      "exact_match", "--pairs", "2", "--out", str(tmp_path / "x.jsonl")], monkeypatch, capsys),
+             ["needs the column 'answer'"])
