@@ -185,3 +185,10 @@ def test_dpo_finite_data_quick(bench):
     _finite(trained, ["chosen_logp_change", "rejected_logp_change", "margin"])
     assert trained["margin"] > 0 and 2 <= trained["distinct_seen"] <= 8 and trained["unseen_mass_prior"] > 0
     assert rows[1]["kl_policy_target"] < 1e-9 and rows[5]["kl_policy_target"] > 0.01  # DPO's fixed point is p*, IPO's is not
+
+
+def test_rm_accuracy_quick(bench):
+    rows = _payload(bench("rm_accuracy").main(["--quick", "--settings", "testbed", "--threads", "1"]), "rm_accuracy")
+    (row,) = rows
+    _finite(row, ["acc_gold", "acc_gold_low", "acc_gold_high", "acc_labels", "acc_start", "seconds"])
+    assert row["acc_gold_low"] <= row["acc_gold"] <= row["acc_gold_high"] and row["eval_pairs"] == 20

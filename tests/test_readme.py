@@ -134,6 +134,10 @@ def test_every_cli_invocation_in_the_readme_exists_with_its_flags():
     for chunk, sub, rest in invocations:
         assert sub in click_app.commands, f"README runs `tiltlm {sub}`, which the CLI lacks: {chunk!r}"
         command = click_app.commands[sub]
+        if hasattr(command, "commands"):  # a group (`tiltlm reward-model train …`): the flags are its subcommand's
+            name = rest.split()[0] if rest.split() else ""
+            assert name in command.commands, f"README runs `tiltlm {sub} {name}`, which the CLI lacks: {chunk!r}"
+            command = command.commands[name]
         options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
         for flag in re.findall(r"(?:(?<=\s)|(?<=\[))(--?[A-Za-z][\w-]*)", rest):
             assert flag in options, f"`tiltlm {sub}` has no option {flag} (README: {chunk!r}); it has {sorted(options)}"

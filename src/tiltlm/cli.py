@@ -535,6 +535,61 @@ def chat(
         typer.echo(f"game {game + 1} of {episodes} appended to {out}")
 
 
+@app.command()
+def preferences(
+    gold: str = typer.Option(..., help="The gold reward g (any reward spec) whose Bradley–Terry model labels the pairs."),
+    pairs: int = typer.Option(..., help="Labelled pairs in total, spread evenly over the prompts."),
+    out: Path = typer.Option(..., help="JSONL file to write (prompt, chosen, rejected, gold_chosen, gold_rejected, p_chosen)."),
+    prior: str = typer.Option("default", help="The model the completions are sampled from: 'default' or a save_pretrained directory."),
+    data: Optional[Path] = typer.Option(None, help="Prompts: a .jsonl / .csv / .parquet file or a datasets.save_to_disk directory."),
+    context: Optional[list[str]] = typer.Option(None, help="A prompt (repeat for several; default: just BOS). Not with --data."),
+    prompt_column: str = typer.Option("prompt", help="With --data: the column holding the prompts."),
+    tau: float = typer.Option(1.0, help="Label temperature: P(a ≻ b) = σ((g(a) − g(b))/tau)."),
+    labels: str = typer.Option("bernoulli", help="bernoulli: each label drawn from P(a ≻ b); argmax: the larger g wins (ties by a coin)."),
+    no_ties: bool = typer.Option(False, "--no-ties", help="Draw only pairs the gold tells apart (g(a) ≠ g(b))."),
+    seed: int = typer.Option(0, help="Seeds the completions and the labels."),
+    max_new_tokens: int = typer.Option(32, min=1, help="Length limit of a completion."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of the prior."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Render prompts with the tokenizer's chat template "
+                                        "(default: when it has one)."),
+) -> None:
+    """Synthetic preferences of known quality: pairs of the prior's completions per prompt, labelled by the
+    Bradley–Terry model of a gold reward (docs/math.md §15); prints how often the labels agree with the gold."""
+    from tiltlm.preferences import run_preferences
+
+    check_file_destination(out, "--out")
+    _check_seed(seed, 1_000_003)
+    _quiet_transformers()
+    line = run_preferences(out, gold=gold, pairs=pairs, prior=prior, data=data, contexts=context, prompt_column=prompt_column,
+                           tau=tau, seed=seed, labels=labels, max_new_tokens=max_new_tokens, temperature=temperature, chat=chat,
+                           no_ties=no_ties)
+    console.print(line, markup=False, highlight=False)
+
+
+reward_model_app = typer.Typer(no_args_is_help=True, help="Reward models: Bradley–Terry fits on preference pairs.")
+app.add_typer(reward_model_app, name="reward-model")
+
+
+@reward_model_app.command(name="train")
+def reward_model_train(
+    config: Path = typer.Argument(..., help="YAML reward-model config (see docs/config.md)."),
+    out: Path = typer.Option(..., help="The reward model's save_pretrained directory (model, tokenizer, training.json)."),
+    overwrite: bool = typer.Option(False, help="Replace a reward model trained with another config in --out (never a directory "
+                                               "tiltlm did not write)."),
+) -> None:
+    """Fit a Bradley–Terry reward model (a base LM with a one-output score head) on preference pairs; prints the
+    held-out pairwise accuracy with its Wilson 95% interval. Score with it as the reward `rm:OUT`."""
+    from tiltlm.rmtrain import load_rm_config, train_reward_model
+
+    cfg = load_rm_config(config)
+    check_file_destination(out, "--out", directory=True)
+    _quiet_transformers()
+    m = train_reward_model(cfg, out, overwrite=overwrite, log=lambda line: console.print(line, markup=False, highlight=False))["metrics"]
+    console.print(f"done: {m['steps']} steps on {m['train/pairs']} pairs; held-out pairwise accuracy {m['eval/accuracy']:.3f} "
+                  f"[{m['eval/accuracy_low']:.3f}, {m['eval/accuracy_high']:.3f}] (Wilson 95%, {m['eval/correct']}/{m['eval/pairs']}; "
+                  f"untrained {m['eval/accuracy_start']:.3f}); reward model in {out} (reward rm:{out})", markup=False, highlight=False)
+
+
 def usage_error(e: typer.TyperException) -> str:
     """click's (typer's) usage error as the one line ``<problem>; <fix>`` (instead of its boxed usage panel)."""
     message = " ".join((e.format_message() if hasattr(e, "format_message") else str(e)).split()).rstrip(".")
