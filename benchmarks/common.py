@@ -121,7 +121,8 @@ def quiet_transformers() -> None:
 
 def make_trl_trainer(kind: str, model: str, tokenizer, prompts: list, *, b: int, t: int, steps: int, out_dir: str,
                      reward_fn: Callable[[list[str]], list[float]], beta: float, lr: float, callbacks: list = (),
-                     lora_r: int | None = None, lora_alpha: int = 16, gradient_checkpointing: bool | None = None, seed: int = 0):
+                     lora_r: int | None = None, lora_alpha: int = 16, gradient_checkpointing: bool | None = None, seed: int = 0,
+                     use_cpu: bool = True, extra: dict | None = None):
     """A TRL ``GRPOTrainer`` (kind "grpo") or ``RLOOTrainer`` ("rloo") doing what a tiltlm kl-pg step does.
 
     One prompt per step with ``num_generations = per_device_train_batch_size = b`` completions of at most
@@ -131,6 +132,7 @@ def make_trl_trainer(kind: str, model: str, tokenizer, prompts: list, *, b: int,
     ``prompts``: one entry per step (a string, or a chat: a list of messages, which TRL renders with the
     tokenizer's chat template). ``lora_r``: a peft ``LoraConfig`` of that rank (peft's default modules for
     the architecture, like tiltlm's ``lora:``). ``gradient_checkpointing``: None keeps TRL's default (on).
+    ``use_cpu`` False: accelerate's device (the GPU check, scripts/gpu_parts.py); ``extra``: more config options.
     Returns the trainer; ``trainer.train()`` runs ``steps`` steps.
     """
     import torch
@@ -151,13 +153,14 @@ def make_trl_trainer(kind: str, model: str, tokenizer, prompts: list, *, b: int,
 
     options = dict(
         output_dir=out_dir, per_device_train_batch_size=b, num_generations=b, max_completion_length=t, beta=beta,
-        learning_rate=lr, max_steps=steps, use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
+        learning_rate=lr, max_steps=steps, use_cpu=use_cpu, bf16=False, fp16=False, report_to="none", save_strategy="no",
         logging_steps=10**6, disable_tqdm=True, seed=seed, max_grad_norm=1.0, temperature=1.0, top_p=1.0, top_k=0,
         dataloader_num_workers=0, steps_per_generation=1, num_iterations=1, use_vllm=False,
         model_init_kwargs={"dtype": torch.float32},
     )
     if gradient_checkpointing is not None:
         options["gradient_checkpointing"] = bool(gradient_checkpointing)
+    options.update(extra or {})
     config = Config(**options)
     peft_config = None
     if lora_r is not None:

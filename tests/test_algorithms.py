@@ -201,7 +201,7 @@ def test_kl_pg_k1_reward_gradient_is_exact_in_expectation():
 
 def test_registry_errors():
     assert {"reinforce", "kl-pg", "ppo-kl", "dpg", "gdc++", "f-dpg"} <= set(available_algorithms())
-    with pytest.raises(TiltlmError, match=r"unknown algorithm 'dpgg' \(did you mean 'dpg'\?\); available: (.*, )?dpg, f-dpg"):
+    with pytest.raises(TiltlmError, match=r"unknown algorithm 'dpgg' \(did you mean 'dpg'\?\); available: (.*, )?dpg, dpo, f-dpg"):
         get_algorithm("dpgg")
     with pytest.raises(TiltlmError, match="did you mean 'estimator'"):
         get_algorithm("kl-pg", estimater="k3")

@@ -175,7 +175,8 @@ CATALOGUE = {
     "unknown-key-optional-section": (_set("lora.alpah", 8), [], ["'lora.alpah'", "did you mean 'alpha'?"]),
     "unknown-algorithm-option": (_set("algorithm.estimater", "k3"), [], ["has no option 'estimater'", "did you mean 'estimator'?"]),
     "unknown-algorithm": (_set("algorithm.name", "kl-pgg"), [], ["unknown algorithm 'kl-pgg'", "did you mean 'kl-pg'?",
-                                                                 "available: clip-cov, dpg, f-dpg, flowrl, gdc++, grpo, kl-cov, kl-pg, maxrl, ppo-kl, reinforce"]),
+                                                                 "available: cdpo, clip-cov, dpg, dpo, f-dpg, flowrl, gdc++, grpo, ipo, kl-cov, kl-pg, maxrl, online-dpo, "
+                                                                 "ppo-kl, reinforce"]),
     "algorithm-name-not-a-string": (_set("algorithm.name", 5), [], ["unknown algorithm '5'", "available:"]),
     "algorithm-without-name": (_set("algorithm", {"beta": 1.0}), [], ["algorithm needs a name"]),
     "unknown-reward": (_set("target.reward", "cuont:a"), [], ["unknown reward 'cuont:a'", "did you mean 'count'?", "available:", "count:<text>"]),

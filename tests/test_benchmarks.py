@@ -159,11 +159,32 @@ def test_sampling_quick(bench):
         assert 0 < r["ratio_tokens"] <= r["ratio_steps"]  # generated tokens never exceed rows × steps
 
 
+def test_scoring_quick(bench):
+    """pi0 scoring both ways on 3 quiz questions x 4 rows: the same log-probs, a finite ratio (not asserted: a timing)."""
+    (row,) = _payload(bench("scoring").main(["--quick"]), "scoring")
+    _finite(row, ["full_s", "shared_s", "ratio", "max_abs_diff", "mean_len"])
+    assert row["rows"] == row["contexts"] * row["n"] == 12 and row["T"] <= 8
+    assert row["max_abs_diff"] <= 1e-5  # tests/test_shared_context.py's tolerance
+
+
 def test_digests_quick(bench):
     """The content-identity cost on the embedded default: first digest, the stat-reused one, the load beside it."""
     (row,) = _payload(bench("digests").main(["--quick", "--priors", "default"]), "digests")
     _finite(row, ["MB", "first_s", "again_s", "load_s", "hash_GB_per_s", "first_over_load", "again_over_load"])
     assert row["prior"] == "default" and row["files"] >= 2 and row["MB"] > 1
+
+
+def test_dpo_finite_data_quick(bench):
+    """The finite-data table's quick mode: every row's exact quantities; the population DPO row is p* itself."""
+    rows = _payload(bench("dpo_finite_data").main(["--quick", "--ns", "4", "--steps", "3"]), "dpo_finite_data")
+    assert [(r["method"], r["N"]) for r in rows] == [(m, n) for m in ("dpo", "cdpo", "ipo") for n in (4, "population")]
+    for r in rows:
+        _finite(r, ["kl_policy_target", "kl_target_policy", "unseen_mass_policy", "unseen_mass_prior", "distinct_seen"])
+        assert 0 <= r["unseen_mass_policy"] <= 1 and r["distinct_seen"] <= 40
+    trained = rows[0]
+    _finite(trained, ["chosen_logp_change", "rejected_logp_change", "margin"])
+    assert trained["margin"] > 0 and 2 <= trained["distinct_seen"] <= 8 and trained["unseen_mass_prior"] > 0
+    assert rows[1]["kl_policy_target"] < 1e-9 and rows[5]["kl_policy_target"] > 0.01  # DPO's fixed point is p*, IPO's is not
 
 
 def test_rm_accuracy_quick(bench):

@@ -271,15 +271,16 @@ def test_env_names_and_options_errors(tmp_path):
 
 
 def test_short_kl_pg_run_on_dialogue_beats_the_prior():
-    """Twenty questions with the embedded story prior: 25 steps of kl-pg (32 episodes each) raise the
-    success rate on the same 128 evaluation episodes well above pi0's (measured: 6.3% -> 27.3%, KL(pi||pi0) ~5 nats)."""
+    """Twenty questions with the embedded story prior: 25 steps of kl-pg (32 episodes each, constant lr) raise the
+    success rate on the same 128 evaluation episodes well above pi0's (measured: 9/128 -> 41/128, KL(pi||pi0) ~8.5 nats;
+    with the default linear decay the same 25 steps reach only 20/128: the decay halves the average step)."""
     torch.set_num_threads(1)
     from tiltlm.experiments.interactive import DIALOGUE_THINGS
 
     options = {"retry_cue": True, "max_turns": 2, "things": list(DIALOGUE_THINGS)}
     trainer, rows = _train({"algorithm": "kl-pg", "target": {"beta": 0.05},
                             "env": {"name": "dialogue", "options": options, "tasks_per_step": 4, "max_action_tokens": 5},
-                            "sampling": {"n_per_context": 8}, "optim": {"steps": 25, "lr": 2e-4}, "metrics": {"diversity": False}})
+                            "sampling": {"n_per_context": 8}, "optim": {"steps": 25, "lr": 2e-4, "schedule": "constant"}, "metrics": {"diversity": False}})
     env = get_env("dialogue", **options)
 
     def success(policy) -> float:

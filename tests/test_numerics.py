@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from tiltlm.algorithms import available_algorithms
+from tiltlm.algorithms.base import algorithm_class
 from tiltlm.errors import TiltlmError
 from tiltlm.exact import enumerate_space, normalise
 from tiltlm.metrics import (
@@ -42,7 +43,9 @@ VARIANTS = [{"name": name} for name in available_algorithms()] + [
     {"name": "kl-pg", "estimator": "k3"}, {"name": "kl-pg", "kl_in": "loss", "estimator": "k2"},
     {"name": "ppo-kl", "adaptive_kl": True, "target_kl": 0.5, "horizon": 100},
     {"name": "reinforce", "entropy_coef": 0.1},
+    {"name": "cdpo", "label_smoothing": 0.3}, {"name": "online-dpo", "label": "argmax", "loss": "ipo"},
 ]
+PAIRS = [("aaa", "bbb"), ("", "a"), ("ab", "ba"), ("bbb", "b")]  # offline preference algorithms (dpo, ipo, cdpo) train on these
 
 
 def tabular(seed: int = 0):
@@ -60,15 +63,18 @@ def finite_numbers(row: dict) -> dict:
 
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("reward", list(REWARDS))
-def test_every_algorithm_stays_finite(beta, reward):
+def test_every_algorithm_stays_finite(beta, reward, tmp_path):
     """Losses, weights, importance weights, running and IS log Z, exact metrics: all finite."""
     assert {v["name"] for v in VARIANTS} == set(available_algorithms())
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": "", "chosen": w, "rejected": l}) + "\n" for w, l in PAIRS))
     for variant in VARIANTS:
         policy, prior = tabular()
         target = Prior(prior) * Tilt(REWARDS[reward], beta)
+        offline = {"data": {"path": str(prefs)}} if algorithm_class(variant["name"]).offline_pairs else {}
         cfg = parse_config({"algorithm": variant, "target": {"reward": "count:a", "beta": beta},
                             "sampling": {"n_per_context": 16, "max_new_tokens": 3}, "optim": {"steps": 4, "lr": 0.1},
-                            "metrics": {"exact_every": 2}})
+                            "metrics": {"exact_every": 2}, **offline})
         trainer = Trainer(cfg, policy=policy, target=target)
         rows = trainer.run()
         for row in rows:

@@ -50,8 +50,8 @@ def test_the_three_registries_keep_their_messages():
 
     with pytest.raises(TiltlmError) as e:
         get_algorithm("kl-pgg")
-    assert str(e.value) == ("unknown algorithm 'kl-pgg' (did you mean 'kl-pg'?); available: clip-cov, dpg, f-dpg, flowrl, gdc++, grpo, "
-                            "kl-cov, kl-pg, maxrl, ppo-kl, reinforce")
+    assert str(e.value) == ("unknown algorithm 'kl-pgg' (did you mean 'kl-pg'?); available: cdpo, clip-cov, dpg, dpo, f-dpg, flowrl, "
+                            "gdc++, grpo, ipo, kl-cov, kl-pg, maxrl, online-dpo, ppo-kl, reinforce")
     with pytest.raises(TiltlmError) as e:
         get_env("serch")
     assert str(e.value) == "unknown environment 'serch' (did you mean 'search'?); available: api, dialogue, search, tabular"

@@ -7,6 +7,7 @@ The LM part runs on a small testbed prior here, so the test stays fast.
 import json
 
 import pytest
+import yaml
 from browser import needs_chromium, render_in_chromium
 
 from tiltlm.errors import TiltlmError
@@ -17,8 +18,23 @@ from tiltlm.experiments.run import run_main
 def run_dir(tmp_path_factory, testbed_dir):
     out = tmp_path_factory.mktemp("run") / "out"
     run_main(out, task="sentiment", prior=str(testbed_dir), reward="count:a", betas=(0.5, 1.0), main_beta=1.0, budget=0.5,
-             log=lambda m: None)
+             seeds=(0,), log=lambda m: None)
     return out
+
+
+def test_every_seed_of_the_run_trains_each_cell_and_runs_each_baseline(tmp_path, monkeypatch):
+    """--seeds reach the sentiment study: the sweep grid of both parts, and one inference-baseline cell per seed."""
+    from tiltlm.experiments import sentiment
+
+    assert sentiment.lm_sweep("default", "sentiment", [0.1, 1.0], 0.1, 2, [0, 1, 2])["grid"]["seeds"] == [0, 1, 2]
+    assert sentiment.testbed_sweep("m", [1.0, 3.0], 1.0, 2, [4, 5])["grid"]["seeds"] == [4, 5]
+    seen = []
+    monkeypatch.setattr(sentiment, "inference_baselines", lambda root, cfg, beta, n, seed: seen.append(seed))
+    monkeypatch.setattr(sentiment, "policy_samples", lambda root, seed: None)
+    monkeypatch.setattr("tiltlm.experiments.sweep.run_sweep", lambda *a, **k: seen.append(yaml.safe_load(open(a[0]))["grid"]["seeds"]))
+    monkeypatch.setattr("tiltlm.experiments.report.write_report", lambda root: None)
+    sentiment.lm_part(tmp_path / "lm", "default", "sentiment", [0.1], 0.1, 0.05, [3, 7], log=lambda m: None)
+    assert seen == [[3, 7], 3, 7]
 
 
 def _cells(part_dir):
@@ -33,6 +49,35 @@ def test_run_writes_both_parts_and_reports(run_dir):
     algorithms = {r["algorithm"] for r in _cells(run_dir / "lm")}
     assert {"reinforce", "kl-pg", "dpg", "best-of-4", "importance-sampling"} <= algorithms  # dpg: GDC++'s baseline on
     assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")], "no temporary directory left behind"
+
+
+def test_run_records_and_prints_the_phases_of_its_training_runs(run_dir, tmp_path, monkeypatch):
+    """run.json's phases are sum_phases over every trained cell's phases.json (each part's over its own), and
+    `tiltlm run` prints them on one line before the report's path."""
+    from typer.testing import CliRunner
+
+    from tiltlm.cli import app
+    from tiltlm.train.timing import PHASES, run_dirs_under, sum_phases
+
+    summary = json.loads((run_dir / "run.json").read_text())
+    dirs = run_dirs_under(run_dir)
+    trained = {run_dir / part / "cells" / r["cell"] for part in ("lm", "testbed") for r in _cells(run_dir / part)
+               if (run_dir / part / "cells" / r["cell"] / "metrics.jsonl").exists()}
+    assert trained and trained <= set(dirs)  # every trained cell counted
+    assert summary["phases"] == sum_phases(dirs) and summary["phases"]["runs"] == len(dirs)
+    for part in summary["parts"]:
+        assert part["phases"] == sum_phases(run_dirs_under(run_dir / part["dir"]))
+    assert sum(part["phases"]["runs"] for part in summary["parts"]) == len(dirs)
+    assert summary["phases"]["steps"] > 0 and summary["phases"]["seconds"]["sample"] > 0
+    import tiltlm.experiments.run as run_module
+
+    monkeypatch.setattr(run_module, "run_main", lambda *a, **k: run_dir)  # the CLI's printing of this finished run
+    result = CliRunner().invoke(app, ["run", "--task", "sentiment", "--prior", "x", "--out", str(tmp_path / "unused")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    (line,) = [x for x in lines if x.startswith("time per phase")]
+    assert f"summed over {len(dirs)} training runs" in line and lines.index(line) == len(lines) - 2
+    assert all(f"{k} " in line for k in (*PHASES, "other")) and lines[-1].startswith("report: ")
 
 
 @needs_chromium

@@ -116,6 +116,10 @@ def run(
                 console.print(" ".join(sentences), markup=False, highlight=False)
     if interactive:
         _print_interactive(path / "interactive")
+    if summary.get("phases"):  # the training runs' seconds per phase, added up (run.json)
+        from tiltlm.train.timing import format_phases_line
+
+        console.print(format_phases_line(summary["phases"]), markup=False, highlight=False)
     console.print(f"report: {path / 'report.html'}  ({summary['seconds']:.0f} s)")
 
 
@@ -550,7 +554,7 @@ def preferences(
                                         "(default: when it has one)."),
 ) -> None:
     """Synthetic preferences of known quality: pairs of the prior's completions per prompt, labelled by the
-    Bradley–Terry model of a gold reward (docs/math.md §14); prints how often the labels agree with the gold."""
+    Bradley–Terry model of a gold reward (docs/math.md §15); prints how often the labels agree with the gold."""
     from tiltlm.preferences import run_preferences
 
     check_file_destination(out, "--out")

@@ -103,16 +103,24 @@ def load_preferences(path: str | Path, *, prompt_column: str = "prompt", chosen_
     """The preference pairs of a local file or ``save_to_disk`` directory (module docstring); one-line errors.
     With no ``prompt_column`` in the data the prompt is implicit (shared prefix, or the messages before the reply)."""
     path = Path(path).expanduser()
+    rows, where = _read(path, format, split, (prompt_column, chosen_column, rejected_column))
+    return preference_data(rows, where, prompt_column=prompt_column, chosen_column=chosen_column,
+                           rejected_column=rejected_column, numbered_as=_numbered_as(path, format))
+
+
+def _read(path: Path, format: str, split: str | None, columns: tuple[str, str, str]) -> tuple[list[dict], str]:
+    """tiltlm.data's readers, with an empty file's message about pairs."""
     try:
-        rows, where = read_rows(path, format=format, split=split)
+        return read_rows(path, format=format, split=split)
     except TiltlmError as e:
         if "has no rows" in str(e):  # the prompt reader's wording names prompts; here the rows are pairs
             raise TiltlmError(f"preference data '{path}' has no rows; add pairs to it (one row per pair: "
-                              f"{prompt_column}, {chosen_column}, {rejected_column})") from None
+                              f"{', '.join(columns)})") from None
         raise
-    numbered_as = "line" if _format_of(path, format) == "jsonl" else "row"
-    return preference_data(rows, where, prompt_column=prompt_column, chosen_column=chosen_column,
-                           rejected_column=rejected_column, numbered_as=numbered_as)
+
+
+def _numbered_as(path: Path, format: str) -> str:
+    return "line" if _format_of(path, format) == "jsonl" else "row"
 
 
 def columns_of(rows: list[dict]) -> list[str]:
@@ -228,7 +236,7 @@ def require_preferences(path: str | Path, *, algorithm: str, prompt_column: str 
                         rejected_column: str = "rejected", format: str = "auto", split: str | None = None) -> PreferenceData:
     """The pairs of ``path`` for an offline preference algorithm; prompt-only data is one line naming what is missing."""
     path = Path(path).expanduser()
-    rows, where = read_rows(path, format=format, split=split)
+    rows, where = _read(path, format, split, (prompt_column, chosen_column, rejected_column))
     names = columns_of(rows)
     missing = [c for c in (chosen_column, rejected_column) if c not in names]
     if missing:
@@ -236,5 +244,5 @@ def require_preferences(path: str | Path, *, algorithm: str, prompt_column: str 
                           f"{' or '.join(repr(c) for c in missing)} (its columns: {', '.join(names)}); give data with "
                           "prompt/chosen/rejected columns (set data.chosen_column / data.rejected_column), or use online-dpo "
                           "to draw pairs from the policy")
-    return load_preferences(path, prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column,
-                            format=format, split=split)
+    return preference_data(rows, where, prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column,
+                           numbered_as=_numbered_as(path, format))

@@ -1,4 +1,4 @@
-"""Synthetic preferences of known quality (`tiltlm preferences`; docs/math.md §14): pairs from a prior, labelled by a gold reward.
+"""Synthetic preferences of known quality (`tiltlm preferences`; docs/math.md §15): pairs from a prior, labelled by a gold reward.
 
     rows = synthesize(HFPolicy.from_pretrained("default"), [""], pairs=500, gold=get_reward("count:a"), tau=1.0, seed=0)
     write_preferences("prefs.jsonl", rows)    # TRL's explicit-prompt format, plus the gold's columns

@@ -1,7 +1,7 @@
 """DPO, cDPO, IPO on preference pairs, and online DPO: the posterior's closed form, fitted on comparisons.
 
 With u(y) = log pi_theta(y|x) - log pi0(y|x) (pi0 = the run's prior = the reference) and, for a pair y_w ≻ y_l,
-h = u(y_w) - u(y_l) (docs/math.md §11):
+h = u(y_w) - u(y_l) (docs/math.md §14):
 
 - ``dpo`` (Rafailov et al. 2023):  loss = -log σ(beta·h).
 - ``cdpo`` (conservative DPO, label smoothing eps; Mitchell 2023, TRL's ``label_smoothing``):
@@ -14,7 +14,7 @@ h = u(y_w) - u(y_l) (docs/math.md §11):
   per step), ``label: argmax`` takes the higher reward (a tie: the pair is dropped). Then the dpo (or, with
   ``loss: ipo``, the ipo) loss.
 
-beta is target.beta, the run's one beta (docs/math.md §11). Fixed points, computed exactly in
+beta is target.beta, the run's one beta (docs/math.md §14). Fixed points, computed exactly in
 tiltlm.exact.preferences: pairs that connect the whole space with labels drawn from BT(r) make DPO's population
 minimiser pi0·exp(r/beta)/Z (so bt-labelled online DPO aims at p* too; argmax labels are BT at infinite scale and
 aim at the hardmax); cDPO's satisfies σ(beta·h) = (1-eps)·σ(Δr) + eps·σ(-Δr) per pair; IPO's (pairs from a

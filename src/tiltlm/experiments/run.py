@@ -44,8 +44,17 @@ class Parts:
         t = time.time()
         self.log(f"part {len(self.done) + 1}: {title}")
         fn(self.work / name)
-        self.done.append({"dir": name, "title": title, "seconds": round(time.time() - t, 1)})
+        self.done.append({"dir": name, "title": title, "seconds": round(time.time() - t, 1), "phases": phases_under(self.work / name)})
         self.log(f"  part {len(self.done)} finished in {time.time() - t:.0f} s")
+
+
+def phases_under(root: Path) -> dict | None:
+    """The seconds per phase of every training run under ``root``, added up (tiltlm.train.timing.sum_phases: the
+    runs' own totals, so runs trained side by side add up to more than the wall time); None without any run."""
+    from tiltlm.train.timing import run_dirs_under, sum_phases
+
+    dirs = run_dirs_under(root)
+    return sum_phases(dirs) if dirs else None
 
 
 def _check(out: Path, overwrite: bool, budget: float, seeds: tuple[int, ...]) -> None:
@@ -79,13 +88,13 @@ def _rlvr_parts(parts: Parts, task: str, prior: str, reward: str | None, betas: 
 
 
 def _sentiment_parts(parts: Parts, prior: str, reward: str | None, betas: tuple[float, ...], main_beta: float,
-                     budget: float, seed: int) -> None:
+                     budget: float, seeds: tuple[int, ...]) -> None:
     if main_beta not in betas:
         raise TiltlmError(f"the main beta {main_beta} must be one of the betas {list(betas)}")
     with one_thread():  # one thread: the same numbers on every machine (floats reduce in one order)
         parts.add("lm", f"{prior} prior, reward {reward or 'sentiment'}: reward–KL at matched samples",
-                  lambda root: sentiment.lm_part(root, prior, reward or "sentiment", betas, main_beta, budget, seed, parts.log))
-        parts.add("testbed", "exact testbed, reward count:a", lambda root: sentiment.testbed_part(root, budget, seed, parts.log))
+                  lambda root: sentiment.lm_part(root, prior, reward or "sentiment", betas, main_beta, budget, list(seeds), parts.log))
+        parts.add("testbed", "exact testbed, reward count:a", lambda root: sentiment.testbed_part(root, budget, list(seeds), parts.log))
 
 
 def _publish(work: Path, out: Path, overwrite: bool) -> None:
@@ -112,8 +121,8 @@ def run_main(out: str | Path, *, task: str = "quiz", prior: str = "default", rew
     ``task`` "quiz" (default): the RLVR study (tiltlm.experiments.rlvr) on ``prior`` and its exact twin on a testbed;
     "letters": the exact twin alone; "reasoning-gym:<name>" or a prompt file: the same study on that task (``reward`` the
     verifier); "sentiment": the reward–KL comparison on the story prior and an exact testbed (``reward`` default
-    sentiment, kl-pg at ``betas``, the rest at ``main_beta``; the first seed). ``interactive`` adds the interactive part.
-    ``budget`` scales every part's steps. ``seeds``: the RLVR studies train every method once per seed. ``workers``:
+    sentiment, kl-pg at ``betas``, the rest at ``main_beta``; every seed). ``interactive`` adds the interactive part.
+    ``budget`` scales every part's steps. ``seeds``: the RLVR and sentiment studies train every method once per seed (the interactive part: the first). ``workers``:
     training processes at once in the RLVR study (default: the usable cores)."""
     out = check_file_destination(out, "--out", directory=True)
     _check(out, overwrite, budget, seeds)
@@ -124,7 +133,7 @@ def run_main(out: str | Path, *, task: str = "quiz", prior: str = "default", rew
     try:
         if task == "sentiment":
             betas = betas or (0.05, 0.2, 1.0)
-            _sentiment_parts(parts, prior, reward, betas, main_beta, budget, seeds[0])
+            _sentiment_parts(parts, prior, reward, betas, main_beta, budget, seeds)
         else:
             betas = betas or (0.1, 1.0)
             _rlvr_parts(parts, task, prior, reward, betas, budget, seeds, workers)
@@ -133,7 +142,7 @@ def run_main(out: str | Path, *, task: str = "quiz", prior: str = "default", rew
                       lambda root: interactive_study.interactive_part(root, prior, budget, seeds[0], log))
         summary = {"task": task, "prior": prior, "reward": reward, "betas": list(betas), "main_beta": main_beta,
                    "budget": budget, "seeds": list(seeds), "interactive": interactive, "parts": parts.done,
-                   "seconds": round(time.time() - start, 1)}
+                   "seconds": round(time.time() - start, 1), "phases": phases_under(work)}
         (work / "run.json").write_text(json.dumps(summary, indent=1))
         _publish(work, out, overwrite)
     except BaseException:

@@ -7,7 +7,8 @@ to p* is exact, and exact.json holds p*'s exact numbers). Cells → the sweep (t
 baselines and samples → the part's report (tiltlm.experiments.report).
 
 The cells train with the library's default optimiser (minibatches of 16, linear decay) and its dpg (GDC++'s baseline),
-each at the study's lr; one seed (the run's first).
+each at the study's lr, once per seed of the run (``--seeds``, default 0,1,2; the inference baselines likewise): the
+report's tables give the mean ± standard deviation over seeds. The testbed is made once, from the first seed.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import yaml
 from tiltlm.experiments.cells import add_samples
 
 
-def lm_sweep(prior: str, reward: str, betas: list[float], main_beta: float, steps: int, seed: int) -> dict:
+def lm_sweep(prior: str, reward: str, betas: list[float], main_beta: float, steps: int, seeds: list[int]) -> dict:
     return {
         "base": {"prior": prior, "target": {"reward": reward},
                  "sampling": {"contexts": [""], "n_per_context": 16, "max_new_tokens": 32},
                  "optim": {"steps": steps, "lr": 1e-4}, "checkpoint": {"every": 10}},
-        "grid": {"betas": betas, "seeds": [seed], "algorithms": [
+        "grid": {"betas": betas, "seeds": list(seeds), "algorithms": [
             {"name": "reinforce", "betas": [main_beta]},
             {"name": "kl-pg"},
             {"name": "dpg", "betas": [main_beta]},  # the library's dpg: GDC++'s baseline on
@@ -35,13 +36,13 @@ def lm_sweep(prior: str, reward: str, betas: list[float], main_beta: float, step
     }
 
 
-def testbed_sweep(prior: str, betas: list[float], main_beta: float, steps: int, seed: int) -> dict:
+def testbed_sweep(prior: str, betas: list[float], main_beta: float, steps: int, seeds: list[int]) -> dict:
     return {
         "base": {"prior": prior, "target": {"reward": "count:a"},
                  "sampling": {"n_per_context": 32, "max_new_tokens": 4},
                  "optim": {"steps": steps, "lr": 3e-3}, "metrics": {"exact_every": max(1, steps // 10)},
                  "checkpoint": {"every": 20}},
-        "grid": {"betas": betas, "seeds": [seed], "algorithms": [
+        "grid": {"betas": betas, "seeds": list(seeds), "algorithms": [
             {"name": "reinforce", "betas": [main_beta]},
             {"name": "kl-pg"},
             {"name": "dpg", "betas": [main_beta]},  # the library's dpg: GDC++'s baseline on
@@ -79,7 +80,7 @@ def inference_baselines(sweep_dir: Path, config: dict, beta: float, budget_sampl
                  "samples/seen": result.n_proposals, **{f"inference/{k}": v for k, v in result.as_dict().items() if isinstance(v, (int, float))}}
         if name == "best-of-4":
             final["kl/prior_seq_bound"] = math.log(4) - 3 / 4  # KL(best-of-n || pi0) <= log n - (n-1)/n
-        records.append({"cell": f"{name}_beta{beta:g}", "algorithm": name, "beta": beta, "seed": seed, "final": final})
+        records.append({"cell": f"{name}_beta{beta:g}_seed{seed}", "algorithm": name, "beta": beta, "seed": seed, "final": final})
         texts["posterior" if name == "importance-sampling" else name] = s.texts[:n_show]
     lp = prior_samples.logp.double()
     lt = target.log_score(prior_samples, prior_logp=lp)
@@ -87,7 +88,8 @@ def inference_baselines(sweep_dir: Path, config: dict, beta: float, budget_sampl
     with open(sweep_dir / "results.jsonl", "a") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")
-    add_samples(sweep_dir, texts)
+    if not (sweep_dir / "samples.json").exists() or "posterior" not in json.loads((sweep_dir / "samples.json").read_text()):
+        add_samples(sweep_dir, texts)  # the first seed's texts are the ones shown
 
 
 def policy_samples(sweep_dir: Path, n_show: int = 8, seed: int = 0) -> None:
@@ -115,35 +117,36 @@ def exact_targets(sweep_dir: Path, prior: str, betas: list[float], max_new_token
     (sweep_dir / "exact.json").write_text(json.dumps(reports, indent=1))
 
 
-def lm_part(root: Path, prior: str, reward: str, betas, main_beta: float, budget: float, seed: int, log) -> None:
+def lm_part(root: Path, prior: str, reward: str, betas, main_beta: float, budget: float, seeds: list[int], log) -> None:
     from tiltlm.experiments.report import write_report
     from tiltlm.experiments.sweep import run_sweep
 
     steps = max(2, round(60 * budget))
-    cfg = lm_sweep(prior, reward, list(betas), main_beta, steps, seed)
+    cfg = lm_sweep(prior, reward, list(betas), main_beta, steps, seeds)
     root.mkdir(parents=True)
     (root / "sweep_config.yaml").write_text(yaml.safe_dump(cfg))
-    log(f"  {steps} steps × 16 samples per cell")
+    log(f"  {steps} steps × 16 samples per cell, seeds {','.join(map(str, seeds))}")
     run_sweep(root / "sweep_config.yaml", root, on_cell=_cell_logger(log))
-    inference_baselines(root, cfg, main_beta, steps * 16, seed)
-    policy_samples(root, seed=seed)
+    for seed in seeds:
+        inference_baselines(root, cfg, main_beta, steps * 16, seed)
+    policy_samples(root, seed=seeds[0])
     write_report(root)
 
 
-def testbed_part(root: Path, budget: float, seed: int, log) -> None:
+def testbed_part(root: Path, budget: float, seeds: list[int], log) -> None:
     from tiltlm.experiments.report import write_report
     from tiltlm.experiments.sweep import run_sweep
     from tiltlm.testbed import make_testbed
 
     steps = max(2, round(100 * budget))
-    model = make_testbed(root / "model", vocab_size=5, n_layer=2, seed=seed, train_steps=100)
+    model = make_testbed(root / "model", vocab_size=5, n_layer=2, seed=seeds[0], train_steps=100)
     betas = [1.0, 3.0]
-    cfg = testbed_sweep(str(model), betas, 1.0, steps, seed)
+    cfg = testbed_sweep(str(model), betas, 1.0, steps, seeds)
     (root / "sweep_config.yaml").write_text(yaml.safe_dump(cfg))
-    log(f"  {steps} steps × 32 samples per cell")
+    log(f"  {steps} steps × 32 samples per cell, seeds {','.join(map(str, seeds))}")
     run_sweep(root / "sweep_config.yaml", root, on_cell=_cell_logger(log))
     exact_targets(root, str(model), betas, 4)
-    policy_samples(root, seed=seed)
+    policy_samples(root, seed=seeds[0])
     write_report(root)
 
 

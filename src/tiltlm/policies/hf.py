@@ -12,6 +12,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import math
 from pathlib import Path
 
 import torch
@@ -123,6 +124,7 @@ class HFPolicy:
         chat_template: bool | None = None,
         logits_chunk: int = 1 << 22,
         checkpoint_layers: bool = False,
+        share_contexts: bool = True,
     ):
         check_sampling_options(temperature, top_p, max_new_tokens)
         has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -142,6 +144,9 @@ class HFPolicy:
         # log_prob with grad keeps only each decoder layer's input and recomputes the layer in backward (activation
         # checkpointing): the step's activations are ~1/layers of them, for one more forward pass of the model
         self.checkpoint_layers = bool(checkpoint_layers)
+        # log_prob without grad encodes each distinct context of a row chunk once and scores the rows' completions on
+        # its cached keys and values (_shared_context_logp); False: every row's whole sequence, as with grad
+        self.share_contexts = bool(share_contexts)
         # a LoRA prior: the same peft model with its adapters switched off for every forward pass,
         # so pi0 costs no second copy of the weights
         self.disable_adapters = disable_adapters
@@ -244,7 +249,7 @@ class HFPolicy:
         return HFPolicy(copy.deepcopy(self.model), self.tokenizer, max_new_tokens=self.max_new_tokens,
                         temperature=self.temperature, top_p=self.top_p, prepend_bos=self.prepend_bos, chunk_size=self.chunk_size,
                         disable_adapters=self.disable_adapters, chat_template=self.chat_template, logits_chunk=self.logits_chunk,
-                        checkpoint_layers=self.checkpoint_layers)
+                        checkpoint_layers=self.checkpoint_layers, share_contexts=self.share_contexts)
 
     def save(self, directory: str | Path) -> Path:
         """A save_pretrained directory plain transformers can load (LoRA adapters merged into a copy)."""
@@ -476,27 +481,108 @@ class HFPolicy:
 
         One forward pass per row chunk; its final hidden states at the policy's positions only are mapped to
         logits, in blocks (``_token_logp``), so no (B, T, V) tensor exists, with grad or without.
+
+        Without grad (and ``share_contexts``, not in lockstep), a chunk whose rows share contexts (n samples
+        of a prompt) encodes each distinct context once and scores the completions on its cached keys and
+        values (``_shared_context_logp``): within 1e-5 nats of the whole-sequence pass, not bit for bit (the
+        attention and matrix kernels see other shapes, so float32 sums round differently;
+        tests/test_shared_context.py). With grad, or where no two rows of a chunk share a context, every
+        row's whole sequence is encoded, as before.
         """
         device = self.device
         checkpointed = grad and self.checkpoint_layers and not self.disable_adapters  # (a LoRA prior never trains)
+        share = not grad and self.share_contexts and self.lockstep is None  # in lockstep every rank must run the same passes
         with torch.set_grad_enabled(grad), self._checkpointed_layers() if checkpointed else contextlib.nullcontext():
             rows = []
             for sl in self._chunks(len(samples)):
-                c = samples.context_ids.shape[1]
-                ids = torch.cat([samples.context_ids[sl], samples.ids[sl]], dim=1).to(device)  # (b, C+T)
-                attn = torch.cat([samples.context_attn[sl], samples.attn[sl]], dim=1).to(device).long()
-                position = (attn.cumsum(-1) - 1).clamp(min=0)
-                mask, tokens = samples.mask[sl].to(device), samples.ids[sl].to(device)  # (b, T)
-                head = self.model.get_output_embeddings().forward
-
-                def score(hidden, c=c, mask=mask, tokens=tokens, head=head):  # (b, C+T, d) -> (b, T)
-                    # position C-1+t predicts generated token t; only the policy's positions are scored
-                    tok = self._token_logp(head, hidden[:, c - 1 : -1][mask], tokens[mask])  # (n,)
-                    return torch.zeros(mask.shape, dtype=tok.dtype, device=device).masked_scatter(mask, tok)
-
-                rows.append(self._scored_forward(score, input_ids=ids, attention_mask=attn, position_ids=position, use_cache=False))
+                part = self._shared_context_logp(samples, sl) if share else None
+                rows.append(part if part is not None else self._sequence_logp(samples, sl))
             token_logp = torch.cat(rows) if rows else torch.zeros(0, samples.ids.shape[1], device=device)
         return token_logp if per_token else token_logp.sum(-1)
+
+    def _sequence_logp(self, samples: Samples, sl: slice) -> torch.Tensor:
+        """log pi of each policy token of rows ``sl``, (b, T): one forward pass of context + completion per row."""
+        device = self.device
+        c = samples.context_ids.shape[1]
+        ids = torch.cat([samples.context_ids[sl], samples.ids[sl]], dim=1).to(device)  # (b, C+T)
+        attn = torch.cat([samples.context_attn[sl], samples.attn[sl]], dim=1).to(device).long()
+        position = (attn.cumsum(-1) - 1).clamp(min=0)
+        mask, tokens = samples.mask[sl].to(device), samples.ids[sl].to(device)  # (b, T)
+        head = self.model.get_output_embeddings().forward
+
+        def score(hidden):  # (b, C+T, d) -> (b, T)
+            # position C-1+t predicts generated token t; only the policy's positions are scored
+            tok = self._token_logp(head, hidden[:, c - 1 : -1][mask], tokens[mask])  # (n,)
+            return torch.zeros(mask.shape, dtype=tok.dtype, device=device).masked_scatter(mask, tok)
+
+        return self._scored_forward(score, input_ids=ids, attention_mask=attn, position_ids=position, use_cache=False)
+
+    def _shared_context_logp(self, samples: Samples, sl: slice) -> torch.Tensor | None:
+        """``_sequence_logp`` of rows ``sl`` with each distinct context encoded once, as sampling does (_decode):
+        (b, T), or None where no two rows share a context or the model's cache cannot be expanded to rows.
+
+        The U distinct contexts (same tokens on the same padding) are prefilled, (U, C); the last context
+        position's logits give token 0 (gathered per row from its context's (U, V) log-probs). Rows are then
+        taken in groups of similar length (``_length_groups``): a group's cache is its contexts' keys and values
+        expanded to its rows, and its tokens 1..w-1 are fed on it at once, their hidden states scoring tokens
+        2..w (w: the group's longest row, up to its last policy token), so a row that ended early costs no
+        positions beyond its group's width. Positions and attention are those of the whole sequence (context
+        padding and completion padding are masked holes), so only float rounding differs from ``_sequence_logp``.
+        """
+        device = self.device
+        context_ids, context_attn = samples.context_ids[sl], samples.context_attn[sl].bool()
+        b, c = context_ids.shape
+        if b < 2 or c == 0:
+            return None
+        distinct, inverse = torch.unique(context_ids.masked_fill(~context_attn, -1), dim=0, return_inverse=True)
+        if distinct.shape[0] == b:
+            return None
+        rep = torch.zeros(distinct.shape[0], dtype=torch.long).scatter_reduce_(0, inverse, torch.arange(b), "amin", include_self=False)
+        attn = torch.cat([context_attn, samples.attn[sl].bool()], dim=1).to(device).long()  # (b, C+T)
+        position = (attn.cumsum(-1) - 1).clamp(min=0)
+        prefill_ids, rep, inverse = context_ids[rep].to(device), rep.to(device), inverse.to(device)
+        out = self._forward(input_ids=prefill_ids, attention_mask=attn[rep, :c], position_ids=position[rep, :c], use_cache=True,
+                            **self._last_only)
+        cache = _cache_of(out)
+        if not hasattr(cache, "reorder_cache"):  # not a transformers Cache: encode whole sequences instead
+            return None
+        mask, tokens = samples.mask[sl].to(device), samples.ids[sl].to(device)  # (b, T)
+        first = transform_logits(out.logits[:, -1], self.temperature, self.top_p)  # (U, V): token 0's distribution
+        token_logp = torch.zeros(mask.shape, dtype=first.dtype, device=device)
+        token_logp[:, 0] = torch.where(mask[:, 0], first[inverse, tokens[:, 0]], 0.0)
+        head = self.model.get_output_embeddings().forward
+        groups = self._length_groups(mask)
+        for k, (rows, w) in enumerate(groups):
+            rows = rows.to(device)
+            group_cache = cache if k == len(groups) - 1 else copy.deepcopy(cache)
+            group_cache.reorder_cache(inverse[rows])  # (U, ...) -> (rows, ...): each row's context keys and values
+            later = mask[rows, 1:w]  # (r, w-1): the policy tokens 1..w-1 that positions C..C+w-2 predict
+
+            def score(hidden, later=later, targets=tokens[rows, 1:w]):  # (r, w-1, d) -> (r, w-1)
+                tok = self._token_logp(head, hidden[later], targets[later])  # (n,)
+                return torch.zeros(later.shape, dtype=tok.dtype, device=device).masked_scatter(later, tok)
+
+            token_logp[rows, 1:w] = self._scored_forward(score, input_ids=tokens[rows, : w - 1], attention_mask=attn[rows, : c + w - 1],
+                                                         position_ids=position[rows, c : c + w - 1], use_cache=True,
+                                                         **{self._cache_kwarg: group_cache})
+        return token_logp
+
+    @staticmethod
+    def _length_groups(mask: torch.Tensor, keep: float = 0.75) -> list[tuple[torch.Tensor, int]]:
+        """Rows to score together after token 0: [(row indices, width w)], longest first, each row once, rows
+        whose only policy token is token 0 in none. A row's width is its last policy token's index + 1 (what
+        follows it needs no position); a group holds the rows of width in [keep·w, w], so padding is at most
+        1 - keep of a group's fed positions while there are at most log(T)/log(1/keep) + 1 groups (forward passes)."""
+        t = mask.shape[1]
+        width = (mask.cpu().long() * torch.arange(1, t + 1)).amax(-1) if t else torch.zeros(mask.shape[0], dtype=torch.long)
+        groups, w = [], int(width.max()) if len(width) else 0
+        while w >= 2:
+            low = max(2, int(math.ceil(keep * w)))
+            rows = ((width >= low) & (width <= w)).nonzero().squeeze(-1)
+            if len(rows):
+                groups.append((rows, int(width[rows].max())))
+            w = low - 1
+        return groups
 
     @torch.no_grad()
     def next_token_logprobs(self, context: str, prefixes: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Fit a Bradley–Terry reward model on preference pairs (`tiltlm reward-model train`; docs/math.md §14).
+"""Fit a Bradley–Terry reward model on preference pairs (`tiltlm reward-model train`; docs/math.md §15).
 
     model, tokenizer, metrics = fit_reward_model(parse_rm_config({"data": {"path": "prefs.jsonl"}}))
 

@@ -1,4 +1,4 @@
-"""A Bradley–Terry reward model built from a causal LM, and its save_pretrained directory (docs/math.md §14).
+"""A Bradley–Terry reward model built from a causal LM, and its save_pretrained directory (docs/math.md §15).
 
 The base LM's directory is checked as any prior's (tiltlm.policies.modeldir: tokenizer, weights against config.json,
 memory for the weights, gradients and AdamW's moments) and loaded as ``AutoModelForSequenceClassification`` with

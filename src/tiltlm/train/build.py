@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from tiltlm.algorithms.base import algorithm_class
 from tiltlm.errors import TiltlmError
 from tiltlm.policies.hf import HFPolicy, load_model_and_tokenizer
 from tiltlm.targets.base import Target
@@ -119,6 +120,10 @@ def target_from_config(config: TrainConfig, prior) -> Target:
     limit = config.target.reward_timeout_s
     reward = get_reward(reward).limited(limit) if reward is not None else None
     constraints = [get_reward(c).limited(limit) for c in config.target.constraints]
+    if reward is None and not constraints and algorithm_class(config.algorithm.name).offline_pairs:
+        from tiltlm.targets import Prior
+
+        return Prior(prior)  # offline dpo/ipo/cdpo without a reward: the pairs are the evidence, target.beta the DPO beta
     return make_target(prior, reward=reward, beta=config.target.beta, constraints=constraints)
 
 

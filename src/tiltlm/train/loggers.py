@@ -133,4 +133,5 @@ def progress_bar(show: bool, name: str, total: int, done: int):
                TextColumn("reward {task.fields[reward]:.3f}  KL(pi||pi0) est. {task.fields[kl]:+.3f}")]
     with Progress(*columns) as bar:
         task = bar.add_task(name, total=total, completed=done, reward=float("nan"), kl=float("nan"))
-        yield lambda step, row: bar.update(task, completed=step, reward=row["reward/mean"], kl=row["kl/prior_seq"])
+        nan = float("nan")  # a step of preference pairs (dpo, ipo, cdpo) has neither: nothing was sampled
+        yield lambda step, row: bar.update(task, completed=step, reward=row.get("reward/mean", nan), kl=row.get("kl/prior_seq", nan))

@@ -10,7 +10,8 @@ they stay out of metrics.jsonl, whose rows a resumed or repeated run reproduces 
 - ``io``: metrics rows, checkpoints and the final policy written to disk.
 
 What no phase covers (metrics, the algorithm's bookkeeping) is ``other`` = the step's wall time minus the phases.
-``sum_phases(run_dirs)`` adds the ``phases.json`` of several runs (a study's cells) into one breakdown.
+``sum_phases(run_dirs)`` adds the ``phases.json`` of several runs (a study's cells) into one breakdown;
+``run_dirs_under(root)`` finds them (`tiltlm run` records the sum in run.json and prints ``format_phases_line``).
 """
 
 from __future__ import annotations
@@ -136,3 +137,16 @@ def format_phases(summary: dict) -> str:
     for k in (*PHASES, "other"):
         lines.append(f"  {k:<9}{s.get(k, 0.0):9.2f} s  {100 * share.get(k, 0.0):5.1f}%")
     return "\n".join(lines)
+
+
+def run_dirs_under(root: str | Path) -> list[Path]:
+    """Every directory under ``root`` (itself included) that holds a phases.json: its training runs, sorted."""
+    return sorted(path.parent for path in Path(root).rglob(PHASES_FILE) if path.is_file())
+
+
+def format_phases_line(summary: dict) -> str:
+    """The breakdown on one line: seconds and share of each phase, summed over ``summary['runs']`` runs."""
+    s, share = summary["seconds"], summary.get("share", {})
+    parts = ", ".join(f"{k} {s.get(k, 0.0):.1f} s ({100 * share.get(k, 0.0):.0f}%)" for k in (*PHASES, "other"))
+    return (f"time per phase, summed over {summary.get('runs', 0)} training runs ({summary.get('steps', 0)} steps, "
+            f"{s['total']:.1f} s): {parts}")
