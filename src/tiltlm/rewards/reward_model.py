@@ -1,4 +1,4 @@
-"""A learned reward: any local sequence-classification model with one output, ``rm:DIR`` (docs/math.md §13).
+"""A learned reward: any local sequence-classification model with one output, ``rm:DIR`` (docs/math.md §15.1: the score it reads).
 
     reward = get_reward("rm:runs/rm")          # or in YAML: target: {reward: "rm:runs/rm", beta: 0.1}
     reward(["a dog"], ["Tell me"])             # the model's logit at the last token of "Tell me" + "a dog"
