@@ -278,3 +278,24 @@ def test_dpg_baseline_option_is_gdc_plus_plus():
     torch.testing.assert_close(grad("gdc++", baseline=False), grad("dpg", baseline=False), rtol=0, atol=0)
     assert not torch.allclose(grad("dpg", baseline=False), grad("gdc++"))
     assert get_algorithm("dpg").config.baseline is None  # the algorithm's own choice unless set
+
+
+def test_off_policy_dpg_replaces_the_proposal_by_the_policy_after_the_update():
+    """The KL-adaptive check compares q with pi as the step left it, scored on the step's batch: ``logp`` (pi at the
+    step's start) is q itself right after a replacement, so a check on it would decide by rounding."""
+    from tiltlm.metrics.divergences import kl_target_policy
+
+    prior, policy, target = setup()
+    batch = _batch(prior, target, n=64)
+    for moved, replaced in ((+1.0, True), (-1.0, False)):  # toward p* (more mass on "a") or away from it
+        alg = get_algorithm("dpg", off_policy=True, proposal_check_every=1)
+        alg.proposal = prior
+        alg.observe(batch)
+        updated = prior.copy()
+        with torch.no_grad():
+            updated.logits[..., 0] += moved  # token "a"
+        stats = alg.after_step(batch, updated, batch.logq)  # logp: pi at the step's start (= q here)
+        after = kl_target_policy(batch.log_target, batch.logq, updated.log_prob(batch.samples).double()).value
+        assert stats["dpg/kl_target_policy_is"] == pytest.approx(after, abs=1e-9)
+        assert (stats["dpg/kl_target_policy_is"] < stats["dpg/kl_target_proposal_is"]) is replaced
+        assert stats["dpg/proposal_updates"] == int(replaced) and (alg.proposal is not prior) is replaced

@@ -177,7 +177,8 @@ def test_length_tilt_is_the_stationary_point_of_normalised_tb_and_p_star_is_not(
             terms = (log_pi - ex.log_prior) / lengths - log_phi
             log_z = float(-(log_pi.exp() * terms).sum())
         grad = expected_tb_gradient(sequence_logits, target, log_z, length_normalize=True)
-        assert (grad.abs().max() < 1e-5) == stationary, grad.abs().max()
+        # float32 logits: the fit leaves a gradient of ~1e-5 at pi_n (1.7e-5 on an AVX-512 CPU); at p* it is 0.17
+        assert (grad.abs().max() < 1e-4) == stationary, grad.abs().max()
 
 
 def policy_with(policy, ex, log_pi: torch.Tensor):

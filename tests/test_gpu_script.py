@@ -236,7 +236,8 @@ def test_dist_part_under_torchrun_on_gloo(gc, tiny, tmp_path):
     assert [runs[k]["strategy"] for k in ("single", "replicate", "fsdp")] == ["Single", "Replicate", "Fsdp"]
     for k in ("replicate", "fsdp"):
         assert runs[k]["same_tensors"] and runs[k]["max_abs_weight_diff_vs_single"] < 1e-5
-        assert runs[k]["losses"] == pytest.approx(runs["single"]["losses"], abs=1e-6)
+        # 1e-5: one process scores pi0 on shared contexts, the lockstep ranks whole sequences (1.4e-6 apart seen)
+        assert runs[k]["losses"] == pytest.approx(runs["single"]["losses"], abs=1e-5)
 
 
 def test_table_of_every_kind_of_part(gc):

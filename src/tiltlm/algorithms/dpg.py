@@ -7,7 +7,8 @@ importance sampling from a proposal q:
 
 - on-policy: q = pi_theta at sampling time;
 - off-policy: q is a frozen copy, replaced by pi_theta when the IS estimate of KL(p||pi_theta) drops
-  below that of KL(p||q) (the KL-adaptive update), checked every ``proposal_check_every`` steps.
+  below that of KL(p||q) (the KL-adaptive update), checked every ``proposal_check_every`` steps on that step's
+  batch with pi_theta after the step's update.
 Z is a running importance-sampling estimate over every batch so far, log Z_hat = log mean P/q.
 GDC++ subtracts the baseline pi/q from the weight: A(x) = P/(Zq) - pi/q; unbiased because
 E_q[(pi/q) grad log pi] = sum_x grad pi(x) = 0, and it vanishes at the optimum, so the gradient
@@ -164,7 +165,11 @@ class DistributionMatching(Algorithm):
         stats = {"log_z/running": running}
         every = self.config.proposal_check_every
         if not self.on_policy and every and self.steps % every == 0:
-            kl_pi = self._kl_target(batch, logp.detach().double())
+            # the policy AFTER this step's update: ``logp`` is pi at the step's start, which is q itself right after
+            # a replacement (and at step 1), so comparing it with q would decide by rounding
+            with torch.no_grad():
+                logp_now = policy.log_prob(batch.samples).double().to(batch.logq.device)
+            kl_pi = self._kl_target(batch, logp_now)
             kl_q = self._kl_target(batch, batch.logq)
             stats.update({"dpg/kl_target_policy_is": kl_pi, "dpg/kl_target_proposal_is": kl_q})
             if kl_pi < kl_q:
