@@ -1,7 +1,8 @@
 """`tiltlm run --interactive`: the interactive case. Exactly, DPG (forward KL) against KL-PG (reverse KL) on a
 stochastic and on a deterministic tabular environment, each against the optimistic posterior conditional and the
 variational KL-RL policy (docs/math.md §5, tiltlm.exact.mdp); on text, twenty questions with the prior LM and a
-simulated human (tiltlm.envs.dialogue), every policy evaluated afterwards on the same episodes.
+simulated human (tiltlm.envs.dialogue), every policy evaluated afterwards on the same episodes. Both train with
+STUDY_OPTIM (tiltlm.experiments.grid says why), on the run's first seed.
 """
 
 from __future__ import annotations
