@@ -65,18 +65,9 @@ class PromptData:
     def split(self, *, eval_size: int | None = None, eval_fraction: float | None = None, seed: int = 0) -> tuple["PromptData", "PromptData | None"]:
         """(train, held out): ``eval_size`` rows (or round(eval_fraction · N), at least 1) drawn by a permutation
         seeded ``seed``; both parts keep the dataset's order. No eval size: (self, None)."""
-        if eval_size is None and eval_fraction is None:
-            return self, None
-        if eval_size is not None and eval_fraction is not None:
-            raise TiltlmError("give data.eval_size or data.eval_fraction, not both")
-        m = int(eval_size) if eval_size is not None else max(1, round(float(eval_fraction) * len(self)))
-        if not 1 <= m < len(self):
-            raise TiltlmError(f"{self.source} has {len(self)} rows: an eval split of {m} leaves no training prompts "
-                              "(or none held out); lower data.eval_size / data.eval_fraction or add rows")
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(int(seed))).tolist()
-        held = sorted(perm[:m])
-        train = sorted(perm[m:])
-        return self.select(train), self.select(held)
+        parts = split_indices(len(self), eval_size, eval_fraction, seed, f"{self.source} has {len(self)} rows", "prompts", "rows")
+        return (self, None) if parts is None else (self.select(parts[0]), self.select(parts[1]))
+
 
     def draw(self, k: int | None, seed: int) -> "PromptData":
         """``k`` distinct prompts drawn by a generator seeded ``seed`` (a training step's seed, so a resumed run
@@ -88,6 +79,23 @@ class PromptData:
 
 
 # ---- reading files --------------------------------------------------------------------------------
+
+
+def split_indices(n: int, eval_size: int | None, eval_fraction: float | None, seed: int, what: str, items: str,
+                  more: str) -> tuple[list[int], list[int]] | None:
+    """(train, held-out) indices of n items, each in order: ``eval_size`` (or round(eval_fraction · n), at least 1) held
+    out by a permutation seeded ``seed`` (prompts and preference pairs split alike); None without an eval size."""
+    if eval_size is None and eval_fraction is None:
+        return None
+    if eval_size is not None and eval_fraction is not None:
+        raise TiltlmError("give data.eval_size or data.eval_fraction, not both")
+    m = int(eval_size) if eval_size is not None else max(1, round(float(eval_fraction) * n))
+    if not 1 <= m < n:
+        raise TiltlmError(f"{what}: an eval split of {m} leaves no training {items} (or none held out); lower "
+                          f"data.eval_size / data.eval_fraction or add {more}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    return sorted(perm[m:]), sorted(perm[:m])
+
 
 
 def load_prompts(path: str | Path, *, prompt_column: str = "prompt", format: str = "auto", split: str | None = None) -> PromptData:

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from tiltlm.data import _format_of, _prompt_text, read_rows
+from tiltlm.data import _format_of, _prompt_text, read_rows, split_indices
 from tiltlm.errors import TiltlmError
 
 
@@ -75,16 +75,8 @@ class PreferenceData:
               ) -> tuple["PreferenceData", "PreferenceData | None"]:
         """(train, held out): ``eval_size`` pairs (or round(eval_fraction · N), at least 1) drawn by a permutation seeded
         ``seed`` — the same permutation as tiltlm.data.PromptData.split; both parts keep the source's order."""
-        if eval_size is None and eval_fraction is None:
-            return self, None
-        if eval_size is not None and eval_fraction is not None:
-            raise TiltlmError("give data.eval_size or data.eval_fraction, not both")
-        m = int(eval_size) if eval_size is not None else max(1, round(float(eval_fraction) * len(self)))
-        if not 1 <= m < len(self):
-            raise TiltlmError(f"{self.source} has {len(self)} pairs: an eval split of {m} leaves no training pairs "
-                              "(or none held out); lower data.eval_size / data.eval_fraction or add pairs")
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(int(seed))).tolist()
-        return self.select(sorted(perm[m:])), self.select(sorted(perm[:m]))
+        parts = split_indices(len(self), eval_size, eval_fraction, seed, f"{self.source} has {len(self)} pairs", "pairs", "pairs")
+        return (self, None) if parts is None else (self.select(parts[0]), self.select(parts[1]))
 
     def draw(self, k: int | None, seed: int) -> "PreferenceData":
         """``k`` distinct pairs drawn by a generator seeded ``seed`` (a step's seed), in the source's order; k None or
