@@ -139,3 +139,23 @@ def test_abandon_removes_only_what_the_new_run_created(tmp_path):
     with pytest.raises(TiltlmError, match="is not empty"):
         RunDir(busy).open(config, resume=False)
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]  # refused before creating anything
+
+
+def test_a_killed_writers_temporary_files_are_cleared_when_the_directory_is_owned_again(tmp_path):
+    """A SIGKILL inside an atomic write leaves ``.<name>.<pid>.tmp`` (phases.json is written every step); the next
+    owner removes it, and a ``.<name>.<pid>.old`` only where ``<name>`` is in place (else it may be the only copy)."""
+    from tiltlm.train.rundir import RunDir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".phases.json.999999.tmp").write_text("{")
+    (run / "policy").mkdir()
+    (run / ".policy.999999.old").mkdir()
+    (run / ".other.999999.old").mkdir()  # other/ is missing: kept
+    (run / "notes.txt").write_text("mine")
+    d = RunDir(run)
+    d._acquire()
+    try:
+        assert sorted(p.name for p in run.iterdir()) == [".other.999999.old", ".tiltlm.lock", "notes.txt", "policy"]
+    finally:
+        d.close()

@@ -79,6 +79,17 @@ class RunDir:
         fd.write(str(os.getpid()))
         fd.flush()
         self._lock = fd
+        self._clear_leftovers()
+
+    def _clear_leftovers(self) -> None:
+        """Remove what a killed process left half-done (tiltlm.io's ``.<name>.<pid>.tmp`` files, and a
+        ``.<name>.<pid>.old`` whose ``<name>`` is in place): this process owns the directory, so no one writes them."""
+        for p in self.path.glob(".*.*"):
+            parts = p.name[1:].rsplit(".", 2)
+            if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) == os.getpid():
+                continue
+            if parts[2] == "tmp" or (parts[2] == "old" and (self.path / parts[0]).exists()):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def check_free(self) -> None:
         """Stop with one line if another process owns the directory now (nothing is created or changed)."""
