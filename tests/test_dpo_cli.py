@@ -4,23 +4,13 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import yaml
 
-from tiltlm.cli import main
+from test_bad_inputs import tiltlm  # in-process `tiltlm ARGV`: (exit code, what it printed)
 
 
-def tiltlm(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["tiltlm", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out + out.err
 
 
 PAIRS = [{"prompt": "", "chosen": "ab", "rejected": "b"}, {"prompt": "", "chosen": "a", "rejected": "bb"},

@@ -18,8 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tiltlm.errors import TiltlmError
-from tiltlm.io import load_yaml
-from tiltlm.train.config import MAX_LR, LoraConfig
+from tiltlm.train.config import MAX_LR, LoraConfig, read_config_mapping
 from tiltlm.train.config import _explain as explain  # the training config's one-line wording of pydantic's errors
 
 
@@ -83,10 +82,4 @@ def parse_rm_config(data: dict) -> RewardModelConfig:
 def load_rm_config(path: str | Path) -> RewardModelConfig:
     """Read a YAML file into a validated RewardModelConfig (one-line errors); a relative data.path is taken from the
     directory the command runs in, as for training configs."""
-    path = Path(path)
-    if not path.is_file():
-        raise TiltlmError(f"config file '{path}' not found; pass the path of a YAML reward-model config")
-    data = load_yaml(path, f"config '{path}'") or {}
-    if not isinstance(data, dict):
-        raise TiltlmError(f"config '{path}' must be a YAML mapping (key: value), not {type(data).__name__}")
-    return parse_rm_config(data)
+    return parse_rm_config(read_config_mapping(path, "reward-model"))

@@ -370,10 +370,16 @@ def parse_config(data: dict) -> TrainConfig:
 
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     """Read a YAML file into a validated TrainConfig (one-line errors)."""
+    data = read_config_mapping(path, "training")
+    return parse_config({**data, **(overrides or {})})
+
+
+def read_config_mapping(path: str | Path, kind: str) -> dict:
+    """A YAML config file's top-level mapping, or one line: a missing file, bad YAML, not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise TiltlmError(f"config file '{path}' not found; pass the path of a YAML training config")
+        raise TiltlmError(f"config file '{path}' not found; pass the path of a YAML {kind} config")
     data = load_yaml(path, f"config '{path}'") or {}
     if not isinstance(data, dict):
         raise TiltlmError(f"config '{path}' must be a YAML mapping (key: value), not {type(data).__name__}")
-    return parse_config({**data, **(overrides or {})})
+    return data
