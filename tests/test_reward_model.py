@@ -176,3 +176,28 @@ def test_a_text_past_the_window(tmp_path):
     path = make_rm(tmp_path / "rm")
     with pytest.raises(TiltlmError, match="exceeds its window of 64"):
         get_reward(f"rm:{path}")(["a" * 100])
+
+
+def test_an_empty_text_is_read_at_the_bos_token(tmp_path):
+    """A sequence that ended at once, sampled without a prompt, is the empty string: it is scored at BOS (the
+    character tokenizer's <eos>, id 0), as transformers scores the one-token input [BOS], and not refused."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = make_rm(tmp_path / "rm")
+    got = get_reward(f"rm:{path}")(["", "ab"], ["", ""])
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        at_bos = float(model(input_ids=torch.tensor([[0]])).logits[0, 0])
+    assert abs(float(got[0]) - at_bos) < 1e-5 and abs(float(got[1]) - plain_scores(path, ["ab"])[0]) < 1e-5
+
+
+def test_rm_reads_no_data_column(tmp_path):
+    """rm:DIR's argument is a directory, not a column: prompt data without a column of that name is accepted
+    (it was refused as "needs the column '<DIR>'"), and the rows' columns do not change the score."""
+    path = make_rm(tmp_path / "rm")
+    reward = get_reward(f"rm:{path}")
+    assert reward.needs == ()
+    reward.check_rows({"answer": ["x"]}, [1], "data file")  # no error
+    with_rows = reward(["ab"], ["dd"], {"answer": ["x"]})
+    assert torch.equal(with_rows, reward(["ab"], ["dd"]))
+    assert get_reward("exact_match:label").needs == ("label",) and get_reward("exact_match").needs == ("answer",)

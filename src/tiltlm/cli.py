@@ -78,7 +78,8 @@ def run(
     out: Path = typer.Option(Path("runs/run"), help="Results directory (written atomically)."),
     task: str = typer.Option("quiz", help="quiz (the RLVR study on the embedded default's questions), letters (its exact "
                                           "testbed alone), reasoning-gym:<task>, "
-                                          "a prompt file (.jsonl/.csv/.parquet; 20% held out), or sentiment (the reward–KL comparison)."),
+                                          "a prompt file (.jsonl/.csv/.parquet; 20% held out), sentiment (the reward–KL comparison), "
+                                          "or overopt (proxy vs gold reward: the overoptimization study, exact)."),
     prior: str = typer.Option("default", help="Prior LM: 'default' (embedded), smollm2-135m, or a save_pretrained directory."),
     reward: str = typer.Option(None, help="The verifier of a prompt-file task (default exact_match), or sentiment's reward (default sentiment)."),
     betas: str = typer.Option(None, help="Comma-separated kl-pg betas (default 0.1,1 for RLVR tasks; 0.05,0.2,1 for sentiment)."),
@@ -103,6 +104,13 @@ def run(
     summary = json.loads((path / "run.json").read_text())
     if task == "sentiment":
         _print_sentiment(path, prior, reward or "sentiment")
+    elif task == "overopt":
+        from tiltlm.experiments.verdict import read_verdict
+
+        for part in summary["parts"]:
+            console.print(part["title"], markup=False, highlight=False)
+            for sentence in (read_verdict(path / part["dir"]) or {}).get("sentences", ["No verdict.json was written."]):
+                console.print("  " + sentence, markup=False, highlight=False)
     else:
         from tiltlm.experiments.page import console_study
 

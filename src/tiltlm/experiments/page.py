@@ -24,6 +24,7 @@ PART_LINKS = {
     "exact": "the same comparison where pass@k and every divergence to p*(·|x) are exact",
     "lm": "reinforce vs kl-pg vs dpg vs inference baselines, estimated divergences",
     "testbed": "the same comparison where every divergence to p* is exact",
+    "overopt_exact": "proxy vs gold on an enumerable testbed: the peak and fit tables",
 }
 
 
@@ -44,6 +45,8 @@ def write_index(run_dir: str | Path, name: str | None = None) -> Path:
     for p in summary.get("parts", []):
         if p["dir"] in ("rlvr", "exact"):
             body.append(_study_section(run_dir, p, headline=not body))
+        elif p["dir"].startswith("overopt"):
+            body.append(_overopt_section(run_dir, p))
     if not body and summary.get("task", "sentiment") == "sentiment":
         body.append("<p>The reward–KL comparison: reinforce vs kl-pg at several β vs dpg vs inference baselines, at "
                     "matched samples (the parts' reports below have the frontier figures).</p>")
@@ -135,6 +138,18 @@ def _study_section(run_dir: Path, part: dict, *, headline: bool) -> str:
     out.append(table.replace("<table>", f'<table id="table-{part["dir"]}">', 1))
     out.append(_per_question_html(root))
     return "\n".join(out)
+
+
+def _overopt_section(run_dir: Path, part: dict) -> str:
+    """The overoptimization study (tiltlm.experiments.overopt): its figure and verdict, read from its files."""
+    found = read_verdict(run_dir / part["dir"])
+    sentences = (found or {}).get("sentences", ["No verdict: the study has no verdict.json."])
+    figure = f"{part['dir']}/report/gold_vs_kl.png"
+    img = (f'<figure><img src="{html.escape(figure)}" alt="gold reward against sqrt KL"><figcaption>Gold reward against '
+           "d = √KL(π‖π0), exact: the gold-optimal frontier, the proxy's posterior, best-of-n under the proxy and every "
+           "trained method's trajectory (every seed).</figcaption></figure>") if (run_dir / figure).is_file() else ""
+    items = "".join(f"<li>{html.escape(s)}</li>" for s in sentences)
+    return f'<h2>{html.escape(part["title"])}</h2>\n{img}\n<ul class="verdict" id="verdict-{html.escape(part["dir"])}">{items}</ul>'
 
 
 def _per_question_html(root: Path, limit: int = 40) -> str:

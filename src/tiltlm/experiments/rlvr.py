@@ -213,6 +213,6 @@ def user_task(spec: str, root: Path, prior: str, verifier: str | None) -> Task:
         return Task(spec, prior, verifier or "reasoning_gym", {"reasoning_gym": {"task": name, "size": 216}, "eval_size": 16}, **sizes)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise TiltlmError(f"--task '{spec}' is neither quiz, letters, sentiment, reasoning-gym:<task> nor an existing prompt "
+        raise TiltlmError(f"--task '{spec}' is neither quiz, letters, sentiment, overopt, reasoning-gym:<task> nor an existing prompt "
                           "file; pass one of those")
     return Task(path.name, prior, verifier or "exact_match", {"path": str(path.resolve()), "eval_fraction": 0.2}, **sizes)

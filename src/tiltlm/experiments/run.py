@@ -6,7 +6,8 @@ By default (``task="quiz"``) two parts, each a directory of training runs with i
    at two betas, dpg toward pi0·1[correct] and best-of-n, pass@k on held-out questions, SEEDS training seeds each;
 2. ``exact/``: the same study on an enumerable testbed, where pass@k and KL(p*(·|x)‖pi(·|x)) are exact.
 
-``task="sentiment"`` is the earlier reward–KL comparison (``lm/`` and ``testbed/``: reinforce, kl-pg at several beta,
+``task="overopt"`` is the overoptimization study (tiltlm.experiments.overopt: ``overopt_exact/``, proxy reward models
+learned from N gold labels, gold against KL for every method, exact). ``task="sentiment"`` is the earlier reward–KL comparison (``lm/`` and ``testbed/``: reinforce, kl-pg at several beta,
 dpg with GDC++'s baseline, importance resampling, best-of-n toward the sentiment tilt); ``interactive`` adds ``interactive/``. The
 top-level ``report.html`` (tiltlm.experiments.page.write_index) leads with the pass@k figure and the computed verdict. Everything is written
 into a temporary directory renamed at the end; ``budget`` scales the steps.
@@ -26,7 +27,7 @@ from typing import Callable
 
 from tiltlm.errors import TiltlmError
 from tiltlm.experiments import interactive as interactive_study
-from tiltlm.experiments import rlvr, sentiment
+from tiltlm.experiments import overopt, rlvr, sentiment
 from tiltlm.experiments.grid import SEEDS, one_thread
 from tiltlm.experiments.page import write_index
 from tiltlm.io import check_file_destination, replace_dir
@@ -120,7 +121,8 @@ def run_main(out: str | Path, *, task: str = "quiz", prior: str = "default", rew
 
     ``task`` "quiz" (default): the RLVR study (tiltlm.experiments.rlvr) on ``prior`` and its exact twin on a testbed;
     "letters": the exact twin alone; "reasoning-gym:<name>" or a prompt file: the same study on that task (``reward`` the
-    verifier); "sentiment": the reward–KL comparison on the story prior and an exact testbed (``reward`` default
+    verifier); "overopt": the overoptimization study's exact twin (``betas``: kl-pg's);
+    "sentiment": the reward–KL comparison on the story prior and an exact testbed (``reward`` default
     sentiment, kl-pg at ``betas``, the rest at ``main_beta``; every seed). ``interactive`` adds the interactive part.
     ``budget`` scales every part's steps. ``seeds``: the RLVR and sentiment studies train every method once per seed (the interactive part: the first). ``workers``:
     training processes at once in the RLVR study (default: the usable cores)."""
@@ -134,6 +136,11 @@ def run_main(out: str | Path, *, task: str = "quiz", prior: str = "default", rew
         if task == "sentiment":
             betas = betas or (0.05, 0.2, 1.0)
             _sentiment_parts(parts, prior, reward, betas, main_beta, budget, seeds)
+        elif task == "overopt":
+            betas = betas or overopt.BETAS
+            parts.add("overopt_exact", "overoptimization, exact twin: proxy reward models from N gold labels; best-of-n, reinforce, "
+                                       f"kl-pg β={','.join(f'{b:g}' for b in betas)}, dpg and DPO, gold against KL",
+                      lambda root: overopt.run_exact(root, budget=budget, seeds=seeds, betas=tuple(betas), workers=workers, log=parts.log))
         else:
             betas = betas or (0.1, 1.0)
             _rlvr_parts(parts, task, prior, reward, betas, budget, seeds, workers)

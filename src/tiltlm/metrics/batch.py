@@ -11,7 +11,8 @@ Key names (namespaced):
   diversity/distinct_1, distinct_2        word n-grams;  diversity/distinct_{1,2}_tokens: token n-grams
   diversity/self_bleu
 and every N steps on enumerable spaces the exact values: kl/target_exact, kl/policy_target_exact,
-tv/target_exact, kl/prior_exact, entropy/exact, reward/exact, log_z/exact. With several contexts each is
+tv/target_exact, kl/prior_exact, entropy/exact, reward/exact, log_z/exact. With ``metrics.gold`` (a reward training
+never sees) also gold/mean on every batch and gold/exact with the exact metrics. With several contexts each is
 the per-prompt conditional quantity (p*(y|x) = P(x, y)/Z(x), one ExactMetrics per context) averaged over
 the contexts (``average_over_contexts``), plus the worst context's kl/target_exact_max and
 kl/policy_target_exact_max. With a prompt dataset (``data:``) the contexts are the training prompts, each
@@ -114,11 +115,12 @@ class ExactMetrics:
     with the prior). The target is normalised over this context's sequences alone, so every value is the
     conditional one: p*(y|x) = pi0(y|x) phi(x, y) / Z(x), log_z/exact = log Z(x), KLs between p*(.|x) and pi(.|x)."""
 
-    def __init__(self, space: SequenceSpace, log_potential: torch.Tensor, rewards: torch.Tensor):
+    def __init__(self, space: SequenceSpace, log_potential: torch.Tensor, rewards: torch.Tensor, gold: torch.Tensor | None = None):
         self.space = space
         self.log_prior = space.logp
         self.log_target, self.log_z = normalise(self.log_prior + log_potential)
         self.rewards = rewards
+        self.gold = gold  # metrics.gold's values over the space: gold/exact
 
     def __call__(self, policy) -> dict[str, float]:
         return self.of(self.space.log_prob(policy))
@@ -135,20 +137,36 @@ class ExactMetrics:
             "entropy/exact": entropy(log_pi),
             "reward/exact": expectation(log_pi, self.rewards),
             "log_z/exact": self.log_z,
+            **({} if self.gold is None else {"gold/exact": expectation(log_pi, self.gold)}),
         }
 
 
 def exact_for_context(target, context: str, *, row: dict | None = None, max_new_tokens: int | None = None,
-                      max_sequences: int | None = None) -> ExactMetrics:
+                      max_sequences: int | None = None, gold=None) -> ExactMetrics:
     """ExactMetrics of one context x (a prompt, with its dataset ``row``'s other columns): pi0's whole space after x,
-    enumerated once, scored by the target as training scores a sample of x, so p* is the conditional p*(.|x)."""
+    enumerated once, scored by the target as training scores a sample of x, so p* is the conditional p*(.|x);
+    ``gold`` (a Reward, metrics.gold) scores the same sequences for gold/exact."""
     from tiltlm.exact import enumerate_space
+    from tiltlm.targets.base import rewards_of
 
     options = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("max_sequences", max_sequences)) if v is not None}
     space = enumerate_space(target.prior, context=context, **options)
     space.samples.columns = {k: [v] for k, v in row.items()} if row else None
     scores = target.score(space.samples, prior_logp=space.logp)
-    return ExactMetrics(space, scores.log_target - space.logp, scores.reward)
+    return ExactMetrics(space, scores.log_target - space.logp, scores.reward,
+                        None if gold is None else rewards_of(gold, space.samples))
+
+
+def gold_metrics(batch: Batch, logp: torch.Tensor, gold, *, on_policy: bool) -> dict[str, float]:
+    """gold/mean: the gold reward (metrics.gold, a Reward training never sees) under the batch's samples of pi; drawn
+    from a proposal q, weighted by pi/q (self-normalised) as reward/mean is. ``logp``: log pi(x) before the step."""
+    from tiltlm.targets.base import rewards_of
+
+    g = rewards_of(gold, batch.samples)  # finite: a Reward refuses NaN and inf (tiltlm.rewards.base)
+    if on_policy:
+        return {"gold/mean": float(g.mean())}
+    w = torch.softmax(logp.detach().double().cpu() - batch.logq.cpu(), 0)
+    return {"gold/mean": float((w * g).sum())}
 
 
 def kl_text(row: dict, key: str = "kl/prior_seq") -> str:

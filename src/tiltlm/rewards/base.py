@@ -391,8 +391,9 @@ def _from_entry(entry: _Entry, spec: str, colon: str, argument: str) -> Reward:
 
 def _row_columns(entry: _Entry, argument: str) -> tuple[str, ...]:
     """The column a verifier compares with: its argument, else its factory's default (``answer``); none for
-    row rewards without a column argument (their rows are made by tiltlm, e.g. ``reasoning_gym``)."""
-    if not entry.takes_argument:
+    row rewards without a column argument (their rows are made by tiltlm, e.g. ``reasoning_gym``; ``rm:DIR``'s
+    argument is a directory, and it reads only the prompts)."""
+    if not entry.takes_argument or entry.metavar != "column":
         return ()
     if argument:
         return (argument,)

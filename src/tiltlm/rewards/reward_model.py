@@ -124,13 +124,18 @@ class RewardModelScorer:
         return out
 
     def encode(self, strings: list[str], tokenizer, window: int | None) -> list[list[int]]:
+        """Token ids per string; an empty string (a sequence that ended at once, after no prompt) is read at the
+        tokenizer's BOS token where it has one (docs/math.md §15.1), else refused."""
         try:
             ids = [list(row) for row in tokenizer(strings)["input_ids"]]
         except Exception as e:  # noqa: BLE001 - e.g. a WordLevel tokenizer without [UNK] meets an unknown character
             why = " ".join(str(e).split())[:160] or type(e).__name__
             raise TiltlmError(f"reward model '{self.path}': its tokenizer cannot encode the texts ({why}); use a reward model "
                               "whose tokenizer covers the policy's text") from None
-        for row, s in zip(ids, strings):
+        bos = getattr(tokenizer, "bos_token_id", None)
+        for k, (row, s) in enumerate(zip(ids, strings)):
+            if not row and bos is not None:
+                ids[k] = row = [int(bos)]
             if not row:
                 raise TiltlmError(f"reward model '{self.path}': the text {s[:40]!r} encodes to no tokens; give the tokenizer a "
                                   "BOS token or score non-empty texts")

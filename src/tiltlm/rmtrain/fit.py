@@ -46,18 +46,14 @@ class PairEncoder(RewardModelScorer):
         """(token ids of (chosen, rejected) per pair no longer than max_length, pairs left out for their length)."""
         prompts = [p.prompt for p in data.pairs]
         strings = self.texts([p.chosen for p in data.pairs] + [p.rejected for p in data.pairs], prompts + prompts, tokenizer)
-        try:
-            ids = [list(row) for row in tokenizer(strings)["input_ids"]]
-        except Exception as e:  # noqa: BLE001 - e.g. a WordLevel tokenizer without [UNK] meets an unknown character
-            why = " ".join(str(e).split())[:160] or type(e).__name__
-            raise TiltlmError(f"the tokenizer of '{self.path}' cannot encode the preference texts ({why}); use a base model "
-                              "whose tokenizer covers them") from None
         n = len(data.pairs)
-        for k, row in enumerate(ids):
-            if not row:
-                pair = data.pairs[k % n]
-                raise TiltlmError(f"{data.source} {data.numbered_as} {pair.row}: prompt + {'chosen' if k < n else 'rejected'} "
-                                  f"encodes to no tokens, which a reward model cannot score; drop the row or give it text")
+        try:
+            ids = self.encode(strings, tokenizer, None)  # rm:DIR's ids: an empty text is read at BOS where there is one
+        except TiltlmError as e:
+            row = next((k for k, x in enumerate(strings) if not x), None)
+            where = (f"{data.source} {data.numbered_as} {data.pairs[row % n].row}: prompt + {'chosen' if row < n else 'rejected'}: "
+                     if row is not None and "no tokens" in str(e) else "")
+            raise TiltlmError(where + str(e).replace(f"reward model '{self.path}': ", f"the base '{self.path}': ", 1)) from None
         kept = [(ids[k], ids[k + n]) for k in range(n) if max(len(ids[k]), len(ids[k + n])) <= max_length]
         return kept, n - len(kept)
 

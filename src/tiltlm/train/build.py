@@ -213,8 +213,17 @@ def build_exact(config: TrainConfig, target: Target, env, data=None) -> list | N
     if count_sequences(prior.vocab_size, config.sampling.max_new_tokens, at_most=m.exact_max_sequences) > m.exact_max_sequences:
         return None  # not enumerable: estimates only
     contexts = [(c, None) for c in config.sampling.contexts] if data is None else [(p, data.row(i)) for i, p in enumerate(data.prompts)]
+    gold = build_gold(config)
     return [exact_for_context(target, context, row=row, max_new_tokens=config.sampling.max_new_tokens,
-                              max_sequences=m.exact_max_sequences) for context, row in contexts]
+                              max_sequences=m.exact_max_sequences, gold=gold) for context, row in contexts]
+
+
+def build_gold(config: TrainConfig):
+    """metrics.gold as a Reward (None without one), limited like the target's rewards (target.reward_timeout_s)."""
+    from tiltlm.rewards import get_reward
+
+    spec = config.metrics.gold
+    return None if spec is None else get_reward(spec).limited(config.target.reward_timeout_s)
 
 
 def fit(config: TrainConfig, out_dir, *, resume: bool = False, accept_config: bool = False, log: str | None = None,

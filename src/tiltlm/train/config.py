@@ -108,6 +108,8 @@ class MetricsConfig(_Strict):
     exact_max_sequences: int = Field(200_000, ge=1, description="largest space enumerated for exact metrics")
     diversity: bool = Field(True, description="distinct-n and self-BLEU of each batch")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="estimator reported as kl/prior_seq")
+    gold: str | None = Field(None, description="a reward to judge the policy by that training never sees (the gold reward "
+                                               "beside a learned proxy): gold/mean on every batch, gold/exact with the exact metrics")
 
 
 class EnvConfig(_Strict):

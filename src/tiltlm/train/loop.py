@@ -15,11 +15,11 @@ import torch
 from tiltlm.algorithms.base import Algorithm, get_algorithm
 from tiltlm.distributed.strategy import make_strategy
 from tiltlm.errors import TiltlmError
-from tiltlm.metrics.batch import average_over_contexts, step_metrics
+from tiltlm.metrics.batch import average_over_contexts, gold_metrics, step_metrics
 from tiltlm.records import Batch
 from tiltlm.targets.base import Target
 from tiltlm.train import guards
-from tiltlm.train.build import (build_env, build_exact, build_generator, build_optimizer, build_runner, target_from_config,
+from tiltlm.train.build import (build_env, build_exact, build_gold, build_generator, build_optimizer, build_runner, target_from_config,
                                 trainable_module)
 from tiltlm.train.collect import Collector
 from tiltlm.train.config import TrainConfig
@@ -54,6 +54,7 @@ class Trainer:
         self.collect = Collector(config, policy=policy, target=target, algorithm=self.algorithm, strategy=self.strategy,
                                  env=self.env, runner=self.runner, generator=self.generator, out_dir=out_dir, timer=self.timer)
         self.exact = build_exact(config, target, self.env, self.collect.data)
+        self.gold = build_gold(config)  # metrics.gold: a reward the run is judged by and never trained on
         self.step = 0
         self.run_dir = RunDir(out_dir, writes=self.strategy.writes) if out_dir is not None else None
         if self.run_dir is not None:
@@ -141,6 +142,8 @@ class Trainer:
         m = self.config.metrics
         row = step_metrics(batch, token_logp_before, on_policy=self.algorithm.on_policy, kl_estimator=m.kl_estimator,
                            diversity=m.diversity, env_counts=self.collect.env_counts)
+        if self.gold is not None and batch.pairs is None:
+            row.update(gold_metrics(batch, token_logp_before.sum(-1), self.gold, on_policy=self.algorithm.on_policy))
         if self.exact and self.strategy.joins_io and (self.step % m.exact_every == 0 or self.step == self.config.optim.steps):
             with self.timer.phase("eval"):
                 row.update(self.exact_metrics())
