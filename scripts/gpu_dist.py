@@ -67,6 +67,9 @@ def part_dist(args) -> dict:
             strategy = Replicate(world) if name == "replicate" else Fsdp(world, config.distributed)
         trainer = Trainer(config, policy=policy, target=target, strategy=strategy)
         try:
+            if name == "single":  # where training started: how far it moved the weights (the scale of a difference)
+                start, _ = strategy.full_state(trainer.module, trainer.optimizer)
+                start = {k: v.detach().float().cpu().clone() for k, v in start.items()}
             rows, seconds = _steps(trainer, config.optim.steps)
             state, _ = strategy.full_state(trainer.module, trainer.optimizer)
             weights[name] = {k: v.detach().float().cpu() for k, v in state.items()}
@@ -82,5 +85,8 @@ def part_dist(args) -> dict:
         runs[name]["max_abs_weight_diff_vs_single"] = max((float((weights[name][k] - weights["single"][k]).abs().max())
                                                            for k in common), default=None)
         runs[name]["same_tensors"] = set(weights[name]) == set(weights["single"])
+        moved = max((float((weights["single"][k] - start[k]).abs().max()) for k in common if k in start), default=None)
+        runs[name]["max_abs_weight_change_single"] = moved
+        runs[name]["weight_diff_vs_change"] = (runs[name]["max_abs_weight_diff_vs_single"] / moved) if moved else None
     dist.destroy_process_group()
     return {**out, "runs": runs}

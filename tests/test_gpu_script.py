@@ -235,8 +235,13 @@ def test_dist_part_under_torchrun_on_gloo(gc, tiny, tmp_path):
     runs = r["runs"]
     assert [runs[k]["strategy"] for k in ("single", "replicate", "fsdp")] == ["Single", "Replicate", "Fsdp"]
     for k in ("replicate", "fsdp"):
-        assert runs[k]["same_tensors"] and runs[k]["max_abs_weight_diff_vs_single"] < 1e-5
-        # 1e-5: one process scores pi0 on shared contexts, the lockstep ranks whole sequences (1.4e-6 apart seen)
+        assert runs[k]["same_tensors"]
+        # Replicate runs the one process's code: the same weights (0.0 seen). Fsdp's ranks score pi0 on whole sequences in
+        # lockstep where one process shares the contexts (log-probs 1.4e-6 apart seen), and Adam turns that into
+        # differences of up to lr·(a few) in weights whose gradient is near 0 (1.4e-6 on one machine, 1.18e-5 on
+        # another, of a 3.0e-4 largest change): bounded against how far training moved the weights, 10% of it — a
+        # mis-sharded or skipped update differs by the whole change or more
+        assert runs[k]["max_abs_weight_diff_vs_single"] < (1e-5 if k == "replicate" else 0.1 * runs[k]["max_abs_weight_change_single"])
         assert runs[k]["losses"] == pytest.approx(runs["single"]["losses"], abs=1e-5)
 
 
