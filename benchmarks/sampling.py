@@ -11,7 +11,11 @@ Reported per row:
 - ``gemm_gflops``: 2·B·d·4d / seconds of that matrix product, the rate this machine reaches on it now;
 - ``ratio_steps``: the model FLOPs of the loop, 2 × parameters × B × decoding steps (every row of every step,
   finished rows included: the issue's measure), per second, over ``gemm_gflops``;
-- ``ratio_tokens``: the same with the generated tokens instead of B × steps (only work that produced a token).
+- ``ratio_tokens``: the same with the generated tokens instead of B × steps (only work that produced a token);
+- with ``--bound``, ``matmul_s``: the self time of the model's own matrix products (aten::addmm, mm, bmm, addmv, mv)
+  in one profiled ``sample`` (torch.profiler), and ``ratio_bound``: ``ratio_steps`` for a loop that spent no time on
+  anything but those products — the ceiling of any exact loop that runs the model's layers as they are (the same
+  kernels on the same shapes: the same bits), whatever its Python, sampler or cache costs.
 
 Parameters are ``model.num_parameters()`` (a tied head counted once; its matrix product is real work, the
 position table's lookup is not: a 2% overcount on the default model). The context is "" (BOS) for the default
@@ -96,6 +100,25 @@ def measure(policy, context: str, b: int, repeats: int, seed: int = 0) -> dict:
             "ratio_tokens": 2 * params * tokens / best["sample"] / gemm_rate}
 
 
+MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::addmv", "aten::mv")
+
+
+def matmul_seconds(policy, context: str, b: int, seed: int = 0) -> float:
+    """Self CPU seconds of the matrix products in one ``sample`` of B rows (after a warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    policy.sample([context], b, seed=seed)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        policy.sample([context], b, seed=seed)
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMULS) / 1e6
+
+
+def bound(row: dict, policy, context: str) -> dict:
+    """``row`` with matmul_s and ratio_bound (module docstring)."""
+    seconds = matmul_seconds(policy, context, row["B"])
+    return {**row, "matmul_s": seconds, "ratio_bound": row["ratio_steps"] * row["sample_s"] / seconds}
+
+
 def profile(policy, context: str, b: int, top: int = 25) -> None:
     """torch.profiler's table of one ``sample`` (self CPU time, top ``top`` operators)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -118,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smollm-batch", type=int, default=16)
     parser.add_argument("--smollm-tokens", type=int, default=64)
     parser.add_argument("--profile", type=int, default=None, metavar="B", help="also print a profile of one sample at B")
+    parser.add_argument("--bound", action="store_true", help="also the matrix products' own time and the ratio they allow")
     args = parser.parse_args(argv)
     quiet_transformers()
     set_threads(args.threads)
@@ -127,12 +151,16 @@ def main(argv: list[str] | None = None) -> dict:
     batches = [4, 8] if args.quick else args.batches
     policy = HFPolicy.from_pretrained("default", max_new_tokens=4 if args.quick else args.tokens)
     rows = [{"model": "default", **measure(policy, "", b, repeats)} for b in batches]
+    if args.bound:
+        rows = [bound(r, policy, "") for r in rows]
     if args.profile:
         profile(policy, "", args.profile)
     if args.smollm != "off" and not args.quick:
         big = smollm_policy(args.smollm, args.smollm_tokens)
-        rows.append({"model": f"smollm2-135m ({args.smollm})", **measure(big, SMOLLM_PROMPT, args.smollm_batch, repeats)})
-    columns = ["model", "B", "T", "steps", "tokens", "sample_s", "tokens_per_s", "gemm_gflops", "ratio_steps", "ratio_tokens"]
+        row = {"model": f"smollm2-135m ({args.smollm})", **measure(big, SMOLLM_PROMPT, args.smollm_batch, repeats)}
+        rows.append(bound(row, big, SMOLLM_PROMPT) if args.bound else row)
+    columns = ["model", "B", "T", "steps", "tokens", "sample_s", "tokens_per_s", "gemm_gflops", "ratio_steps", "ratio_tokens",
+               *(("matmul_s", "ratio_bound") if args.bound else ())]
     return emit("sampling", rows, columns, args.json)
 
 

@@ -157,6 +157,10 @@ def test_sampling_quick(bench):
         _finite(r, ["tokens_per_s", "gemm_gflops", "ratio_steps", "ratio_tokens"])
         assert 0 < r["tokens"] <= r["B"] * r["steps"] and r["steps"] <= r["T"] == 4
         assert 0 < r["ratio_tokens"] <= r["ratio_steps"]  # generated tokens never exceed rows × steps
+    (r,) = _payload(bench("sampling").main(["--quick", "--smollm", "off", "--bound"]), "sampling")[1:]
+    _finite(r, ["matmul_s", "ratio_bound"])
+    assert 0 < r["matmul_s"] < 1.5 * r["sample_s"]  # the products are a part of sampling (1.5: the profiled run's noise)
+    assert r["ratio_bound"] > r["ratio_steps"] / 1.5
 
 
 def test_scoring_quick(bench):

@@ -15,8 +15,8 @@ from tiltlm.errors import TiltlmError
 from tiltlm.exact import expectation, kl
 from tiltlm.exact.quantities import normalise
 from tiltlm.experiments import overopt
-from tiltlm.experiments.overopt_verdict import (GOLD_MARGIN, LESS, MORE, SAME, UNDETERMINED, early_stopped, fit_form,
-                                                frontier_at, sentences, verdict_of)
+from tiltlm.experiments.overopt_verdict import (GOLD_MARGIN, LESS, MORE, SAME, UNDETERMINED, check_points, early_stopped,
+                                                fit_form, frontier_at, sentences, verdict_of)
 
 
 # ---- the frontier ----------------------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def test_the_proxy_posterior_equals_an_independent_computation(study):
 def test_a_broken_curves_file_is_refused(study):
     bad = [{"method": "kl-pg", "n_labels": 32, "seed": 0, "kl": float("nan"), "gold": 0.0, "proxy": 0.0}]
     with pytest.raises(TiltlmError, match="kl = nan"):
-        overopt.check_points(bad)
+        check_points(bad)
 
 
 def test_gold_metrics_of_a_cell_are_its_policy_s(study):
@@ -245,3 +245,20 @@ def test_gold_metrics_of_a_cell_are_its_policy_s(study):
     assert rows[-1]["gold/exact"] == pytest.approx(expectation(space.enumerated.log_prob(policy), space.gold), abs=1e-6)
     assert all(-5.0 <= r["gold/mean"] <= 1.0 for r in rows)
     assert len({r["gold/mean"] for r in rows}) > 1
+
+
+def test_tiltlm_report_rewrites_the_part_from_its_files(study):
+    """`tiltlm report overopt_exact/`: verdict.json and report/ again from the files alone, the same bytes; the
+    sentences printed."""
+    from typer.testing import CliRunner
+
+    from tiltlm.cli import app
+
+    out, root, points, meta = study
+    before = (root / "verdict.json").read_bytes()
+    (root / "verdict.json").unlink()
+    (root / "report" / "report.html").unlink()
+    result = CliRunner().invoke(app, ["report", str(root)])
+    assert result.exit_code == 0, result.output
+    assert (root / "verdict.json").read_bytes() == before and (root / "report" / "report.html").is_file()
+    assert json.loads(before)["sentences"][0] in result.output

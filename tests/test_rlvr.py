@@ -147,7 +147,7 @@ def test_index_is_rewritten_from_the_directory_and_refuses_others(run_dir, tmp_p
 
 
 def test_unknown_task_is_one_line(tmp_path):
-    with pytest.raises(TiltlmError, match="neither quiz, letters, sentiment, reasoning-gym:<task> nor an existing prompt file"):
+    with pytest.raises(TiltlmError, match="neither quiz, letters, sentiment, overopt, reasoning-gym:<task> nor an existing prompt file"):
         run_main(tmp_path / "out", task="nosuch", log=lambda m: None)
     assert not list(tmp_path.iterdir())
     with pytest.raises(TiltlmError, match="needs distinct seeds"):

@@ -79,10 +79,10 @@ def run(
     task: str = typer.Option("quiz", help="quiz (the RLVR study on the embedded default's questions), letters (its exact "
                                           "testbed alone), reasoning-gym:<task>, "
                                           "a prompt file (.jsonl/.csv/.parquet; 20% held out), sentiment (the reward–KL comparison), "
-                                          "or overopt (proxy vs gold reward: the overoptimization study, exact)."),
+                                          "or overopt (proxy vs gold reward: the overoptimization study, exact and on the default LM)."),
     prior: str = typer.Option("default", help="Prior LM: 'default' (embedded), smollm2-135m, or a save_pretrained directory."),
     reward: str = typer.Option(None, help="The verifier of a prompt-file task (default exact_match), or sentiment's reward (default sentiment)."),
-    betas: str = typer.Option(None, help="Comma-separated kl-pg betas (default 0.1,1 for RLVR tasks; 0.05,0.2,1 for sentiment)."),
+    betas: str = typer.Option(None, help="Comma-separated kl-pg betas (default 0.1,1 for RLVR tasks; 0.05,0.2,1 for sentiment; 1,0.25 for overopt's exact twin, whose LM part keeps 2,0.5)."),
     beta: float = typer.Option(0.2, help="sentiment only: the p* that reinforce, dpg and the baselines are measured against."),
     budget: float = typer.Option(1.0, help="Scales every part's steps (1.0: the README's run, under 10 minutes on 2 CPU cores)."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds of the RLVR study (each adds one run per method; "
@@ -306,12 +306,16 @@ def _print_pass_at_k(run_dir: Path) -> None:
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A sweep directory, lm/ or testbed/ of a run, or the --out of tiltlm train.")) -> None:
+def report(run_dir: Path = typer.Argument(..., help="A sweep directory, lm/, testbed/ or overopt_exact/ / overopt_lm/ of a run, or the --out of tiltlm train.")) -> None:
     """Write DIR/report/report.html (frontier, divergence, diversity and, with held-out evaluations, pass@k figures and tables)
     and print the pass@k table."""
     from tiltlm.experiments.report import write_report
 
     console.print(f"report: {write_report(run_dir)}")
+    if (run_dir / "study.json").is_file() and (run_dir / "curves.jsonl").is_file():  # an overopt part: its verdict
+        for sentence in json.loads((run_dir / "verdict.json").read_text())["sentences"]:
+            console.print("  " + sentence, markup=False, highlight=False)
+        return
     _print_pass_at_k(run_dir)
 
 

@@ -43,7 +43,6 @@ from typing import Callable
 
 import torch
 
-from tiltlm.errors import TiltlmError
 from tiltlm.io import atomic_write_text
 
 GOLD = "tiltlm.experiments.overopt:gold"
@@ -207,7 +206,6 @@ def run_exact(root: Path, *, budget: float = 1.0, seeds: tuple[int, ...] = (0, 1
               betas: tuple[float, ...] = BETAS, workers: int | None = None, log: Callable[[str], None] = print) -> Path:
     """The exact twin into ``root`` (module docstring): curves.jsonl, study.json, proxies.json, verdict.json, report/."""
     from tiltlm.experiments.grid import one_thread, train_cells
-    from tiltlm.experiments.overopt_verdict import write_outputs
     from tiltlm.testbed import make_testbed
     from tiltlm.threads import available_cores
     from tiltlm.train.config import parse_config
@@ -255,10 +253,45 @@ def run_exact(root: Path, *, budget: float = 1.0, seeds: tuple[int, ...] = (0, 1
     return root
 
 
-def check_points(points: list[dict]) -> None:
-    """Refuse a curves file with a non-finite number (a broken run): one line naming the point."""
-    for p in points:
-        for k in ("kl", "gold", "proxy"):
-            if not isinstance(p.get(k), (int, float)) or not math.isfinite(p[k]):
-                raise TiltlmError(f"curves.jsonl: {p.get('method')} (N={p.get('n_labels')}, seed {p.get('seed')}) has {k} = "
-                                  f"{p.get(k)!r}; rerun tiltlm run --task overopt")
+def finals_of(root: Path, study: dict, space) -> dict:
+    """Each cell's final policy, exactly: its KL, gold, the proxy's posterior at its beta (and the gold posterior)."""
+    from tiltlm.exact import expectation, kl
+    from tiltlm.exact.quantities import normalise
+    from tiltlm.policies import HFPolicy
+
+    out, main = {}, study["main_beta"]
+    for n in study["n_labels"]:
+        for s in study["seeds"]:
+            proxy = proxy_values(space, root / "proxies" / f"N{n}_seed{s}" / "rm")
+            for m in methods(tuple(study["betas"]), main):
+                policy_dir = root / "cells" / m.cell(n, s) / "policy"
+                if not policy_dir.is_dir():
+                    continue
+                log_pi = space.enumerated.log_prob(HFPolicy.from_pretrained(str(policy_dir), max_new_tokens=study["max_new_tokens"]))
+                beta = m.beta if m.beta is not None else main
+                post, gold_post = normalise(space.logp0 + proxy / beta)[0], normalise(space.logp0 + space.gold / beta)[0]
+                out[(m.name, m.beta, n, s)] = {
+                    "kl": kl(log_pi, space.logp0), "gold": expectation(log_pi, space.gold),
+                    "kl_to_posterior": kl(log_pi, post), "kl_to_gold_posterior": kl(log_pi, gold_post),
+                    "posterior": {"kl": kl(post, space.logp0), "gold": expectation(post, space.gold)},
+                    "gold_posterior": {"kl": kl(gold_post, space.logp0), "gold": expectation(gold_post, space.gold)}}
+    return out
+
+
+def write_outputs(root: Path) -> dict:
+    """verdict.json and report/ (figure + page) of an exact overopt study, from its files."""
+    from tiltlm.experiments.grid import one_thread
+    from tiltlm.experiments.overopt_verdict import frontier_at, read_points, verdict_of, write_report
+
+    root = Path(root)
+    study = json.loads((root / "study.json").read_text())
+    points = read_points(root)
+    with one_thread():
+        space = space_of(root.parent / study["testbed"])
+        finals = finals_of(root, study, space)
+        cache: dict = {}
+        frontier = lambda k: cache.setdefault(round(k, 12), frontier_at(space.logp0, space.gold, k))  # noqa: E731
+        verdict = verdict_of(points, study, finals, frontier)
+    atomic_write_text(root / "verdict.json", json.dumps(verdict, indent=1))
+    write_report(root, points, study, verdict)
+    return verdict

@@ -25,6 +25,7 @@ PART_LINKS = {
     "lm": "reinforce vs kl-pg vs dpg vs inference baselines, estimated divergences",
     "testbed": "the same comparison where every divergence to p* is exact",
     "overopt_exact": "proxy vs gold on an enumerable testbed: the peak and fit tables",
+    "overopt_lm": "proxy vs gold on the default LM (sentiment): the peak and fit tables",
 }
 
 
@@ -145,9 +146,11 @@ def _overopt_section(run_dir: Path, part: dict) -> str:
     found = read_verdict(run_dir / part["dir"])
     sentences = (found or {}).get("sentences", ["No verdict: the study has no verdict.json."])
     figure = f"{part['dir']}/report/gold_vs_kl.png"
+    caption = ("exact: the gold-optimal frontier, the proxy's posterior" if part["dir"] == "overopt_exact" else
+               "estimated from samples: the proxy's posterior (importance-sampled)")
     img = (f'<figure><img src="{html.escape(figure)}" alt="gold reward against sqrt KL"><figcaption>Gold reward against '
-           "d = √KL(π‖π0), exact: the gold-optimal frontier, the proxy's posterior, best-of-n under the proxy and every "
-           "trained method's trajectory (every seed).</figcaption></figure>") if (run_dir / figure).is_file() else ""
+           f"d = √KL(π‖π0), {caption}, best-of-n under the proxy and every trained method's trajectory (every seed)."
+           "</figcaption></figure>") if (run_dir / figure).is_file() else ""
     items = "".join(f"<li>{html.escape(s)}</li>" for s in sentences)
     return f'<h2>{html.escape(part["title"])}</h2>\n{img}\n<ul class="verdict" id="verdict-{html.escape(part["dir"])}">{items}</ul>'
 

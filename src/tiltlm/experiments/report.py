@@ -29,6 +29,7 @@ half-written last line (a run still writing) is ignored; a figure without data i
 from __future__ import annotations
 
 import html
+import json
 import re
 import shutil
 import tempfile
@@ -253,6 +254,12 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if is_run_index(run_dir):
         return run_page.write_index(run_dir)
+    if (run_dir / "study.json").is_file() and (run_dir / "curves.jsonl").is_file():  # a part of tiltlm run --task overopt
+        from tiltlm.experiments import overopt, overopt_lm
+
+        exact = json.loads((run_dir / "study.json").read_text()).get("exact", True)
+        (overopt if exact else overopt_lm).write_outputs(run_dir)
+        return run_dir / "report" / "report.html"
     cells = load_cells(run_dir)
     source = "../" + source_of(run_dir)
     groups = groups_of(cells)

@@ -6,8 +6,9 @@ By default (``task="quiz"``) two parts, each a directory of training runs with i
    at two betas, dpg toward pi0·1[correct] and best-of-n, pass@k on held-out questions, SEEDS training seeds each;
 2. ``exact/``: the same study on an enumerable testbed, where pass@k and KL(p*(·|x)‖pi(·|x)) are exact.
 
-``task="overopt"`` is the overoptimization study (tiltlm.experiments.overopt: ``overopt_exact/``, proxy reward models
-learned from N gold labels, gold against KL for every method, exact). ``task="sentiment"`` is the earlier reward–KL comparison (``lm/`` and ``testbed/``: reinforce, kl-pg at several beta,
+``task="overopt"`` is the overoptimization study: ``overopt_exact/`` (tiltlm.experiments.overopt: proxy reward models
+learned from N gold labels, gold against KL for every method, exact) and ``overopt_lm/`` (tiltlm.experiments.overopt_lm:
+the same on the embedded default LM with the sentiment as the gold, estimated). ``task="sentiment"`` is the earlier reward–KL comparison (``lm/`` and ``testbed/``: reinforce, kl-pg at several beta,
 dpg with GDC++'s baseline, importance resampling, best-of-n toward the sentiment tilt); ``interactive`` adds ``interactive/``. The
 top-level ``report.html`` (tiltlm.experiments.page.write_index) leads with the pass@k figure and the computed verdict. Everything is written
 into a temporary directory renamed at the end; ``budget`` scales the steps.
@@ -27,7 +28,7 @@ from typing import Callable
 
 from tiltlm.errors import TiltlmError
 from tiltlm.experiments import interactive as interactive_study
-from tiltlm.experiments import overopt, rlvr, sentiment
+from tiltlm.experiments import overopt, overopt_lm, rlvr, sentiment
 from tiltlm.experiments.grid import SEEDS, one_thread
 from tiltlm.experiments.page import write_index
 from tiltlm.io import check_file_destination, replace_dir
@@ -121,7 +122,7 @@ def run_main(out: str | Path, *, task: str = "quiz", prior: str = "default", rew
 
     ``task`` "quiz" (default): the RLVR study (tiltlm.experiments.rlvr) on ``prior`` and its exact twin on a testbed;
     "letters": the exact twin alone; "reasoning-gym:<name>" or a prompt file: the same study on that task (``reward`` the
-    verifier); "overopt": the overoptimization study's exact twin (``betas``: kl-pg's);
+    verifier); "overopt": the overoptimization study, its exact twin and its LM part (``betas``: the exact twin's kl-pg betas);
     "sentiment": the reward–KL comparison on the story prior and an exact testbed (``reward`` default
     sentiment, kl-pg at ``betas``, the rest at ``main_beta``; every seed). ``interactive`` adds the interactive part.
     ``budget`` scales every part's steps. ``seeds``: the RLVR and sentiment studies train every method once per seed (the interactive part: the first). ``workers``:
@@ -141,6 +142,10 @@ def run_main(out: str | Path, *, task: str = "quiz", prior: str = "default", rew
             parts.add("overopt_exact", "overoptimization, exact twin: proxy reward models from N gold labels; best-of-n, reinforce, "
                                        f"kl-pg β={','.join(f'{b:g}' for b in betas)}, dpg and DPO, gold against KL",
                       lambda root: overopt.run_exact(root, budget=budget, seeds=seeds, betas=tuple(betas), workers=workers, log=parts.log))
+            parts.add("overopt_lm", f"overoptimization on the default LM: gold = VADER sentiment, proxy reward models from "
+                                    f"N = {', '.join(map(str, overopt_lm.N_LABELS))} labels; best-of-n, reinforce, kl-pg "
+                                    f"β={','.join(f'{b:g}' for b in overopt_lm.BETAS)}, dpg and DPO, gold against KL (estimates)",
+                      lambda root: overopt_lm.run_lm(root, budget=budget, seeds=seeds, workers=workers, log=parts.log))
         else:
             betas = betas or (0.1, 1.0)
             _rlvr_parts(parts, task, prior, reward, betas, budget, seeds, workers)

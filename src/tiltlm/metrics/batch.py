@@ -39,14 +39,17 @@ from tiltlm.metrics.divergences import (
 
 
 def step_metrics(batch: Batch, token_logp: torch.Tensor, *, on_policy: bool, kl_estimator: str, diversity: bool,
-                 env_counts: dict | None = None) -> dict[str, float]:
-    """A training step's row: ``batch_metrics`` and, for environment episodes, ``episode_metrics`` and the
-    run's failure rate so far. ``token_logp``: (B, T) log pi_theta per token before the step (detached)."""
+                 env_counts: dict | None = None, gold=None) -> dict[str, float]:
+    """A training step's row: ``batch_metrics``, with ``gold`` (metrics.gold, a Reward) ``gold_metrics``, and, for
+    environment episodes, ``episode_metrics`` and the run's failure rate so far. ``token_logp``: (B, T) log pi_theta
+    per token before the step (detached)."""
     from tiltlm.metrics.episodes import episode_metrics
 
     if batch.pairs is not None:  # preference pairs of data, drawn by no policy: the algorithm's own reward/margin etc.
         return {}
     row = batch_metrics(batch, token_logp.sum(-1), on_policy=on_policy, kl_estimator=kl_estimator, diversity=diversity)
+    if gold is not None:
+        row.update(gold_metrics(batch, token_logp.sum(-1), gold, on_policy=on_policy))
     if batch.samples.trajectories is not None:
         row.update(episode_metrics(batch, token_logp, on_policy=on_policy))
         counts = env_counts or {"episodes": 0, "failures": 0}

@@ -15,7 +15,7 @@ import torch
 from tiltlm.algorithms.base import Algorithm, get_algorithm
 from tiltlm.distributed.strategy import make_strategy
 from tiltlm.errors import TiltlmError
-from tiltlm.metrics.batch import average_over_contexts, gold_metrics, step_metrics
+from tiltlm.metrics.batch import average_over_contexts, step_metrics
 from tiltlm.records import Batch
 from tiltlm.targets.base import Target
 from tiltlm.train import guards
@@ -141,9 +141,7 @@ class Trainer:
     def _metrics(self, batch: Batch, token_logp_before: torch.Tensor) -> dict:
         m = self.config.metrics
         row = step_metrics(batch, token_logp_before, on_policy=self.algorithm.on_policy, kl_estimator=m.kl_estimator,
-                           diversity=m.diversity, env_counts=self.collect.env_counts)
-        if self.gold is not None and batch.pairs is None:
-            row.update(gold_metrics(batch, token_logp_before.sum(-1), self.gold, on_policy=self.algorithm.on_policy))
+                           diversity=m.diversity, env_counts=self.collect.env_counts, gold=self.gold)
         if self.exact and self.strategy.joins_io and (self.step % m.exact_every == 0 or self.step == self.config.optim.steps):
             with self.timer.phase("eval"):
                 row.update(self.exact_metrics())
