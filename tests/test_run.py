@@ -112,6 +112,10 @@ def test_run_refuses_a_non_empty_output_dir_and_bad_options(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
     with pytest.raises(TiltlmError, match="budget"):
         run_main(tmp_path / "new", budget=0)
+    for options in ({"prior": "smollm2-135m"}, {"reward": "sentiment"}):  # overopt brings its own models and golds
+        with pytest.raises(TiltlmError, match="drop --prior and --reward"):
+            run_main(tmp_path / "new", task="overopt", **options)
+    assert not (tmp_path / "new").exists()
 
 
 def test_failure_mid_run_leaves_nothing_half_written(tmp_path, testbed_dir):

@@ -129,6 +129,9 @@ def run_main(out: str | Path, *, task: str = "quiz", prior: str = "default", rew
     training processes at once in the RLVR study (default: the usable cores)."""
     out = check_file_destination(out, "--out", directory=True)
     _check(out, overwrite, budget, seeds)
+    if task == "overopt" and (prior != "default" or reward is not None):
+        raise TiltlmError("--task overopt runs on its own testbed and the embedded default LM with its own gold rewards; "
+                          "drop --prior and --reward (train on another model with metrics.gold in a config: docs/config.md)")
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)).resolve()  # absolute: configs name paths in it
