@@ -302,8 +302,8 @@ def sentences(v: dict) -> list[str]:
                    f"(change {_iv(b)}).")
     seeds = v.get("seeds", [])
     if len(seeds) < 2:
-        out.append("One seed: every number is exact for it, but nothing says how the next label draw, proxy and run would "
-                   "move it, so no call is made (run with --seeds 0,1,2).")
+        out.append(f"One seed: every number is {'exact' if v.get('exact', True) else 'an estimate'} for it, but nothing says how "
+                   "the next label draw, proxy and run would move it, so no call is made (run with --seeds 0,1,2).")
     each = "each seed's numbers are exact" if v.get("exact", True) else "each seed's numbers are estimates from its samples"
     out.append(f"({v.get('level', LEVEL):.0%} intervals over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}: label draws, "
                f"proxies and training runs; {each}; margin ±{m:g} gold.)")
