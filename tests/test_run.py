@@ -115,6 +115,9 @@ def test_run_refuses_a_non_empty_output_dir_and_bad_options(tmp_path):
     for options in ({"prior": "smollm2-135m"}, {"reward": "sentiment"}):  # overopt brings its own models and golds
         with pytest.raises(TiltlmError, match="drop --prior and --reward"):
             run_main(tmp_path / "new", task="overopt", **options)
+    for seed in (-1, 2**62):  # reward-model training takes seeds >= 0; the study's draws add offsets to a seed
+        with pytest.raises(TiltlmError, match="takes seeds from 0 to"):
+            run_main(tmp_path / "new", task="overopt", seeds=(0, seed))
     assert not (tmp_path / "new").exists()
 
 

@@ -34,6 +34,7 @@ testbed's directory (relative to the study's parent, the --out directory), the g
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -43,6 +44,7 @@ from typing import Callable
 
 import torch
 
+from tiltlm.errors import TiltlmError
 from tiltlm.io import atomic_write_text
 
 GOLD = "tiltlm.experiments.overopt:gold"
@@ -169,6 +171,17 @@ class Method:
         return f"{self.name}_N{n}" + (f"_beta{self.beta:g}" if self.beta is not None else "") + f"_seed{seed}"
 
 
+def check_seeds(seeds: tuple[int, ...]) -> None:
+    """One line for a seed the study cannot use: its label draws, pools and runs seed torch with the seed plus offsets
+    below 10**6 (times 1,000,003 for tiltlm.preferences' rounds), and reward-model training takes seeds ≥ 0."""
+    from tiltlm.train.config import MAX_SEED
+
+    for s in seeds:
+        if not 0 <= s <= MAX_SEED - 10**6:
+            raise TiltlmError(f"--seeds {s}: the overoptimization study takes seeds from 0 to {MAX_SEED - 10**6:,} (its draws "
+                              "add offsets to them); pick a smaller seed, e.g. --seeds 0,1,2")
+
+
 def methods(betas: tuple[float, ...] = BETAS, main_beta: float = MAIN_BETA) -> list[Method]:
     return [Method("reinforce", None), *[Method("kl-pg", b) for b in betas], Method("dpg", main_beta), Method("dpo", main_beta)]
 
@@ -210,6 +223,7 @@ def run_exact(root: Path, *, budget: float = 1.0, seeds: tuple[int, ...] = (0, 1
     from tiltlm.threads import available_cores
     from tiltlm.train.config import parse_config
 
+    check_seeds(seeds)
     root = Path(root)
     steps = max(4, round(100 * budget))
     with one_thread():  # the testbed's fit, the reward models and every exact number: the same floats on any machine
@@ -289,8 +303,7 @@ def write_outputs(root: Path) -> dict:
     with one_thread():
         space = space_of(root.parent / study["testbed"])
         finals = finals_of(root, study, space)
-        cache: dict = {}
-        frontier = lambda k: cache.setdefault(round(k, 12), frontier_at(space.logp0, space.gold, k))  # noqa: E731
+        frontier = functools.lru_cache(maxsize=None)(lambda k: frontier_at(space.logp0, space.gold, k))  # a KL asked twice: once
         verdict = verdict_of(points, study, finals, frontier)
     atomic_write_text(root / "verdict.json", json.dumps(verdict, indent=1))
     write_report(root, points, study, verdict)

@@ -34,12 +34,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from tiltlm.experiments.overopt import BON_NS, Method, check_seeds, methods
 from tiltlm.io import atomic_write_text
 
 GOLD = "sentiment"
@@ -48,7 +48,6 @@ N_LABELS = (128, 512)
 TAU = 0.1  # the labels' BT temperature: 90% of pi0's pairs labelled as the gold orders them (README, "Reward models")
 BETAS = (2.0, 0.5)  # on the proxy's scale (its std over pi0's stories ≈ 2.5 with N = 512)
 MAIN_BETA = 0.5
-BON_NS = tuple(2**i for i in range(9))  # 1 … 256
 TILT_BETAS = (math.inf, 8.0, 4.0, 2.0, 1.0, 0.7, 0.5, 0.35, 0.25)
 POOL = 1024
 N_PER_STEP = 16
@@ -57,19 +56,6 @@ STEPS = 20  # training steps at budget 1
 WINDOW = 4
 FINAL_SAMPLES = 256
 RM_LR, RM_BATCH, RM_EPOCHS, RM_STEPS = 3e-4, 16, 4, 64  # the proxy's training: lr, pairs per step, epochs, at least steps
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    beta: float | None
-
-    def cell(self, n: int, seed: int) -> str:
-        return f"{self.name}_N{n}" + (f"_beta{self.beta:g}" if self.beta is not None else "") + f"_seed{seed}"
-
-
-def methods(betas: tuple[float, ...] = BETAS, main_beta: float = MAIN_BETA) -> list[Method]:
-    return [Method("reinforce", None), *[Method("kl-pg", b) for b in betas], Method("dpg", main_beta), Method("dpo", main_beta)]
 
 
 # ---- per seed: labels, proxies, pool ----------------------------------------------------------------------------------
@@ -196,14 +182,13 @@ def windows(rows: list[dict], width: int = WINDOW) -> list[dict]:
     return out[::-1]
 
 
-def sample_point(policy_dir: Path, rm_dir: Path, *, seed: int) -> dict:
-    """FINAL_SAMPLES stories of a saved policy: the k1 estimate of KL(pi‖pi0) (log pi − log pi0 of each story), gold and
-    proxy means."""
+def sample_point(policy_dir: Path, rm_dir: Path, prior, *, seed: int) -> dict:
+    """FINAL_SAMPLES stories of a saved policy: the k1 estimate of KL(pi‖pi0) (log pi − log pi0 of each story under
+    ``prior``, pi0), gold and proxy means."""
     from tiltlm.policies import HFPolicy
     from tiltlm.rewards import get_reward
 
     policy = HFPolicy.from_pretrained(str(policy_dir), max_new_tokens=MAX_NEW_TOKENS)
-    prior = HFPolicy.from_pretrained("default", max_new_tokens=MAX_NEW_TOKENS)
     s = policy.sample([""], FINAL_SAMPLES, seed=30_000 + seed)
     log_ratio = policy.log_prob(s).double() - prior.log_prob(s).double()
     return {"kl": float(log_ratio.mean()), "gold": float(get_reward(GOLD)(s.texts).mean()),
@@ -218,9 +203,11 @@ def run_lm(root: Path, *, budget: float = 1.0, seeds: tuple[int, ...] = (0, 1, 2
     """The LM part into ``root`` (module docstring)."""
     from tiltlm.experiments.cells import read_jsonl
     from tiltlm.experiments.grid import one_thread, train_cells
+    from tiltlm.policies import HFPolicy
     from tiltlm.threads import available_cores
     from tiltlm.train.config import parse_config
 
+    check_seeds(seeds)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     steps = max(2 * WINDOW, round(STEPS * budget))
@@ -244,7 +231,7 @@ def run_lm(root: Path, *, budget: float = 1.0, seeds: tuple[int, ...] = (0, 1, 2
             points += [{"method": "proxy-posterior", **head, "step": None, "beta": None if math.isinf(b) else b,
                         **posterior_point(g, r, b)} for b in TILT_BETAS]
             points += [{"method": "best-of-n", **head, "beta": None, **p} for p in best_of_n_points(g, r)]
-            for m in methods(betas):
+            for m in methods(betas, MAIN_BETA):
                 rm_dir, pairs = root / f"seed{s}" / f"N{n}" / "rm", root / f"seed{s}" / f"N{n}" / "train_pairs.jsonl"
                 raw = cell_config(m, rm_dir, pairs, seed=s, steps=steps)
                 parse_config(raw)
@@ -255,7 +242,7 @@ def run_lm(root: Path, *, budget: float = 1.0, seeds: tuple[int, ...] = (0, 1, 2
         said = (f"KL {final['kl/prior_seq']:.3f} (estimate), gold {final['gold/mean']:.3f}, proxy {final['reward/mean']:.3f}"
                 if "gold/mean" in final else "trained on pairs (its stories are sampled below)")
         log(f"  [{i}/{len(jobs)}] {name} done in {seconds:.0f} s: {said}")
-    finals = {}
+    finals, prior = {}, None
     for name, (m, n, s) in cells.items():
         g = torch.tensor(pools[s]["gold"], dtype=torch.float64)
         r = torch.tensor(pools[s][f"proxy_N{n}"], dtype=torch.float64)
@@ -263,7 +250,9 @@ def run_lm(root: Path, *, budget: float = 1.0, seeds: tuple[int, ...] = (0, 1, 2
         start = {"step": 0, "kl": 0.0, "gold": float(g.mean()), "proxy": float(r.mean()), "samples": POOL}
         if m.name == "dpo":
             with one_thread():
-                end = {"step": steps, **sample_point(root / "cells" / name / "policy", root / f"seed{s}" / f"N{n}" / "rm", seed=s)}
+                prior = prior or HFPolicy.from_pretrained("default", max_new_tokens=MAX_NEW_TOKENS)
+                end = {"step": steps, **sample_point(root / "cells" / name / "policy", root / f"seed{s}" / f"N{n}" / "rm", prior,
+                                                     seed=s)}
             curve = [start, end]
         else:
             curve = [start, *windows(read_jsonl(root / "cells" / name / "metrics.jsonl", strict=True))]

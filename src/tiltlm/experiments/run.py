@@ -132,6 +132,8 @@ def run_main(out: str | Path, *, task: str = "quiz", prior: str = "default", rew
     if task == "overopt" and (prior != "default" or reward is not None):
         raise TiltlmError("--task overopt runs on its own testbed and the embedded default LM with its own gold rewards; "
                           "drop --prior and --reward (train on another model with metrics.gold in a config: docs/config.md)")
+    if task == "overopt":
+        overopt.check_seeds(seeds)
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)).resolve()  # absolute: configs name paths in it
