@@ -201,3 +201,24 @@ def test_rm_reads_no_data_column(tmp_path):
     with_rows = reward(["ab"], ["dd"], {"answer": ["x"]})
     assert torch.equal(with_rows, reward(["ab"], ["dd"]))
     assert get_reward("exact_match:label").needs == ("label",) and get_reward("exact_match").needs == ("answer",)
+
+
+def test_an_empty_text_without_a_bos_token_names_its_preference_row(tmp_path):
+    """Training a reward model: a pair whose completion encodes to no tokens, with a tokenizer that has no BOS, is
+    refused in one line naming the file's row and the side (not the reward model the directory will become)."""
+    from transformers import AutoTokenizer
+
+    from tiltlm.preference_data import load_preferences
+    from tiltlm.rmtrain.fit import PairEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(make_testbed(tmp_path / "tb", vocab_size=4, n_layer=1, n_embd=16, seed=0))
+    tokenizer.bos_token = None
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "", "chosen": "ab", "rejected": "b"}\n{"prompt": "", "chosen": "a", "rejected": ""}\n')
+    data = load_preferences(pairs)
+    with pytest.raises(TiltlmError, match=r"line 2: prompt \+ rejected: the text '' encodes to no tokens") as e:
+        PairEncoder("base").pairs(data, tokenizer, 64)
+    assert "reward model" not in str(e.value)
+    tokenizer.bos_token = tokenizer.eos_token  # with a BOS, the empty text is read there
+    kept, left_out = PairEncoder("base").pairs(data, tokenizer, 64)
+    assert left_out == 0 and kept[1][1] == [tokenizer.bos_token_id]

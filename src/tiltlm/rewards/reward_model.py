@@ -123,22 +123,25 @@ class RewardModelScorer:
                                   "fix the template in its tokenizer_config.json") from None
         return out
 
-    def encode(self, strings: list[str], tokenizer, window: int | None) -> list[list[int]]:
+    def encode(self, strings: list[str], tokenizer, window: int | None, *, who: str | None = None,
+               row_name=None) -> list[list[int]]:
         """Token ids per string; an empty string (a sequence that ended at once, after no prompt) is read at the
-        tokenizer's BOS token where it has one (docs/math.md §15.1), else refused."""
+        tokenizer's BOS token where it has one (docs/math.md §15.1), else refused. Errors start with ``who`` (default:
+        this reward model) or, for string k, ``row_name(k)`` (e.g. the preference file's row)."""
+        who = who or f"reward model '{self.path}'"
         try:
             ids = [list(row) for row in tokenizer(strings)["input_ids"]]
         except Exception as e:  # noqa: BLE001 - e.g. a WordLevel tokenizer without [UNK] meets an unknown character
             why = " ".join(str(e).split())[:160] or type(e).__name__
-            raise TiltlmError(f"reward model '{self.path}': its tokenizer cannot encode the texts ({why}); use a reward model "
-                              "whose tokenizer covers the policy's text") from None
+            raise TiltlmError(f"{who}: its tokenizer cannot encode the texts ({why}); use a model whose tokenizer covers "
+                              "the text it scores") from None
         bos = getattr(tokenizer, "bos_token_id", None)
         for k, (row, s) in enumerate(zip(ids, strings)):
             if not row and bos is not None:
                 ids[k] = row = [int(bos)]
             if not row:
-                raise TiltlmError(f"reward model '{self.path}': the text {s[:40]!r} encodes to no tokens; give the tokenizer a "
-                                  "BOS token or score non-empty texts")
+                raise TiltlmError(f"{row_name(k) if row_name else who}: the text {s[:40]!r} encodes to no tokens and the "
+                                  "tokenizer has no BOS token to read it at; give the tokenizer a BOS token or the row text")
             if window is not None and len(row) > window:
                 raise TiltlmError(f"reward model '{self.path}': a text of {len(row)} tokens exceeds its window of {window}; "
                                   "lower max_new_tokens or use a reward model with a longer window")

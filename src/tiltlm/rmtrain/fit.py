@@ -47,13 +47,9 @@ class PairEncoder(RewardModelScorer):
         prompts = [p.prompt for p in data.pairs]
         strings = self.texts([p.chosen for p in data.pairs] + [p.rejected for p in data.pairs], prompts + prompts, tokenizer)
         n = len(data.pairs)
-        try:
-            ids = self.encode(strings, tokenizer, None)  # rm:DIR's ids: an empty text is read at BOS where there is one
-        except TiltlmError as e:
-            row = next((k for k, x in enumerate(strings) if not x), None)
-            where = (f"{data.source} {data.numbered_as} {data.pairs[row % n].row}: prompt + {'chosen' if row < n else 'rejected'}: "
-                     if row is not None and "no tokens" in str(e) else "")
-            raise TiltlmError(where + str(e).replace(f"reward model '{self.path}': ", f"the base '{self.path}': ", 1)) from None
+        ids = self.encode(strings, tokenizer, None, who=f"the base '{self.path}'",  # rm:DIR's ids: an empty text read at BOS
+                          row_name=lambda k: f"{data.source} {data.numbered_as} {data.pairs[k % n].row}: prompt + "
+                                             f"{'chosen' if k < n else 'rejected'}")
         kept = [(ids[k], ids[k + n]) for k in range(n) if max(len(ids[k]), len(ids[k + n])) <= max_length]
         return kept, n - len(kept)
 
