@@ -1,11 +1,13 @@
 """Sampling throughput of ``HFPolicy.sample`` against this machine's own matrix-multiply rate.
 
     python benchmarks/sampling.py [--threads 1] [--batches 16 32 64 128 256] [--tokens 32] [--smollm prior|config|off]
+                                  [--samplers gumbel inverse-cdf] [--bound]
 
 For each batch size B the policy draws B sequences of up to T new tokens after one context (seeded), and
 in the same process, interleaved round by round (benchmarks/common.interleaved_min, the minimum kept),
 torch multiplies a (B × d) by a (d × 4d) float32 matrix — the shape of a decoder's MLP at that batch size.
-Reported per row:
+Each row is one sampler (``sampling.sampler``, tiltlm.policies.base.SAMPLERS: ``gumbel``, the default stream, and
+``inverse-cdf``, one uniform per row and token). Reported per row:
 
 - ``tokens_per_s``: generated tokens (EOS included, nothing after it) per second of ``sample``;
 - ``gemm_gflops``: 2·B·d·4d / seconds of that matrix product, the rate this machine reaches on it now;
@@ -15,7 +17,10 @@ Reported per row:
 - with ``--bound``, ``matmul_s``: the self time of the model's own matrix products (aten::addmm, mm, bmm, addmv, mv)
   in one profiled ``sample`` (torch.profiler), and ``ratio_bound``: ``ratio_steps`` for a loop that spent no time on
   anything but those products — the ceiling of any exact loop that runs the model's layers as they are (the same
-  kernels on the same shapes: the same bits), whatever its Python, sampler or cache costs.
+  kernels on the same shapes: the same bits), whatever its Python, sampler or cache costs; ``attention_s`` and
+  ``ratio_bound_attention``: the same with the attention kernel's self time (aten::_scaled_dot_product_*) added — the
+  ceiling of a loop that runs nothing but the model's matrix products and its attention over the KV cache, work the
+  FLOPs measure does not count (2 × parameters leaves attention out).
 
 Parameters are ``model.num_parameters()`` (a tied head counted once; its matrix product is real work, the
 position table's lookup is not: a 2% overcount on the default model). The context is "" (BOS) for the default
@@ -36,27 +41,36 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, emit, interleaved_min, quiet_transformers, set_threads
 
+from tiltlm.policies.base import SAMPLERS
+
 SMOLLM_PROMPT = "Write a short poem about the sea."
 SMOLLM_CONFIG = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                      vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
                      rope_theta=100000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
+TESTBED_PROMPT = "ab" * 8
+"""The context when the prior is not installed: the Llama testbed's tokenizer knows only a few letters."""
+
+
 def smollm_policy(kind: str, max_new_tokens: int):
-    """SmolLM2-135M: the converted prior, or its architecture with random weights (seeded) and the prior's
-    tokenizer when it is converted, else the tiny Llama testbed's (ids within the vocabulary either way)."""
+    """(policy, context): SmolLM2-135M, the converted prior, or its architecture with random weights (seeded) and
+    the prior's tokenizer when it is converted, else the tiny Llama testbed's (ids within the vocabulary either way)
+    with TESTBED_PROMPT for a context."""
     from tiltlm.policies.hf import HFPolicy
 
     if kind == "prior":
-        return HFPolicy.from_pretrained("smollm2-135m", max_new_tokens=max_new_tokens)
+        return HFPolicy.from_pretrained("smollm2-135m", max_new_tokens=max_new_tokens), SMOLLM_PROMPT
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM_CONFIG)).float()
-    return HFPolicy(model, _any_tokenizer(), max_new_tokens=max_new_tokens)
+    tokenizer, prompt = _any_tokenizer()
+    return HFPolicy(model, tokenizer, max_new_tokens=max_new_tokens), prompt
 
 
 def _any_tokenizer():
+    """(tokenizer, context): the prior's with SMOLLM_PROMPT, else the Llama testbed's with TESTBED_PROMPT."""
     import tempfile
 
     from transformers import AutoTokenizer
@@ -66,9 +80,9 @@ def _any_tokenizer():
     try:
         from tiltlm.priors import named_prior_dir
 
-        return AutoTokenizer.from_pretrained(named_prior_dir("smollm2-135m"), local_files_only=True)
+        return AutoTokenizer.from_pretrained(named_prior_dir("smollm2-135m"), local_files_only=True), SMOLLM_PROMPT
     except Exception:  # noqa: BLE001 - the prior is not installed: a testbed's chat tokenizer will do
-        return AutoTokenizer.from_pretrained(make_testbed(tempfile.mkdtemp(), arch="llama"), local_files_only=True)
+        return AutoTokenizer.from_pretrained(make_testbed(tempfile.mkdtemp(), arch="llama"), local_files_only=True), TESTBED_PROMPT
 
 
 def hidden_size(config) -> int:
@@ -94,7 +108,7 @@ def measure(policy, context: str, b: int, repeats: int, seed: int = 0) -> dict:
     steps, tokens = int(s.mask.shape[1]), int(s.mask.sum())
     params = policy.model.num_parameters()
     gemm_rate = 2 * b * d * 4 * d * gemm_reps / best["gemm"]
-    return {"B": b, "T": policy.max_new_tokens, "steps": steps, "tokens": tokens, "sample_s": best["sample"],
+    return {"sampler": policy.sampler, "B": b, "T": policy.max_new_tokens, "steps": steps, "tokens": tokens, "sample_s": best["sample"],
             "tokens_per_s": tokens / best["sample"], "gemm_gflops": gemm_rate / 1e9,
             "ratio_steps": 2 * params * b * steps / best["sample"] / gemm_rate,
             "ratio_tokens": 2 * params * tokens / best["sample"] / gemm_rate}
@@ -103,20 +117,29 @@ def measure(policy, context: str, b: int, repeats: int, seed: int = 0) -> dict:
 MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::addmv", "aten::mv")
 
 
-def matmul_seconds(policy, context: str, b: int, seed: int = 0) -> float:
-    """Self CPU seconds of the matrix products in one ``sample`` of B rows (after a warm-up call)."""
+def is_attention(key: str) -> bool:
+    """The fused attention kernels (CPU flash attention, math fallback), not their dispatching wrapper."""
+    return key.startswith("aten::_scaled_dot_product") or key == "aten::_efficient_attention_forward"
+
+
+def kernel_seconds(policy, context: str, b: int, seed: int = 0) -> tuple[float, float]:
+    """Self CPU seconds of (the matrix products, the attention kernels) in one ``sample`` of B rows (after a warm-up call)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     policy.sample([context], b, seed=seed)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         policy.sample([context], b, seed=seed)
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMULS) / 1e6
+    events = prof.key_averages()
+    return (sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e6,
+            sum(e.self_cpu_time_total for e in events if is_attention(e.key)) / 1e6)
 
 
 def bound(row: dict, policy, context: str) -> dict:
-    """``row`` with matmul_s and ratio_bound (module docstring)."""
-    seconds = matmul_seconds(policy, context, row["B"])
-    return {**row, "matmul_s": seconds, "ratio_bound": row["ratio_steps"] * row["sample_s"] / seconds}
+    """``row`` with matmul_s, ratio_bound, attention_s and ratio_bound_attention (module docstring)."""
+    matmul, attention = kernel_seconds(policy, context, row["B"])
+    work = row["ratio_steps"] * row["sample_s"]
+    return {**row, "matmul_s": matmul, "ratio_bound": work / matmul, "attention_s": attention,
+            "ratio_bound_attention": work / (matmul + attention)}
 
 
 def profile(policy, context: str, b: int, top: int = 25) -> None:
@@ -142,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smollm-tokens", type=int, default=64)
     parser.add_argument("--profile", type=int, default=None, metavar="B", help="also print a profile of one sample at B")
     parser.add_argument("--bound", action="store_true", help="also the matrix products' own time and the ratio they allow")
+    parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS), help="one row per sampler (sampling.sampler)")
     args = parser.parse_args(argv)
     quiet_transformers()
     set_threads(args.threads)
@@ -150,17 +174,22 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (1 if args.quick else 3)
     batches = [4, 8] if args.quick else args.batches
     policy = HFPolicy.from_pretrained("default", max_new_tokens=4 if args.quick else args.tokens)
-    rows = [{"model": "default", **measure(policy, "", b, repeats)} for b in batches]
-    if args.bound:
-        rows = [bound(r, policy, "") for r in rows]
+    rows = []
+    for b in batches:
+        for sampler in args.samplers:
+            policy.sampler = sampler
+            row = {"model": "default", **measure(policy, "", b, repeats)}
+            rows.append(bound(row, policy, "") if args.bound else row)
     if args.profile:
         profile(policy, "", args.profile)
     if args.smollm != "off" and not args.quick:
-        big = smollm_policy(args.smollm, args.smollm_tokens)
-        row = {"model": f"smollm2-135m ({args.smollm})", **measure(big, SMOLLM_PROMPT, args.smollm_batch, repeats)}
-        rows.append(bound(row, big, SMOLLM_PROMPT) if args.bound else row)
-    columns = ["model", "B", "T", "steps", "tokens", "sample_s", "tokens_per_s", "gemm_gflops", "ratio_steps", "ratio_tokens",
-               *(("matmul_s", "ratio_bound") if args.bound else ())]
+        big, prompt = smollm_policy(args.smollm, args.smollm_tokens)
+        for sampler in args.samplers:
+            big.sampler = sampler
+            row = {"model": f"smollm2-135m ({args.smollm})", **measure(big, prompt, args.smollm_batch, repeats)}
+            rows.append(bound(row, big, prompt) if args.bound else row)
+    columns = ["model", "sampler", "B", "T", "steps", "tokens", "sample_s", "tokens_per_s", "gemm_gflops", "ratio_steps", "ratio_tokens",
+               *(("matmul_s", "ratio_bound", "attention_s", "ratio_bound_attention") if args.bound else ())]
     return emit("sampling", rows, columns, args.json)
 
 

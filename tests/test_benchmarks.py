@@ -152,15 +152,17 @@ def test_real_model_against_trl(bench):
 
 def test_sampling_quick(bench):
     rows = _payload(bench("sampling").main(["--quick", "--smollm", "off"]), "sampling")
-    assert [r["B"] for r in rows] == [4, 8]
+    assert [(r["B"], r["sampler"]) for r in rows] == [(4, "gumbel"), (4, "inverse-cdf"), (8, "gumbel"), (8, "inverse-cdf")]
     for r in rows:
         _finite(r, ["tokens_per_s", "gemm_gflops", "ratio_steps", "ratio_tokens"])
         assert 0 < r["tokens"] <= r["B"] * r["steps"] and r["steps"] <= r["T"] == 4
         assert 0 < r["ratio_tokens"] <= r["ratio_steps"]  # generated tokens never exceed rows × steps
-    (r,) = _payload(bench("sampling").main(["--quick", "--smollm", "off", "--bound"]), "sampling")[1:]
-    _finite(r, ["matmul_s", "ratio_bound"])
+    (r,) = _payload(bench("sampling").main(["--quick", "--smollm", "off", "--bound", "--samplers", "inverse-cdf"]), "sampling")[1:]
+    _finite(r, ["matmul_s", "ratio_bound", "attention_s", "ratio_bound_attention"])
+    assert r["sampler"] == "inverse-cdf"
     assert 0 < r["matmul_s"] < 1.5 * r["sample_s"]  # the products are a part of sampling (1.5: the profiled run's noise)
-    assert r["ratio_bound"] > r["ratio_steps"] / 1.5
+    assert 0 < r["attention_s"] < 1.5 * r["sample_s"]  # the default model runs SDPA: its kernel is found
+    assert r["ratio_bound"] > r["ratio_bound_attention"] > r["ratio_steps"] / 1.5
 
 
 def test_scoring_quick(bench):

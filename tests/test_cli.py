@@ -33,6 +33,10 @@ def test_testbed_then_sample(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(row["reward"] == row["text"].count("a") for row in rows)
+    r = tiltlm("sample", "--model", str(out), "-n", "5", "--max-new-tokens", "4", "--sampler", "inverse-cdf", "--out", str(tmp_path / "f.jsonl"))
+    assert r.returncode == 0, r.stderr
+    fast = [json.loads(line) for line in (tmp_path / "f.jsonl").read_text().splitlines()]
+    assert len(fast) == 5 and [row["text"] for row in fast] != [row["text"] for row in rows]  # the other stream
 
 
 @pytest.mark.parametrize(
@@ -44,6 +48,7 @@ def test_testbed_then_sample(tmp_path):
         (["exact", "--prior", "{tb}", "--reward", "count:a", "--beta", "-2", "--max-new-tokens", "3"], "beta must be > 0"),
         (["exact", "--prior", "{tb}", "--reward", "count:a", "--beta", "1", "--max-new-tokens", "30"], "lower --max-new-tokens"),
         (["sample", "--model", "{tb}", "--temperature", "0"], "temperature must be > 0"),
+        (["sample", "--model", "{tb}", "--sampler", "fast"], "unknown sampler 'fast'; use one of gumbel, inverse-cdf"),
     ],
 )
 def test_bad_inputs_end_in_one_line(testbed_dir, args, needle):

@@ -71,12 +71,70 @@ def test_hf_probabilities_sum_to_one(testbed_dir, temperature, top_p):
     torch.testing.assert_close(policy.log_prob(space.samples).double(), space.logp, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("sampler", ["gumbel", "inverse-cdf"])
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (1.3, 0.8)])
-def test_hf_sampling_matches_exact_distribution(testbed_dir, temperature, top_p):
-    policy = HFPolicy.from_pretrained(testbed_dir, max_new_tokens=3, temperature=temperature, top_p=top_p)
+def test_hf_sampling_matches_exact_distribution(testbed_dir, temperature, top_p, sampler):
+    policy = HFPolicy.from_pretrained(testbed_dir, max_new_tokens=3, temperature=temperature, top_p=top_p, sampler=sampler)
     s = policy.sample([""], 20000, seed=0)
-    assert empirical_tv(s.texts, enumerate_space(policy)) < 0.03
+    space = enumerate_space(policy)
+    assert empirical_tv(s.texts, space) < 0.03
+    outside = set(space.samples.texts[i] for i in (space.logp == float("-inf")).nonzero().flatten().tolist())
+    assert top_p == 1.0 or (outside and not outside & set(s.texts))  # the nucleus drops sequences; none is drawn
     torch.testing.assert_close(s.logp, policy.log_prob(s), atol=1e-4, rtol=0)
+
+
+def test_inverse_cdf_by_hand():
+    """The token whose CDF interval (F_{v-1}, F_v] holds u·F_V: probability-0 tokens (first, inner, last) never."""
+    from tiltlm.policies.base import inverse_cdf
+
+    p = torch.tensor([0.0, 0.25, 0.0, 0.5, 0.25, 0.0])  # F = 0, .25, .25, .75, 1, 1
+    logp = p.log().expand(7, -1)
+    u = torch.tensor([0.0, 0.1, 0.2499, 0.2501, 0.74, 0.76, 1 - 2**-53], dtype=torch.float64)
+    assert inverse_cdf(logp, u).tolist() == [1, 1, 1, 3, 3, 4, 4]
+
+
+def test_inverse_cdf_sampler_frequencies_and_shards():
+    """row_draw's inverse-cdf sampler draws token v with probability p_v (200,000 draws: every frequency within 4.5
+    standard errors), one uniform per row and step, and a shard's rows get the whole batch's tokens."""
+    from tiltlm.policies.base import row_draw
+
+    p = torch.tensor([0.5, 0.3, 0.15, 0.04, 0.01, 0.0])
+    n = 200_000
+    logp = p.log().expand(n, -1)
+    gen = torch.Generator().manual_seed(0)
+    tokens = row_draw(gen, n, range(n), "inverse-cdf")(logp)
+    freq = torch.bincount(tokens, minlength=6).double() / n
+    se = (p.double() * (1 - p.double()) / n).sqrt()
+    assert ((freq - p.double()).abs() <= 4.5 * se + 1e-12).all(), freq
+    # the stream: n float64 uniforms per call, whatever the shard (so the next call starts at the same place)
+    whole, part = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    draw_whole, draw_part = row_draw(whole, 10, range(10), "inverse-cdf"), row_draw(part, 10, range(4, 7), "inverse-cdf")
+    logp10 = torch.log_softmax(torch.randn(10, 6, generator=torch.Generator().manual_seed(1)), -1)
+    for _ in range(3):
+        assert torch.equal(draw_whole(logp10)[4:7], draw_part(logp10[4:7]))
+    assert torch.equal(whole.get_state(), part.get_state())
+    with pytest.raises(TiltlmError, match="unknown sampler 'gumble'; use one of gumbel, inverse-cdf"):
+        row_draw(whole, 10, range(10), "gumble")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_the_inverse_cdf_sampler_records_exact_log_probs_and_its_own_stream(kind, testbed_dir, tied_llama_dir):
+    """HFPolicy(sampler="inverse-cdf"): recorded log-probs equal log_prob's, a seed gives the same samples again and
+    other samples than the gumbel stream, a rows= shard is drawn as in the whole batch, copy() keeps the sampler."""
+    from tiltlm.records import concat
+
+    (fast,) = _policies(kind, testbed_dir, tied_llama_dir, max_new_tokens=6, sampler="inverse-cdf")
+    (slow,) = _policies(kind, testbed_dir, tied_llama_dir, max_new_tokens=6)
+    assert slow.sampler == "gumbel" and fast.copy().sampler == "inverse-cdf"
+    contexts = ["", "abcd"]
+    s = fast.sample(contexts, 8, seed=4)
+    torch.testing.assert_close(s.token_logp, fast.log_prob(s, per_token=True), atol=1e-5, rtol=0)
+    assert fast.sample(contexts, 8, seed=4).texts == s.texts
+    assert slow.sample(contexts, 8, seed=4).texts != s.texts
+    joined = concat([fast.sample(contexts, 8, seed=4, rows=r) for r in (range(0, 5), range(5, 16))], fast.pad_id)
+    assert joined.texts == s.texts and torch.equal(joined.mask, s.mask)
+    with pytest.raises(TiltlmError, match="unknown sampler 'fast'"):
+        HFPolicy.from_pretrained(testbed_dir, sampler="fast")
 
 
 def test_hf_batched_contexts_of_different_lengths(testbed_policy):

@@ -251,3 +251,16 @@ def test_optim_checkpoint_layers_reaches_the_policy(testbed_dir):
         policy, _ = build(config)
         assert policy.checkpoint_layers is on
     assert parse_config({"algorithm": "kl-pg"}).optim.checkpoint_layers is False
+
+
+def test_sampling_sampler_reaches_both_policies(testbed_dir):
+    """sampling.sampler sets how the policy and the prior draw (tests/test_policies.py checks the draws); gumbel,
+    the stream every recorded number was measured with, by default."""
+    from tiltlm.train.build import build
+
+    for sampler in ("gumbel", "inverse-cdf"):
+        config = parse_config({"prior": str(testbed_dir), "algorithm": "kl-pg", "target": {"reward": "count:a", "beta": 1.0},
+                               "sampling": {"sampler": sampler}})
+        policy, target = build(config)
+        assert policy.sampler == target.prior.sampler == sampler
+    assert parse_config({"algorithm": "kl-pg"}).sampling.sampler == "gumbel"

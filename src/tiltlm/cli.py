@@ -327,6 +327,7 @@ def sample(
     max_new_tokens: int = typer.Option(64),
     temperature: float = typer.Option(1.0),
     top_p: float = typer.Option(1.0),
+    sampler: str = typer.Option("gumbel", help="gumbel (the default stream) or inverse-cdf (faster; other samples for a seed)."),
     reward: Optional[str] = typer.Option(None, help="Also score each sample with this reward spec."),
     reward_timeout: float = typer.Option(REWARD_TIMEOUT_S, help="Seconds the reward may take (0: no limit)."),
     seed: int = typer.Option(0),
@@ -334,16 +335,17 @@ def sample(
 ) -> None:
     """Sample from a model and print each text with its log-prob (and reward)."""
     from tiltlm.policies import HFPolicy
-    from tiltlm.policies.base import check_batch_size
+    from tiltlm.policies.base import check_batch_size, check_sampler
     from tiltlm.rewards import get_reward
 
+    check_sampler(sampler)
     if out is not None:  # said before sampling, not after
         check_file_destination(out, "--out")
     _check_count(n, "-n", "samples")
     _check_seed(seed, 1)
     _quiet_transformers()
     scorer = get_reward(reward).limited(_limit(reward_timeout)) if reward else None
-    policy = HFPolicy.from_pretrained(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    policy = HFPolicy.from_pretrained(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, sampler=sampler)
     check_batch_size(policy, n, max_new_tokens, rows_name="-n", tokens_name="--max-new-tokens")
     s = policy.sample([context], n, seed=seed)
     rewards = scorer(s.texts, [context] * n).tolist() if scorer else [None] * n

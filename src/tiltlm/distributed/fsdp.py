@@ -156,4 +156,4 @@ def unsharded_policy(policy, world: World):
         fresh.tie_weights()
     return HFPolicy(fresh, policy.tokenizer, max_new_tokens=policy.max_new_tokens, temperature=policy.temperature,
                     top_p=policy.top_p, prepend_bos=policy.prepend_bos, chunk_size=policy.chunk_size, logits_chunk=policy.logits_chunk,
-                    chat_template=policy.chat_template)
+                    chat_template=policy.chat_template, sampler=policy.sampler)

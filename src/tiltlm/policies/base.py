@@ -55,21 +55,53 @@ def transform_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: floa
     return torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
 
 
-def row_draw(generator: torch.Generator, n_rows: int, rows: range):
+SAMPLERS = ("gumbel", "inverse-cdf")
+"""How ``row_draw`` turns a batch's random stream into tokens (``sampling.sampler``): both draw token v with
+probability p_v and record the same log-probs; they consume the generator differently, so a seed gives other
+tokens under each. ``gumbel`` (the default) is the stream every number in the README was measured with."""
+
+
+def check_sampler(sampler: str) -> str:
+    if sampler not in SAMPLERS:
+        raise TiltlmError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    return sampler
+
+
+def row_draw(generator: torch.Generator, n_rows: int, rows: range, sampler: str = "gumbel"):
     """A token sampler for rows ``rows`` of an ``n_rows`` batch that does not depend on the shard.
 
-    Each call draws the whole batch's Exp(1) noise q, (n_rows, V), and returns argmax(p / q) for the
-    rows asked for (the Gumbel-max trick: P(token = v) = p_v). Row i's token is therefore the same
-    whether the batch is drawn at once or split across data-parallel ranks; on CPU it is bit for bit
-    ``torch.multinomial(p, 1, generator=generator)``, which uses the same trick.
+    Each call consumes the whole batch's share of the stream and returns the tokens of the rows asked for, so
+    row i's token is the same whether the batch is drawn at once or split across data-parallel ranks.
+    ``gumbel``: Exp(1) noise q, (n_rows, V), and argmax(p / q) (the Gumbel-max trick: P(token = v) = p_v); on
+    CPU it is bit for bit ``torch.multinomial(p, 1, generator=generator)``, which uses the same trick.
+    ``inverse-cdf``: one uniform u per row, (n_rows,), and the token whose CDF interval holds u (inverse_cdf):
+    one random number per row instead of V, the same distribution (docs/math.md §17).
     logp: (len(rows), V) -> (len(rows),)
     """
+    check_sampler(sampler)
 
-    def draw(logp: torch.Tensor) -> torch.Tensor:
+    def gumbel(logp: torch.Tensor) -> torch.Tensor:
         q = torch.empty((n_rows, logp.shape[-1]), device=logp.device).exponential_(1, generator=generator)
         return (logp.exp() / q[rows.start : rows.stop]).argmax(-1)
 
-    return draw
+    def inverse(logp: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(n_rows, dtype=torch.float64, device=logp.device, generator=generator)
+        return inverse_cdf(logp, u[rows.start : rows.stop])
+
+    return gumbel if sampler == "gumbel" else inverse
+
+
+def inverse_cdf(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token of each row whose interval (F_{v-1}, F_v] of the CDF holds u·F_V, u ~ U[0, 1): P(v) = p_v.
+
+    The CDF is accumulated in float64 over float32 probabilities, so every token's interval has the width of its
+    probability to ~1e-16 whatever V; a token of probability 0 (outside the nucleus) has an empty interval and is
+    never drawn (u·F_V is kept above 0, the first token with F_v ≥ it is the answer).
+    logp: (b, V), u: (b,) float64 -> (b,)
+    """
+    cdf = logp.exp().double().cumsum(-1)  # (b, V)
+    v = (u * cdf[:, -1]).clamp(min=1e-300)[:, None]
+    return torch.searchsorted(cdf, v).squeeze(-1).clamp(max=logp.shape[-1] - 1)
 
 
 def seeded_draw(seeds: list[int]):
@@ -81,9 +113,7 @@ def seeded_draw(seeds: list[int]):
 
     def draw(logp: torch.Tensor) -> torch.Tensor:
         u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(logp.device)  # (b,)
-        cdf = logp.double().exp().cumsum(-1)  # (b, V)
-        v = (u.double() * cdf[:, -1]).clamp(min=1e-300)[:, None]
-        return torch.searchsorted(cdf, v).squeeze(-1).clamp(max=logp.shape[-1] - 1)
+        return inverse_cdf(logp.double(), u.double())
 
     return draw
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tiltlm.errors import TiltlmError
-from tiltlm.policies.base import Samples, batch_rows, check_sampling_options, row_draw, seeded_draw, transform_logits
+from tiltlm.policies.base import Samples, batch_rows, check_sampler, check_sampling_options, row_draw, seeded_draw, transform_logits
 from tiltlm.policies.kvcache import reserve
 from tiltlm.policies.modeldir import check_loading_info, check_tokenizer, validate_model_dir
 from tiltlm.priors import DEFAULT_MODEL_DIR, named_prior_dir  # noqa: F401 - DEFAULT_MODEL_DIR is re-exported
@@ -125,8 +125,10 @@ class HFPolicy:
         logits_chunk: int = 1 << 22,
         checkpoint_layers: bool = False,
         share_contexts: bool = True,
+        sampler: str = "gumbel",
     ):
         check_sampling_options(temperature, top_p, max_new_tokens)
+        self.sampler = check_sampler(sampler)  # how sample() draws from the stream (tiltlm.policies.base.SAMPLERS)
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if chat_template and not has_template:
             raise TiltlmError("chat_template is on but the tokenizer has no chat template; turn it off (false) or leave it automatic (null)")
@@ -249,7 +251,7 @@ class HFPolicy:
         return HFPolicy(copy.deepcopy(self.model), self.tokenizer, max_new_tokens=self.max_new_tokens,
                         temperature=self.temperature, top_p=self.top_p, prepend_bos=self.prepend_bos, chunk_size=self.chunk_size,
                         disable_adapters=self.disable_adapters, chat_template=self.chat_template, logits_chunk=self.logits_chunk,
-                        checkpoint_layers=self.checkpoint_layers, share_contexts=self.share_contexts)
+                        checkpoint_layers=self.checkpoint_layers, share_contexts=self.share_contexts, sampler=self.sampler)
 
     def save(self, directory: str | Path) -> Path:
         """A save_pretrained directory plain transformers can load (LoRA adapters merged into a copy)."""
@@ -324,7 +326,7 @@ class HFPolicy:
         gen.manual_seed(seed if seed is not None else torch.seed())
         group, rows = batch_rows(len(contexts), n, rows)
         context_ids, context_attn = self.contexts_tensor(contexts, group)
-        draw = row_draw(gen, len(contexts) * n, rows)
+        draw = row_draw(gen, len(contexts) * n, rows, self.sampler)
         ids, token_logp, mask = self._decode(context_ids, context_attn, self.max_new_tokens, draw, same_as=group)
         eos = (ids == self.eos_id) & mask
         return Samples(

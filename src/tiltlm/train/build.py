@@ -22,7 +22,8 @@ def build_policies(config: TrainConfig, *, chat_template: bool | None = None) ->
     s = config.sampling
     if chat_template is None:  # sampling.chat_template, once the config has it
         chat_template = getattr(s, "chat_template", None)
-    options = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, chat_template=chat_template)
+    options = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, chat_template=chat_template,
+                   sampler=s.sampler)
     if config.lora is not None:
         if config.policy not in (None, config.prior):
             raise TiltlmError("LoRA trains adapters on the prior itself; drop `policy:` or drop `lora:`")

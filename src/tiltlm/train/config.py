@@ -67,6 +67,10 @@ class SamplingConfig(_Strict):
             raise ValueError(f"must be at least {MIN_TEMPERATURE:g} (got {value:g}): float32 logits divided by less overflow")
         return value
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass; log-probs account for it")
+    sampler: Literal["gumbel", "inverse-cdf"] = Field(
+        "gumbel", description="how a seed becomes tokens: gumbel (Exp(1) noise per vocabulary entry, the stream the README's "
+                              "numbers were measured with) or inverse-cdf (one uniform per row and token: faster, the same "
+                              "distribution and log-probs, other samples for a seed)")
     chat_template: bool | None = Field(None, description="contexts are the user's turn of a chat, rendered by the tokenizer's "
                                                          "chat template (the sample space is the reply); null = when the tokenizer has one")
 
