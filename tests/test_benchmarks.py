@@ -158,11 +158,12 @@ def test_sampling_quick(bench):
         assert 0 < r["tokens"] <= r["B"] * r["steps"] and r["steps"] <= r["T"] == 4
         assert 0 < r["ratio_tokens"] <= r["ratio_steps"]  # generated tokens never exceed rows × steps
     (r,) = _payload(bench("sampling").main(["--quick", "--smollm", "off", "--bound", "--samplers", "inverse-cdf"]), "sampling")[1:]
-    _finite(r, ["matmul_s", "ratio_bound", "attention_s", "ratio_bound_attention"])
+    _finite(r, ["matmul_s", "ratio_bound", "attention_s", "ratio_bound_attention", "arithmetic_s", "ratio_bound_model"])
     assert r["sampler"] == "inverse-cdf"
     assert 0 < r["matmul_s"] < 1.5 * r["sample_s"]  # the products are a part of sampling (1.5: the profiled run's noise)
     assert 0 < r["attention_s"] < 1.5 * r["sample_s"]  # the default model runs SDPA: its kernel is found
-    assert r["ratio_bound"] > r["ratio_bound_attention"] > r["ratio_steps"] / 1.5
+    assert 0 < r["arithmetic_s"] < 1.5 * r["sample_s"]  # GELU, residual adds, layer norms, log-softmax
+    assert r["ratio_bound"] > r["ratio_bound_attention"] > r["ratio_bound_model"] > r["ratio_steps"] / 1.5
 
 
 def test_scoring_quick(bench):
