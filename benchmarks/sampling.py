@@ -5,9 +5,11 @@
 
 For each batch size B the policy draws B sequences of up to T new tokens after one context (seeded), and
 in the same process, interleaved round by round (benchmarks/common.interleaved_min, the minimum kept),
-torch multiplies a (B × d) by a (d × 4d) float32 matrix — the shape of a decoder's MLP at that batch size.
+torch multiplies a (B × d) by a (d × 4d) float32 matrix — the shape of a decoder's MLP at that batch size — as
+many times as make GEMM_ROUND_FLOPS.
 Each row is one sampler (``sampling.sampler``, tiltlm.policies.base.SAMPLERS: ``gumbel``, the default stream, and
-``inverse-cdf``, one uniform per row and token). Reported per row:
+``inverse-cdf``, one uniform per row and token); the samplers of one B take turns in the same rounds with the one
+reference product, so their rows share its rate and compare directly. Reported per row:
 
 - ``tokens_per_s``: generated tokens (EOS included, nothing after it) per second of ``sample``;
 - ``gemm_gflops``: 2·B·d·4d / seconds of that matrix product, the rate this machine reaches on it now;
@@ -54,6 +56,9 @@ SMOLLM_CONFIG = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=
                      rope_theta=100000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
+GEMM_ROUND_FLOPS = 2e9
+"""The reference product is repeated to at least this many FLOPs a round (and at least 20 times)."""
+
 TESTBED_PROMPT = "ab" * 8
 """The context when the prior is not installed: the Llama testbed's tokenizer knows only a few letters."""
 
@@ -94,29 +99,38 @@ def hidden_size(config) -> int:
     return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 
-def measure(policy, context: str, b: int, repeats: int, seed: int = 0) -> dict:
-    """One row: sample B after ``context`` and the (B × d)·(d × 4d) product, interleaved, min over rounds."""
+def measure(policy, context: str, b: int, repeats: int, samplers: list[str], seed: int = 0) -> list[dict]:
+    """One row per sampler: sample B after ``context`` with each sampler and the (B × d)·(d × 4d) product, all
+    interleaved round by round, min over rounds; every row of this B shares the one reference rate."""
     d = hidden_size(policy.model.config)
     x, w = torch.randn(b, d), torch.randn(d, 4 * d)
-    gemm_reps = 20
+    # at least 2 GFLOP a round (~10 ms here): 20 products of a small B took ~1 ms, and the rate moved by a third from
+    # one row to the next
+    gemm_reps = max(20, round(GEMM_ROUND_FLOPS / (2 * b * d * 4 * d)))
     last = {}
 
-    def sample():
-        last["s"] = policy.sample([context], b, seed=seed)
+    def sample(sampler: str):
+        def run():
+            policy.sampler = sampler
+            last[sampler] = policy.sample([context], b, seed=seed)
+        return run
 
     def gemm():
         for _ in range(gemm_reps):
             torch.mm(x, w)
 
-    best = interleaved_min({"sample": sample, "gemm": gemm}, repeats)
-    s = last["s"]
-    steps, tokens = int(s.mask.shape[1]), int(s.mask.sum())
+    best = interleaved_min({"gemm": gemm, **{sampler: sample(sampler) for sampler in samplers}}, repeats)
     params = policy.model.num_parameters()
     gemm_rate = 2 * b * d * 4 * d * gemm_reps / best["gemm"]
-    return {"sampler": policy.sampler, "B": b, "T": policy.max_new_tokens, "steps": steps, "tokens": tokens, "sample_s": best["sample"],
-            "tokens_per_s": tokens / best["sample"], "gemm_gflops": gemm_rate / 1e9,
-            "ratio_steps": 2 * params * b * steps / best["sample"] / gemm_rate,
-            "ratio_tokens": 2 * params * tokens / best["sample"] / gemm_rate}
+    rows = []
+    for sampler in samplers:
+        s, seconds = last[sampler], best[sampler]
+        steps, tokens = int(s.mask.shape[1]), int(s.mask.sum())
+        rows.append({"sampler": sampler, "B": b, "T": policy.max_new_tokens, "steps": steps, "tokens": tokens, "sample_s": seconds,
+                     "tokens_per_s": tokens / seconds, "gemm_gflops": gemm_rate / 1e9,
+                     "ratio_steps": 2 * params * b * steps / seconds / gemm_rate,
+                     "ratio_tokens": 2 * params * tokens / seconds / gemm_rate})
+    return rows
 
 
 MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::addmv", "aten::mv")
@@ -147,7 +161,8 @@ def kernel_seconds(policy, context: str, b: int, seed: int = 0) -> tuple[float, 
 
 def bound(row: dict, policy, context: str) -> dict:
     """``row`` with matmul_s, ratio_bound, attention_s, ratio_bound_attention, arithmetic_s and ratio_bound_model
-    (module docstring)."""
+    (module docstring), profiled with the row's sampler."""
+    policy.sampler = row["sampler"]
     matmul, attention, arithmetic = kernel_seconds(policy, context, row["B"])
     work = row["ratio_steps"] * row["sample_s"]
     return {**row, "matmul_s": matmul, "ratio_bound": work / matmul, "attention_s": attention,
@@ -187,20 +202,18 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (1 if args.quick else 3)
     batches = [4, 8] if args.quick else args.batches
     policy = HFPolicy.from_pretrained("default", max_new_tokens=4 if args.quick else args.tokens)
-    rows = []
-    for b in batches:
-        for sampler in args.samplers:
-            policy.sampler = sampler
-            row = {"model": "default", **measure(policy, "", b, repeats)}
-            rows.append(bound(row, policy, "") if args.bound else row)
-    if args.profile:
-        profile(policy, "", args.profile)
+    models = {"default": (policy, "", batches)}  # name -> (policy, context, batch sizes)
     if args.smollm != "off" and not args.quick:
         big, prompt = smollm_policy(args.smollm, args.smollm_tokens)
-        for sampler in args.samplers:
-            big.sampler = sampler
-            row = {"model": f"smollm2-135m ({args.smollm})", **measure(big, prompt, args.smollm_batch, repeats)}
-            rows.append(bound(row, big, prompt) if args.bound else row)
+        models[f"smollm2-135m ({args.smollm})"] = (big, prompt, [args.smollm_batch])
+    rows = []
+    for name, (lm, context, sizes) in models.items():
+        for b in sizes:
+            for row in measure(lm, context, b, repeats, args.samplers):
+                rows.append({"model": name, **(bound(row, lm, context) if args.bound else row)})
+    if args.profile:
+        policy.sampler = args.samplers[0]
+        profile(policy, "", args.profile)
     columns = ["model", "sampler", "B", "T", "steps", "tokens", "sample_s", "tokens_per_s", "gemm_gflops", "ratio_steps", "ratio_tokens",
                *(("matmul_s", "ratio_bound", "attention_s", "ratio_bound_attention", "arithmetic_s", "ratio_bound_model")
                  if args.bound else ())]
