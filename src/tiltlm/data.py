@@ -102,7 +102,7 @@ def load_prompts(path: str | Path, *, prompt_column: str = "prompt", format: str
     """The prompts of a local file or ``save_to_disk`` directory (module docstring); one-line errors."""
     path = Path(path).expanduser()
     rows, where = read_rows(path, format=format, split=split)
-    return prompt_data(rows, prompt_column, where, numbered_as=("line" if _format_of(path, format) == "jsonl" else "row"))
+    return prompt_data(rows, prompt_column, where, numbered_as=("line" if format_of(path, format) == "jsonl" else "row"))
 
 
 def read_rows(path: Path, *, format: str = "auto", split: str | None = None) -> tuple[list[dict], str]:
@@ -110,7 +110,7 @@ def read_rows(path: Path, *, format: str = "auto", split: str | None = None) -> 
     where = f"data file '{path}'"
     if not path.exists():
         raise TiltlmError(f"{where} not found; give the path of a JSONL, CSV or Parquet file or a datasets.save_to_disk directory")
-    kind = _format_of(path, format)
+    kind = format_of(path, format)
     if kind == "hf":
         return _read_hf(path, split), f"dataset '{path}'"
     if path.is_dir():
@@ -127,7 +127,8 @@ def read_rows(path: Path, *, format: str = "auto", split: str | None = None) -> 
     return rows, where
 
 
-def _format_of(path: Path, format: str) -> str:
+def format_of(path: Path, format: str) -> str:
+    """The data format of ``path`` (jsonl, csv, parquet, hf, dir): ``format`` when given, else from its suffix or contents."""
     if format not in FORMATS:
         raise TiltlmError(f"unknown data format {format!r}; use one of: {', '.join(FORMATS)}")
     if format != "auto":
@@ -226,13 +227,15 @@ def prompt_data(rows: list[dict], prompt_column: str, where: str, *, numbered_as
     prompts, numbers = [], []
     for i, row in enumerate(rows, 1):
         number = row.get("\0line", i)
-        prompts.append(_prompt_text(row.get(prompt_column), f"{where} {numbered_as} {number}", prompt_column))
+        prompts.append(prompt_text(row.get(prompt_column), f"{where} {numbered_as} {number}", prompt_column))
         numbers.append(number)
     others = [n for n in names if n != prompt_column]
     return PromptData(prompts, {n: [row.get(n) for row in rows] for n in others}, where, numbers, numbered_as)
 
 
-def _prompt_text(value: Any, where: str, column: str) -> str:
+def prompt_text(value: Any, where: str, column: str) -> str:
+    """The prompt in a row's ``column``: the string itself, or the last user turn of a list of {role, content} messages;
+    anything else is one line naming ``where`` (file and row) and the column."""
     if isinstance(value, str):
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from tiltlm.data import _format_of, _prompt_text, read_rows, split_indices
+from tiltlm.data import format_of, prompt_text, read_rows, split_indices
 from tiltlm.errors import TiltlmError
 
 
@@ -112,7 +112,7 @@ def _read(path: Path, format: str, split: str | None, columns: tuple[str, str, s
 
 
 def _numbered_as(path: Path, format: str) -> str:
-    return "line" if _format_of(path, format) == "jsonl" else "row"
+    return "line" if format_of(path, format) == "jsonl" else "row"
 
 
 def columns_of(rows: list[dict]) -> list[str]:
@@ -156,14 +156,14 @@ def _pair(row: dict, at: str, prompt_column: str | None, chosen_column: str, rej
     if kinds == {"messages"}:
         y_w, y_l = _reply(chosen, at, chosen_column), _reply(rejected, at, rejected_column)
         if prompt_column is not None:
-            return _prompt_text(row.get(prompt_column), at, prompt_column), y_w, y_l
+            return prompt_text(row.get(prompt_column), at, prompt_column), y_w, y_l
         x_w, x_l = _turns_prompt(chosen, at, chosen_column), _turns_prompt(rejected, at, rejected_column)
         if x_w != x_l:
             raise TiltlmError(f"{at}: the last user turns of '{chosen_column}' and '{rejected_column}' differ; both must "
                               "answer the same prompt (or give a prompt column)")
         return x_w, y_w, y_l
     if prompt_column is not None:
-        return _prompt_text(row.get(prompt_column), at, prompt_column), chosen, rejected
+        return prompt_text(row.get(prompt_column), at, prompt_column), chosen, rejected
     return implicit_prompt(chosen, rejected)
 
 
@@ -202,7 +202,7 @@ def _turns_prompt(messages: list[dict], at: str, column: str) -> str:
     users = [m for m in messages[:-1] if m["role"] == "user"]
     if not users:
         return ""  # a reply with no user turn before it: the prior's BOS context
-    return _prompt_text(users, at, column)
+    return prompt_text(users, at, column)
 
 
 def _short(text: str) -> str:
