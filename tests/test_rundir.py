@@ -24,6 +24,8 @@ import os, time
 HOLD = {hold!r}
 
 def slow(texts, **kwargs):
+    if os.path.exists(HOLD):
+        open(HOLD + ".in", "w").close()  # this process is inside its reward now (after its run directory's first files)
     while os.path.exists(HOLD):  # the test keeps the run going until it has tried the second writer
         time.sleep(0.02)
     return [float(t.count("a")) for t in texts]
@@ -103,9 +105,14 @@ def test_a_second_writer_is_refused_and_deletes_nothing(setup, tmp_path):
 
 def test_a_killed_holder_releases_the_directory(setup, tmp_path):
     out, hold = tmp_path / "run", setup / "hold"
+    inside = hold.with_name("hold.in")
+    inside.unlink(missing_ok=True)
     hold.touch()
     first = _train(setup, out)
     _holding(setup, out, first)
+    # killed in step 1's reward: after config.yaml (killed between taking the lock and writing it, the directory holds
+    # no run to resume — a race this test lost on a busy machine), before the first checkpoint
+    _wait_for(inside.exists, first)
     first.send_signal(signal.SIGKILL)
     first.wait()
     hold.unlink()
