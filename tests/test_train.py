@@ -264,3 +264,9 @@ def test_sampling_sampler_reaches_both_policies(testbed_dir):
         policy, target = build(config)
         assert policy.sampler == target.prior.sampler == sampler
     assert parse_config({"algorithm": "kl-pg"}).sampling.sampler == "gumbel"
+    from typing import get_args
+
+    from tiltlm.policies.base import SAMPLERS
+    from tiltlm.train.config import SamplingConfig
+
+    assert get_args(SamplingConfig.model_fields["sampler"].annotation) == SAMPLERS  # the config offers what the policy draws

@@ -95,8 +95,8 @@ def inverse_cdf(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The token of each row whose interval (F_{v-1}, F_v] of the CDF holds u·F_V, u ~ U[0, 1): P(v) = p_v.
 
     The CDF is accumulated in float64 over float32 probabilities, so every token's interval has the width of its
-    probability to within V·2^-53 (5.5e-12 for V = 49,152; docs/math.md §17); a token of probability 0 (outside the nucleus) has an empty interval and is
-    never drawn (u·F_V is kept above 0, the first token with F_v ≥ it is the answer).
+    probability to within V·2^-53 (5.5e-12 for V = 49,152; docs/math.md §17); a token of probability 0 (outside the
+    nucleus) has an empty interval and is never drawn (u·F_V is kept above 0, the first token with F_v ≥ it is the answer).
     logp: (b, V), u: (b,) float64 -> (b,)
     """
     cdf = logp.exp().double().cumsum(-1)  # (b, V)
